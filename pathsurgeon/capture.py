@@ -1,0 +1,181 @@
+"""Capture: an FX graph of the model with every drop-path slot visible in it.
+
+First torch.fx symbolic tracing (needs no inputs), with timm's no-trace registries and the drop-path
+classes as leaves. Where that fails, or where a slot hides inside a module that tracing must treat as
+opaque (timm's ``TinyVitBlock``, ``NormFreeBlock``), ``torch.export`` (non-strict) of the model in eval
+mode, which traces through everything and specialises shape-dependent control flow on the example
+inputs. Both give FX graphs whose nodes know their owning module (``nn_module_stack``).
+
+The model is captured in eval mode with :class:`~pathsurgeon.slots.SlotProbe` in every slot; the
+training flags and the slots are restored before this returns, whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from . import slots as slot_lib
+from .errors import CaptureError
+from .find import GraphView, from_symbolic_trace
+from .inputs import ExampleInputs
+
+__all__ = ["Capture", "capture", "register_leaf_module", "training_flags_kept"]
+
+_LEAF_MODULES: list[type] = []
+
+
+def register_leaf_module(cls: type) -> type:
+    """Trace calls to ``cls`` as opaque leaves in torch.fx (for modules with data-dependent control flow)."""
+    if cls not in _LEAF_MODULES:
+        _LEAF_MODULES.append(cls)
+    return cls
+
+
+def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return (), ()
+    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaf_types: tuple[type, ...], autowrap_functions: tuple) -> None:
+        super().__init__(autowrap_functions=autowrap_functions)
+        self._leaf_types = leaf_types
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        if isinstance(module, self._leaf_types) or slot_lib.is_drop_path_module(module):
+            return True
+        return super().is_leaf_module(module, qualified_name)
+
+
+@dataclass
+class Capture:
+    """A graph view of the model, how it was obtained, and the slots that were probed."""
+
+    view: GraphView
+    method: str  # "torch.fx" or "torch.export"
+    slots: dict[str, slot_lib.Slot]
+    probe_shapes: dict[str, list[torch.Size]]
+
+
+@contextlib.contextmanager
+def training_flags_kept(model: nn.Module, training: bool | None = None) -> Iterator[None]:
+    """Optionally switch the model to train/eval; restore every module's own flag afterwards.
+
+    The restore goes through ``model.train(flag)`` first, so that modules whose ``train()`` does more
+    than set a flag (timm LeViT / TinyViT drop their eval-mode attention-bias cache) see it, then puts
+    back any per-module flag that differed (a frozen BatchNorm left in eval, say).
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        if training is not None:
+            model.train(training)
+        yield
+    finally:
+        if training is not None:
+            model.train(flags[0][1])
+        for module, flag in flags:
+            module.training = flag
+
+
+def _shadow(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every parameter and buffer with ``model``.
+
+    Capture runs the model's Python code with proxies or fake tensors, and some models write what they
+    see into attributes (timm LeViT's attention-bias cache); doing that on a shadow keeps the user's
+    model untouched, at the cost of copying modules but no tensors.
+    """
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def capture(model: nn.Module, inputs: ExampleInputs | None) -> Capture:
+    """Capture ``model``'s graph; record the shapes each slot sees when ``inputs`` are given."""
+    model = _shadow(model)
+    slots = slot_lib.find_slots(model)
+    by_name = {slot.name: slot for slot in slots}
+    leaf_types, autowrap = _timm_notrace()
+    leaf_types = leaf_types + tuple(_LEAF_MODULES) + (slot_lib.SlotProbe,)
+    failures: list[str] = []
+    with training_flags_kept(model, training=False), slot_lib.install(model, slots) as probes:
+        view = None
+        method = ""
+        try:
+            graph = _Tracer(leaf_types, autowrap).trace(model)
+            hidden = _slots_hidden_in_leaves(graph, probes)
+            if hidden:
+                failures.append(f"torch.fx: slot {hidden[0]} is inside a module traced as a leaf")
+            else:
+                view = from_symbolic_trace(graph, model, lambda target: target if target in probes else None)
+                method = "torch.fx"
+        except Exception as error:  # tracing fails in many ways (TraceError, TypeError, ...)
+            failures.append(f"torch.fx: {type(error).__name__}: {_first_line(error)}")
+        if inputs is not None:
+            if view is None:
+                try:
+                    view = _export_view(model, inputs, probes)
+                    method = "torch.export"
+                except Exception as error:
+                    failures.append(f"torch.export: {type(error).__name__}: {_first_line(error)}")
+            for probe in probes.values():
+                probe.shapes.clear()
+            with torch.no_grad():
+                inputs.call(model)
+        shapes = {name: list(probe.shapes) for name, probe in probes.items()}
+    if view is None:
+        hint = "" if inputs is not None else "; pass example_inputs= so torch.export can be tried"
+        raise CaptureError(
+            f"could not capture a graph of {type(model).__name__} ({'; '.join(failures)}){hint}"
+        )
+    return Capture(view=view, method=method, slots=by_name, probe_shapes=shapes)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def _slots_hidden_in_leaves(graph: fx.Graph, probes: dict[str, slot_lib.SlotProbe]) -> list[str]:
+    leaves = {node.target for node in graph.nodes if node.op == "call_module" and node.target not in probes}
+    return [name for name in probes if any(name.startswith(leaf + ".") for leaf in leaves)]
+
+
+def _export_view(
+    model: nn.Module, inputs: ExampleInputs, probes: dict[str, slot_lib.SlotProbe]
+) -> GraphView:
+    with warnings.catch_warnings():
+        # export complains about attributes the shadow's forward assigns (caches); the shadow is thrown away
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
+    graph = program.graph
+    signature = program.graph_signature
+    parameter_names = set(signature.inputs_to_parameters)
+    slot_by_id = {probe.slot_id: name for name, probe in probes.items()}
+    probe_op = torch.ops.pathsurgeon.slot_probe.default
+    module_stack: dict[fx.Node, tuple[str, ...]] = {}
+    parameter_nodes: set[fx.Node] = set()
+    parameter_users: set[fx.Node] = set()
+    slot_calls: dict[fx.Node, str] = {}
+    tensor_nodes: set[fx.Node] = set()
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        module_stack[node] = tuple(path for path, _ in stack.values() if path)
+        if isinstance(node.meta.get("val"), torch.Tensor):
+            tensor_nodes.add(node)
+        if node.op == "placeholder" and node.name in parameter_names:
+            parameter_nodes.add(node)
+        elif node.op == "call_function":
+            if node.target is probe_op:
+                slot_calls[node] = slot_by_id[node.args[1]]
+            elif any(inp in parameter_nodes for inp in node.all_input_nodes):
+                parameter_users.add(node)
+    return GraphView(graph, module_stack, parameter_users, slot_calls, tensor_nodes, parameter_nodes)

@@ -1,0 +1,41 @@
+"""Exceptions raised by pathsurgeon. Every message is one line: the problem, then the fix."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadySurgeredError",
+    "CaptureError",
+    "InvalidRateError",
+    "InvalidScheduleError",
+    "NoBranchesError",
+    "PathSurgeonError",
+    "VerificationError",
+]
+
+
+class PathSurgeonError(Exception):
+    """Base class of every error pathsurgeon raises on purpose. The model is left as it was."""
+
+
+class InvalidRateError(PathSurgeonError, ValueError):
+    """A drop-path rate that is not a number in [0, 1)."""
+
+
+class InvalidScheduleError(PathSurgeonError, ValueError):
+    """A schedule that is not 'auto', 'linear', 'uniform' or a list with one rate per depth unit."""
+
+
+class NoBranchesError(PathSurgeonError, ValueError):
+    """The model has no residual branch that stochastic depth could be put on."""
+
+
+class AlreadySurgeredError(PathSurgeonError, ValueError):
+    """``add`` on a model that already carries pathsurgeon's DropPath."""
+
+
+class CaptureError(PathSurgeonError):
+    """Neither torch.fx nor torch.export could capture a graph of the model."""
+
+
+class VerificationError(PathSurgeonError):
+    """Eval-mode outputs changed after surgery; the model was rolled back."""

@@ -1,0 +1,291 @@
+"""Find residual branches on a captured graph: pure functions of a graph, no model needed.
+
+A residual add is an add of two tensors that share a source ``s``, where one operand (the *skip*)
+reaches ``s`` through a short chain of single-input ops (the identity, or a light projection shortcut
+such as conv + norm) and the other (the *branch*) carries more parameterised compute than the skip.
+Position-embedding and bias adds (operands with no common source), adds inside attention (the skip
+side is not a single-input chain) and elementwise formulas such as tanh-GELU (no parameters on the
+branch) are not residual.
+
+Example on a hand-written module::
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+        def forward(self, x):
+            return x + self.fc(x)
+
+    view = GraphView.from_graph_module(torch.fx.symbolic_trace(Block()))
+    [add] = find_residual_adds(view)
+    assert add.block == "" and add.branch.target == "fc"
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+__all__ = ["GraphView", "ResidualAdd", "find_residual_adds"]
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_}
+_ADD_METHODS = {"add", "add_"}
+_ATEN_ADDS = {"aten.add.Tensor", "aten.add_.Tensor"}
+
+# Ops a drop-path slot may sit behind on its way to the add: scaling by a constant or a parameter
+# (layer scale, NFNet's skip gain and alpha) commutes with a per-sample mask.
+_SCALE_FUNCTIONS = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div}
+_SCALE_METHODS = {"mul", "mul_", "div", "div_"}
+_ATEN_SCALES = {"aten.mul.Tensor", "aten.mul_.Tensor", "aten.div.Tensor", "aten.mul.Scalar", "aten.div.Scalar"}
+
+# torch.fx nodes that produce shapes or other non-tensor values.
+_SHAPE_METHODS = {"size", "dim", "numel", "item", "tolist", "type", "get_device", "stride"}
+_SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad", "training"}
+
+MAX_SKIP_CHAIN = 16  # a projection shortcut is a handful of ops (pool, conv, norm); more is not a skip
+MAX_SCALE_HOPS = 4
+
+
+@dataclass
+class GraphView:
+    """A captured graph and what the finder needs to know about its nodes.
+
+    ``module_stack[node]``: qualified names of the modules executing ``node``, outermost first ('' is the
+    root). ``parameter_users``: nodes that compute with a parameter. ``slot_calls[node]``: the drop-path
+    slot a node calls. ``tensor_nodes``: nodes whose value is a tensor (not a shape or a number).
+    """
+
+    graph: fx.Graph
+    module_stack: dict[fx.Node, tuple[str, ...]]
+    parameter_users: set[fx.Node]
+    slot_calls: dict[fx.Node, str] = field(default_factory=dict)
+    tensor_nodes: set[fx.Node] = field(default_factory=set)
+    parameter_nodes: set[fx.Node] = field(default_factory=set)
+
+    @classmethod
+    def from_graph_module(
+        cls, graph_module: fx.GraphModule, slot_of_module: Callable[[str], str | None] = lambda _: None
+    ) -> GraphView:
+        """Describe a torch.fx symbolic trace; ``slot_of_module`` maps a call_module target to its slot."""
+        return from_symbolic_trace(graph_module.graph, graph_module, slot_of_module)
+
+    def owner(self, node: fx.Node) -> str:
+        stack = self.module_stack.get(node, ())
+        return stack[-1] if stack else ""
+
+
+@dataclass
+class ResidualAdd:
+    """One residual add. ``block``: the module whose forward performs it (innermost owner of the add)."""
+
+    add: fx.Node
+    skip: fx.Node
+    branch: fx.Node
+    block: str
+    slot: str | None  # the drop-path slot sitting on the branch, if any
+    slot_call: fx.Node | None  # the node calling that slot
+    producer: str | None  # the module whose output is the branch (for a forward hook), if any
+    order: int  # position of the add in execution order
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCTIONS or str(node.target) in _ATEN_ADDS
+    return node.op == "call_method" and node.target in _ADD_METHODS
+
+
+def _is_scale(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _SCALE_FUNCTIONS or str(node.target) in _ATEN_SCALES
+    return node.op == "call_method" and node.target in _SCALE_METHODS
+
+
+def _node_inputs(node: fx.Node) -> list[fx.Node]:
+    return list(node.all_input_nodes)
+
+
+def from_symbolic_trace(
+    graph: fx.Graph, root: nn.Module, slot_of_module: Callable[[str], str | None]
+) -> GraphView:
+    """Build a :class:`GraphView` from a torch.fx symbolic trace of ``root``."""
+    module_stack: dict[fx.Node, tuple[str, ...]] = {}
+    parameter_nodes: set[fx.Node] = set()
+    parameter_users: set[fx.Node] = set()
+    slot_calls: dict[fx.Node, str] = {}
+    non_tensor: set[fx.Node] = set()
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        names = tuple(path for path, _ in stack.values() if path)
+        if node.op == "call_module":
+            names = names + (node.target,) if not names or names[-1] != node.target else names
+        module_stack[node] = names
+        if node.op == "get_attr":
+            value = _resolve(root, node.target)
+            if isinstance(value, nn.Parameter):
+                parameter_nodes.add(node)
+            elif not isinstance(value, torch.Tensor):
+                non_tensor.add(node)
+        elif node.op == "call_module":
+            slot = slot_of_module(node.target)
+            if slot is not None:
+                slot_calls[node] = slot
+            elif any(True for _ in root.get_submodule(node.target).parameters()):
+                parameter_users.add(node)
+        elif _is_shape_node(node, non_tensor):
+            non_tensor.add(node)
+        if node.op in ("call_function", "call_method") and any(
+            inp in parameter_nodes for inp in _node_inputs(node)
+        ):
+            parameter_users.add(node)
+    tensor_nodes = {n for n in graph.nodes if n not in non_tensor and n.op != "output"}
+    return GraphView(graph, module_stack, parameter_users, slot_calls, tensor_nodes, parameter_nodes)
+
+
+def _resolve(root: nn.Module, target: str) -> object:
+    value: object = root
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _is_shape_node(node: fx.Node, non_tensor: set[fx.Node]) -> bool:
+    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+        return True
+    if node.op == "call_function":
+        if node.target is getattr and len(node.args) > 1 and node.args[1] in _SHAPE_ATTRIBUTES:
+            return True
+        if node.target in (len, int, float, math.sqrt, math.ceil, math.floor):
+            return True
+    inputs = _node_inputs(node)
+    if node.op in ("call_function", "call_method") and inputs and all(i in non_tensor for i in inputs):
+        # arithmetic on shapes (H // 2, B * N, shape[0]) stays a shape
+        return True
+    return False
+
+
+def _ancestor_bits(graph: fx.Graph) -> tuple[dict[fx.Node, int], dict[fx.Node, int]]:
+    """Each node's ancestors (itself included) as an integer bitset over topological positions."""
+    position: dict[fx.Node, int] = {}
+    ancestors: dict[fx.Node, int] = {}
+    for index, node in enumerate(graph.nodes):
+        position[node] = index
+        bits = 1 << index
+        for inp in node.all_input_nodes:
+            bits |= ancestors[inp]
+        ancestors[node] = bits
+    return position, ancestors
+
+
+def _bits_to_nodes(bits: int, nodes: list[fx.Node]) -> Iterable[fx.Node]:
+    while bits:
+        low = bits & -bits
+        yield nodes[low.bit_length() - 1]
+        bits ^= low
+
+
+def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
+    """Every residual add of the graph, in execution order."""
+    nodes = list(view.graph.nodes)
+    position, ancestors = _ancestor_bits(view.graph)
+    parameter_bits = 0
+    for node in view.parameter_users:
+        parameter_bits |= 1 << position[node]
+
+    def parameter_ops(bits: int) -> int:
+        return (bits & parameter_bits).bit_count()
+
+    def main_inputs(node: fx.Node) -> list[fx.Node]:
+        """Tensor inputs that carry data (not parameters, buffers or shapes)."""
+        return [
+            i
+            for i in _node_inputs(node)
+            if i in view.tensor_nodes and i not in view.parameter_nodes and i.op != "get_attr"
+        ]
+
+    def skip_source(skip: fx.Node, branch: fx.Node) -> tuple[fx.Node, int] | None:
+        """Follow ``skip`` back through single-input ops to an ancestor of ``branch``."""
+        chain_bits = 0
+        current = skip
+        for _ in range(MAX_SKIP_CHAIN + 1):
+            if ancestors[branch] >> position[current] & 1:
+                return current, chain_bits
+            chain_bits |= 1 << position[current]
+            inputs = main_inputs(current)
+            if len(inputs) != 1 or current.op in ("placeholder", "get_attr"):
+                return None
+            current = inputs[0]
+        return None
+
+    found: list[ResidualAdd] = []
+    for node in nodes:
+        if not _is_add(node) or node not in view.tensor_nodes:
+            continue
+        operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        if len(operands) != 2 or not all(o in view.tensor_nodes for o in operands):
+            continue
+        if "alpha" in node.kwargs and node.kwargs["alpha"] != 1:
+            continue
+        best: tuple[int, int, fx.Node, fx.Node] | None = None
+        for skip, branch in (operands, operands[::-1]):
+            source = skip_source(skip, branch)
+            if source is None:
+                continue
+            source_node, chain_bits = source
+            branch_bits = ancestors[branch] & ~ancestors[source_node]
+            branch_params, skip_params = parameter_ops(branch_bits), parameter_ops(chain_bits)
+            if branch_params == 0 or skip_params >= branch_params:
+                continue
+            rank = (skip_params, chain_bits.bit_count())
+            if best is None or rank < best[:2]:
+                best = (*rank, skip, branch)
+        if best is None:
+            continue
+        _, _, skip, branch = best
+        block = view.owner(node)
+        slot_call = _slot_on_branch(view, branch)
+        found.append(
+            ResidualAdd(
+                add=node,
+                skip=skip,
+                branch=branch,
+                block=block,
+                slot=view.slot_calls.get(slot_call) if slot_call is not None else None,
+                slot_call=slot_call,
+                producer=_producer(view, branch, node, block),
+                order=position[node],
+            )
+        )
+    return found
+
+
+def _slot_on_branch(view: GraphView, branch: fx.Node) -> fx.Node | None:
+    """The slot call the branch passes through just before the add (possibly behind a scale)."""
+    current = branch
+    for _ in range(MAX_SCALE_HOPS + 1):
+        if current in view.slot_calls:
+            return current
+        if not _is_scale(current):
+            return None
+        inputs = [
+            i for i in _node_inputs(current) if i in view.tensor_nodes and i not in view.parameter_nodes
+        ]
+        inputs = [i for i in inputs if i.op != "get_attr"]
+        if len(inputs) != 1:
+            return None
+        current = inputs[0]
+    return None
+
+
+def _producer(view: GraphView, branch: fx.Node, add: fx.Node, block: str) -> str | None:
+    """The child module of ``block`` whose call returns the branch, if the branch is a module output."""
+    stack = view.module_stack.get(branch, ())
+    add_stack = view.module_stack.get(add, ())
+    depth = len(add_stack)
+    if len(stack) <= depth or stack[:depth] != add_stack:
+        return None
+    return stack[depth]

@@ -1,0 +1,170 @@
+"""Plan: which depth unit each block belongs to, and the rate of every unit under a schedule.
+
+Per-family rules live in ``recipes/*.toml`` (data, not code); see ``recipes/timm.toml`` for the format.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+
+import torch
+from torch import nn
+
+from .droppath import validate_rate
+from .errors import InvalidScheduleError
+
+__all__ = ["Plan", "Recipe", "make_plan", "recipe_for", "schedule_rates"]
+
+SCHEDULES = ("auto", "linear", "uniform")
+_FORMULAS = ("linear", "linear_open", "uniform")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model family spreads a rate over depth (see recipes/timm.toml)."""
+
+    library: str | None = None
+    family: str | None = None
+    schedule: str = "linear"
+    unit: str | None = None
+    zero: tuple[str, ...] = ()
+
+
+@dataclass
+class Plan:
+    """Depth units in execution order, their rates, and which unit each block belongs to."""
+
+    units: list[str]
+    rates: list[float]
+    unit_of_block: dict[str, str]
+    zero_blocks: set[str] = field(default_factory=set)
+    schedule: str | list[float] = "auto"
+    formula: str = "linear"
+
+    def index_of(self, block: str) -> int:
+        unit = self.unit_of_block.get(block)
+        return self.units.index(unit) if unit in self.units else -1
+
+    def rate_of(self, block: str) -> float:
+        if block in self.zero_blocks:
+            return 0.0
+        return self.rates[self.index_of(block)]
+
+
+@functools.cache
+def _load_recipes(library: str) -> dict:
+    try:
+        text = resources.files("pathsurgeon.recipes").joinpath(f"{library}.toml").read_text()
+    except FileNotFoundError:
+        return {}
+    return tomllib.loads(text)
+
+
+def recipe_for(model: nn.Module) -> Recipe:
+    """The recipe of the library and family ``model``'s class comes from (defaults when unknown)."""
+    module = type(model).__module__
+    library = module.split(".")[0]
+    family = module.split(".")[-1] if library in ("timm", "transformers", "torchvision") else None
+    data = _load_recipes(library) if family else {}
+    entry = {**data.get("default", {}), **data.get("family", {}).get(family or "", {})}
+    schedule = entry.get("schedule", "linear")
+    if schedule not in _FORMULAS:  # a broken recipe file is our bug, say where
+        raise RuntimeError(f"recipes/{library}.toml: family {family!r} has unknown schedule {schedule!r}")
+    return Recipe(
+        library=library if family else None,
+        family=family,
+        schedule=schedule,
+        unit=entry.get("unit"),
+        zero=tuple(entry.get("zero", ())),
+    )
+
+
+def _matches(name: str, pattern: str) -> bool:
+    parts, pattern_parts = name.split("."), pattern.split(".")
+    return len(parts) == len(pattern_parts) and all(
+        fnmatch.fnmatchcase(p, q) for p, q in zip(parts, pattern_parts, strict=True)
+    )
+
+
+def _enclosing(name: str, pattern: str) -> str | None:
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        candidate = ".".join(parts[:end])
+        if _matches(candidate, pattern):
+            return candidate
+    return None
+
+
+def schedule_rates(formula: str, rate: float, count: int) -> list[float]:
+    """Rates of ``count`` units under a formula, computed as timm computes them (float32 linspace)."""
+    if count == 0:
+        return []
+    if formula == "linear":
+        return [x.item() for x in torch.linspace(0, rate, count, device="cpu")]
+    if formula == "linear_open":
+        return [rate * i / count for i in range(count)]
+    return [rate] * count
+
+
+def make_plan(
+    model: nn.Module,
+    blocks: Sequence[str],
+    rate: float | None,
+    schedule: str | Sequence[float],
+    recipe: Recipe,
+) -> Plan:
+    """Group ``blocks`` (in execution order) into depth units and give every unit its rate."""
+    zero_blocks = {b for b in blocks if any(_enclosing(b, z) for z in recipe.zero)}
+    counted = [b for b in blocks if b not in zero_blocks]
+    unit_of_block: dict[str, str] = {}
+    if recipe.unit:
+        units = [name for name, _ in model.named_modules() if _matches(name, recipe.unit)]
+        for block in counted:
+            unit_of_block[block] = _enclosing(block, recipe.unit) or block
+        units += [u for u in dict.fromkeys(unit_of_block.values()) if u not in units]
+    else:
+        units = list(dict.fromkeys(counted))
+        unit_of_block = {b: b for b in counted}
+
+    schedule = validate_schedule(schedule, rate)
+    if isinstance(schedule, str):
+        formula = recipe.schedule if schedule == "auto" else schedule
+        rates = schedule_rates(formula, rate, len(units))
+    else:
+        if len(schedule) != len(units):
+            shown = ", ".join(units[:3]) + (", ..." if len(units) > 3 else "")
+            raise InvalidScheduleError(
+                f"schedule has {len(schedule)} rates but the model has {len(units)} depth units ({shown}); "
+                f"pass {len(units)} rates (pathsurgeon.find(model) lists the units)"
+            )
+        rates, formula = list(schedule), "explicit"
+    return Plan(units, rates, unit_of_block, zero_blocks, schedule, formula)
+
+
+def validate_schedule(schedule: object, rate: float | None) -> str | list[float]:
+    """Check a schedule (and that ``rate`` fits it) without looking at a model."""
+    if isinstance(schedule, str):
+        if schedule not in SCHEDULES:
+            raise InvalidScheduleError(
+                f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)} or a list of per-unit rates"
+            )
+        if rate is None:
+            raise InvalidScheduleError(f"schedule={schedule!r} needs a rate; pass e.g. rate=0.1")
+        return schedule
+    if not isinstance(schedule, (list, tuple)) and not (
+        isinstance(schedule, torch.Tensor) and schedule.ndim == 1
+    ):
+        raise InvalidScheduleError(
+            f"schedule must be 'auto', 'linear', 'uniform' or a list of rates, got {type(schedule).__name__}"
+        )
+    if rate is not None:
+        raise InvalidScheduleError(
+            "pass either rate= or a list schedule, not both; the list already gives every unit's rate"
+        )
+    values = schedule.tolist() if isinstance(schedule, torch.Tensor) else list(schedule)
+    return [validate_rate(r, what=f"schedule[{i}]") for i, r in enumerate(values)]

@@ -1,0 +1,62 @@
+"""Shared helpers: ground truth taken from the libraries themselves, never from pathsurgeon."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def called_drop_paths(model: nn.Module, inputs: torch.Tensor) -> dict[str, float]:
+    """timm's own DropPath modules that run in a training forward: {qualified name: drop_prob}."""
+    from timm.layers import DropPath as TimmDropPath
+
+    calls: dict[str, float] = {}
+    handles = [
+        module.register_forward_hook(lambda m, i, o, n=name: calls.__setitem__(n, m.drop_prob))
+        for name, module in model.named_modules()
+        if isinstance(module, TimmDropPath)
+    ]
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.train()
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, flag in flags:
+            m.training = flag
+    return calls
+
+
+def parent_rates(drop_paths: dict[str, float]) -> set[tuple[str, float]]:
+    return {(name.rpartition(".")[0], round(rate, 6)) for name, rate in drop_paths.items() if rate > 0}
+
+
+def module_layout(model: nn.Module) -> list[tuple[str, type]]:
+    return [(name, type(module)) for name, module in model.named_modules()]
+
+
+def pathsurgeon_leftovers(model: nn.Module) -> list[str]:
+    """Names of pathsurgeon modules, hooks or records still on the model."""
+    import pathsurgeon
+    from pathsurgeon import surgery
+
+    found = [n for n, m in model.named_modules() if isinstance(m, pathsurgeon.DropPath)]
+    for name, module in model.named_modules():
+        if any(isinstance(h, surgery._BranchHook) for h in module._forward_hooks.values()):
+            found.append(f"hook on {name}")
+    if surgery.RECORD_ATTRIBUTE in vars(model):
+        found.append("record")
+    return found
+
+
+@pytest.fixture
+def seeded():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,167 @@
+"""Ground truth: where timm itself puts DropPath, at what rate, and what its models output.
+
+For each family a small model is built twice by timm: with ``drop_path_rate=0`` (then surgered by
+pathsurgeon) and with ``drop_path_rate=RATE`` (timm's native placement). Both share weights.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from conftest import called_drop_paths, module_layout, parent_rates, pathsurgeon_leftovers
+
+import pathsurgeon
+
+RATE = 0.2
+
+# family -> (model name, constructor overrides that only make it smaller)
+FAMILIES = {
+    "vision_transformer": ("vit_tiny_patch16_224", {"img_size": 64}),
+    "deit": ("deit_tiny_distilled_patch16_224", {"img_size": 64, "depth": 4}),
+    "beit": ("beit_base_patch16_224", {"img_size": 64, "depth": 4, "embed_dim": 64, "num_heads": 2}),
+    "eva": ("eva02_tiny_patch14_224", {"img_size": 56, "depth": 4}),
+    "swin_transformer": ("swin_tiny_patch4_window7_224", {"embed_dim": 32, "depths": (2, 2, 2, 2)}),
+    "swin_transformer_v2": ("swinv2_tiny_window8_256", {"depths": (2, 2, 2, 2)}),
+    "convnext": ("convnext_atto", {}),
+    "resnet": ("resnet18", {}),
+    "resnetv2": ("resnetv2_18", {}),
+    "regnet": ("regnetx_002", {}),
+    "efficientnet": ("efficientnet_b0", {}),
+    "mobilenetv3": ("mobilenetv3_small_050", {}),
+    "mlp_mixer": ("mixer_s32_224", {}),
+    "maxxvit": ("maxvit_pico_rw_256", {}),
+    "cait": ("cait_xxs24_224", {"depth": 4, "img_size": 64}),
+    "xcit": ("xcit_nano_12_p16_224", {"depth": 4, "img_size": 64}),
+    "pvt_v2": ("pvt_v2_b0", {}),
+    "twins": ("twins_svt_small", {}),
+    "metaformer": ("poolformer_s12", {}),
+    "edgenext": ("edgenext_xx_small", {}),
+    "hiera": ("hiera_tiny_224", {}),
+    "davit": ("davit_tiny", {}),
+    "focalnet": ("focalnet_tiny_srf", {}),
+    "mambaout": ("mambaout_femto", {}),
+    "nest": ("nest_tiny", {}),
+    "levit": ("levit_128s", {}),
+    "tiny_vit": ("tiny_vit_5m_224", {}),
+    "fastvit": ("fastvit_t8", {}),
+    "gcvit": ("gcvit_xxtiny", {}),
+    "inception_next": ("inception_next_atto", {}),
+}
+
+
+def _build(name: str, overrides: dict, rate: float | None):
+    kwargs = dict(overrides)
+    if rate is not None:
+        kwargs["drop_path_rate"] = rate
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _inputs(model) -> torch.Tensor:
+    channels, height, width = model.pretrained_cfg["input_size"]
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None) or (height, width)
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(2, channels, *size, generator=generator)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_matches_native_timm(family):
+    name, overrides = FAMILIES[family]
+    native = _build(name, overrides, RATE)
+    model = _build(name, overrides, 0.0)
+    assert type(model).__module__ == f"timm.models.{family}"
+    model.load_state_dict(native.state_dict())
+    x = _inputs(model)
+    model.eval()
+    native.eval()
+
+    keys = list(model.state_dict())
+    layout = module_layout(model)
+    parameters = [id(p) for p in model.parameters()]
+    with torch.no_grad():
+        before = model(x)
+
+    report = pathsurgeon.add(model, RATE)
+
+    # (a) the same blocks at the same rates as timm's own DropPath modules
+    ours = {(b.block, round(b.rate, 6)) for b in report.branches if b.rate > 0}
+    assert ours == parent_rates(called_drop_paths(copy.deepcopy(native), x))
+    assert report.max_abs_diff == 0.0
+    # (d) state_dict keys, parameter objects and block types unchanged
+    assert list(model.state_dict()) == keys
+    assert [id(p) for p in model.parameters()] == parameters
+    assert type(model) is layout[0][1]
+    # (c) eval outputs bitwise equal after add
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    # (b) same weights, same seed: the same training-mode outputs as timm's native model
+    native.train()
+    model.train()
+    torch.manual_seed(123)
+    expected = native(x)
+    torch.manual_seed(123)
+    got = model(x)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+    pathsurgeon.strip(model)
+    # (e) nothing of pathsurgeon left; the module tree is what it was
+    assert pathsurgeon_leftovers(model) == []
+    assert module_layout(model) == layout
+    assert list(model.state_dict()) == keys
+    model.eval()
+    with torch.no_grad():
+        # BatchNorm running stats moved during the training forward above; compare with native's
+        native.eval()
+        assert torch.equal(model(x), native(x))
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("swin_tiny_patch4_window7_224", {"embed_dim": 32, "depths": (2, 2, 2, 2)}),
+        ("nest_tiny", {}),
+        ("focalnet_tiny_srf", {}),
+    ],
+)
+def test_default_rate_is_re_rated_not_stacked(name, overrides):
+    """Families built with a non-zero default rate already carry DropPath; add() replaces, never stacks."""
+    default = _build(name, overrides, None)  # timm's own default rate (0.1 for Swin / FocalNet, 0.5 NesT)
+    native = _build(name, overrides, RATE)
+    x = _inputs(default)
+    assert parent_rates(called_drop_paths(default, x)), "expected this family to default to drop path"
+    layout = module_layout(default)
+
+    pathsurgeon.add(default, RATE)
+
+    assert {(b.block, round(b.rate, 6)) for b in pathsurgeon.find(default) if b.rate > 0} == parent_rates(
+        called_drop_paths(copy.deepcopy(native), x)
+    )
+    # exactly one drop per branch: no timm DropPath left beside ours
+    from timm.layers import DropPath as TimmDropPath
+
+    assert not any(isinstance(m, TimmDropPath) for m in default.modules())
+    default.train()
+    native.train()
+    torch.manual_seed(7)
+    expected = native(x)
+    torch.manual_seed(7)
+    torch.testing.assert_close(default(x), expected, atol=1e-6, rtol=0)
+
+    pathsurgeon.strip(default)
+    assert module_layout(default) == layout  # timm's DropPath modules are back
+    assert parent_rates(called_drop_paths(default, x)) != set()
+
+
+def test_vit_base_has_24_branches_with_linear_rates():
+    model = timm.create_model("vit_base_patch16_224", pretrained=False)
+    report = pathsurgeon.add(model, 0.1)
+    assert len(report.branches) == 24
+    assert report.blocks == [f"blocks.{i}" for i in range(12)]
+    expected = torch.linspace(0, 0.1, 12).tolist()
+    for branch in report.branches:
+        assert branch.index == int(branch.block.split(".")[1])
+        assert branch.rate == pytest.approx(expected[branch.index], abs=1e-9)
+    assert report.max_abs_diff == 0.0
