@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,7 +65,8 @@ class Capture:
     view: GraphView
     method: str  # "torch.fx" or "torch.export"
     slots: dict[str, slot_lib.Slot]
-    probe_shapes: dict[str, list[torch.Size]]
+    probe_shapes: dict[str, list[torch.Size]]  # input shapes each slot saw on the example inputs
+    output_shapes: dict[str, torch.Size]  # first output shape of every module on the example inputs
 
 
 @contextlib.contextmanager
@@ -106,6 +108,7 @@ def capture(model: nn.Module, inputs: ExampleInputs | None) -> Capture:
     leaf_types, autowrap = _timm_notrace()
     leaf_types = leaf_types + tuple(_LEAF_MODULES) + (slot_lib.SlotProbe,)
     failures: list[str] = []
+    output_shapes: dict[str, torch.Size] = {}
     with training_flags_kept(model, training=False), slot_lib.install(model, slots) as probes:
         view = None
         method = ""
@@ -128,6 +131,8 @@ def capture(model: nn.Module, inputs: ExampleInputs | None) -> Capture:
                     failures.append(f"torch.export: {type(error).__name__}: {_first_line(error)}")
             for probe in probes.values():
                 probe.shapes.clear()
+            for name, module in model.named_modules():  # the shadow's: these hooks die with it
+                module.register_forward_hook(functools.partial(_record_output_shape, output_shapes, name))
             with torch.no_grad():
                 inputs.call(model)
         shapes = {name: list(probe.shapes) for name, probe in probes.items()}
@@ -136,7 +141,12 @@ def capture(model: nn.Module, inputs: ExampleInputs | None) -> Capture:
         raise CaptureError(
             f"could not capture a graph of {type(model).__name__} ({'; '.join(failures)}){hint}"
         )
-    return Capture(view=view, method=method, slots=by_name, probe_shapes=shapes)
+    return Capture(view=view, method=method, slots=by_name, probe_shapes=shapes, output_shapes=output_shapes)
+
+
+def _record_output_shape(shapes: dict[str, torch.Size], name: str, module, args, output) -> None:
+    if isinstance(output, torch.Tensor) and name not in shapes:
+        shapes[name] = output.shape
 
 
 def _first_line(error: BaseException) -> str:

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 
+import tomllib
 import torch
 from torch import nn
 

@@ -411,8 +411,8 @@ def _branch(add_: ResidualAdd, plan: Plan, rate: float, captured: Capture, input
         axis = _batch_axis(captured.probe_shapes.get(add_.slot, []), batch)
     else:
         mechanism, target = "hook", add_.producer
-        value = add_.branch.meta.get("val")
-        axis = _batch_axis([value.shape], batch) if isinstance(value, torch.Tensor) else 0
+        shape = captured.output_shapes.get(add_.producer) if add_.producer else None
+        axis = _batch_axis([shape] if shape is not None else [], batch)
     return Branch(add_.block, plan.index_of(add_.block), rate, mechanism, target, axis,
                   plan.unit_of_block.get(add_.block))
 

@@ -1,0 +1,293 @@
+"""add / find / set_rate / strip: invariants, schedules, errors and transactions."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from conftest import module_layout, pathsurgeon_leftovers
+from torch import nn
+
+import pathsurgeon
+from pathsurgeon import surgery
+
+
+@pytest.fixture(scope="module")
+def vit_factory():
+    def build(rate: float = 0.0):
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                 depth=4, drop_path_rate=rate)
+    return build
+
+
+@pytest.fixture
+def vit(vit_factory):
+    return vit_factory().eval()
+
+
+def snapshot(model: nn.Module):
+    return {
+        "layout": module_layout(model),
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "parameters": [id(p) for p in model.parameters()],
+        "hooks": [dict(m._forward_hooks) for m in model.modules()],
+        "vars": sorted(vars(model)),
+    }
+
+
+def assert_unchanged(model: nn.Module, before) -> None:
+    after = snapshot(model)
+    assert after["layout"] == before["layout"]
+    assert after["parameters"] == before["parameters"]
+    assert after["hooks"] == before["hooks"]
+    assert after["vars"] == before["vars"]
+    assert after["state"].keys() == before["state"].keys()
+    assert all(torch.equal(after["state"][k], v) for k, v in before["state"].items())
+    assert pathsurgeon_leftovers(model) == []
+
+
+def test_find_changes_nothing_and_reports_current_rates(vit_factory):
+    model = vit_factory(0.1).eval()
+    before = snapshot(model)
+    branches = pathsurgeon.find(model)
+    assert_unchanged(model, before)
+    assert len(branches) == 8
+    assert [round(b.rate, 6) for b in branches[-2:]] == [0.1, 0.1]  # timm's own DropPath, as built
+    assert {b.mechanism for b in branches} == {"slot"}
+
+
+def test_set_rate_matches_native_model_at_the_new_rate(vit_factory):
+    model = vit_factory(0.0)
+    pathsurgeon.add(model, 0.1)
+    branches = pathsurgeon.set_rate(model, 0.3)
+    expected = torch.linspace(0, 0.3, 4).tolist()
+    assert [b.rate for b in branches[::2]] == pytest.approx(expected)
+    native = vit_factory(0.3)
+    x = torch.randn(3, 3, 32, 32)
+    model.train()
+    native.train()
+    torch.manual_seed(5)
+    want = native(x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(model(x), want, atol=1e-6, rtol=0)
+    assert [round(b.rate, 6) for b in pathsurgeon.find(model)] == [round(b.rate, 6) for b in branches]
+
+
+def test_schedules_uniform_linear_and_explicit(vit):
+    report = pathsurgeon.add(vit, 0.2, schedule="uniform")
+    assert {b.rate for b in report.branches} == {0.2}
+    branches = pathsurgeon.set_rate(vit, None, schedule=[0.0, 0.1, 0.1, 0.3])
+    assert [b.rate for b in branches[::2]] == [0.0, 0.1, 0.1, 0.3]
+    branches = pathsurgeon.set_rate(vit, 0.2, schedule="linear")
+    assert [b.rate for b in branches[::2]] == pytest.approx(torch.linspace(0, 0.2, 4).tolist())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"rate": -0.1}, pathsurgeon.InvalidRateError, "[0, 1)"),
+        ({"rate": 1.0}, pathsurgeon.InvalidRateError, "[0, 1)"),
+        ({"rate": float("nan")}, pathsurgeon.InvalidRateError, "[0, 1)"),
+        ({"rate": "0.1"}, pathsurgeon.InvalidRateError, "number"),
+        ({"rate": 0.1, "schedule": "cosine"}, pathsurgeon.InvalidScheduleError, "unknown schedule"),
+        ({"rate": None, "schedule": [0.1, 0.2]}, pathsurgeon.InvalidScheduleError, "4 depth units"),
+        ({"rate": 0.1, "schedule": [0.1] * 4}, pathsurgeon.InvalidScheduleError, "not both"),
+        ({"rate": None}, pathsurgeon.InvalidScheduleError, "needs a rate"),
+        ({"rate": None, "schedule": [0.1, 2.0, 0, 0]}, pathsurgeon.InvalidRateError, "schedule[1]"),
+    ],
+)
+def test_bad_arguments_raise_one_line_errors_and_change_nothing(vit, kwargs, error, words):
+    before = snapshot(vit)
+    with pytest.raises(error) as caught:
+        pathsurgeon.add(vit, **kwargs)
+    message = str(caught.value)
+    assert words in message and "\n" not in message
+    assert isinstance(caught.value, ValueError)
+    assert_unchanged(vit, before)
+
+
+def test_model_without_residual_branch():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
+    model(torch.randn(1, 3, 8, 8))
+    before = snapshot(model)
+    with pytest.raises(pathsurgeon.NoBranchesError, match="no residual branch"):
+        pathsurgeon.add(model, 0.1, example_inputs=torch.randn(2, 3, 8, 8))
+    assert_unchanged(model, before)
+
+
+def test_not_a_model_and_missing_inputs():
+    with pytest.raises(pathsurgeon.PathSurgeonError, match="torch.nn.Module"):
+        pathsurgeon.add("vit", 0.1)
+    with pytest.raises(pathsurgeon.PathSurgeonError, match="example_inputs"):
+        pathsurgeon.add(nn.Linear(3, 3), 0.1)
+
+
+def test_add_twice_is_refused(vit):
+    pathsurgeon.add(vit, 0.1)
+    with pytest.raises(pathsurgeon.AlreadySurgeredError, match="set_rate"):
+        pathsurgeon.add(vit, 0.2)
+
+
+def test_strip_untouched_model_is_a_no_op(vit):
+    before = snapshot(vit)
+    assert pathsurgeon.strip(vit) is vit
+    assert_unchanged(vit, before)
+
+
+def test_set_rate_needs_add_first(vit):
+    with pytest.raises(pathsurgeon.PathSurgeonError, match="add"):
+        pathsurgeon.set_rate(vit, 0.1)
+
+
+def test_failure_midway_through_add_leaves_model_as_it_was(vit, monkeypatch):
+    before = snapshot(vit)
+    real = surgery._redo
+    calls = {"n": 0}
+
+    def flaky(model, change):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("injected")
+        real(model, change)
+
+    monkeypatch.setattr(surgery, "_redo", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        pathsurgeon.add(vit, 0.1)
+    assert calls["n"] == 5
+    assert_unchanged(vit, before)
+
+
+def test_failure_midway_through_strip_keeps_the_surgery_whole(vit, monkeypatch):
+    pathsurgeon.add(vit, 0.1)
+    surgered = module_layout(vit)
+    calls = {"n": 0}
+    real = surgery._Change.undo
+
+    def flaky(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected")
+        real(self)
+
+    monkeypatch.setattr(surgery._Change, "undo", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        pathsurgeon.strip(vit)
+    assert module_layout(vit) == surgered
+    assert pathsurgeon.is_surgered(vit)
+    monkeypatch.setattr(surgery._Change, "undo", real)
+    pathsurgeon.strip(vit)
+    assert pathsurgeon_leftovers(vit) == []
+
+
+def test_verification_failure_rolls_back_and_names_the_block(vit, monkeypatch):
+    before = snapshot(vit)
+
+    def leaky_forward(self, x):  # a DropPath that is not the identity in eval
+        return x + 1e-3 if "blocks.2" in self._test_name else x
+
+    original_change = surgery._change
+
+    def tagging_change(model, branch):
+        change = original_change(model, branch)
+        change.drop._test_name = branch.target
+        return change
+
+    monkeypatch.setattr(surgery, "_change", tagging_change)
+    monkeypatch.setattr(pathsurgeon.DropPath, "forward", leaky_forward)
+    with pytest.raises(pathsurgeon.VerificationError, match="blocks.2") as caught:
+        pathsurgeon.add(vit, 0.1)
+    assert "rolled back" in str(caught.value)
+    assert_unchanged(vit, before)
+
+
+def test_training_flags_are_kept(vit):
+    vit.train()
+    vit.blocks[1].norm1.eval()  # a user's frozen sub-module
+    pathsurgeon.add(vit, 0.1)
+    assert vit.training and not vit.blocks[1].norm1.training
+    assert all(m.training for m in vit.modules() if isinstance(m, pathsurgeon.DropPath))
+
+
+def test_deepcopy_of_a_surgered_model_can_be_stripped(vit):
+    pathsurgeon.add(vit, 0.1)
+    twin = copy.deepcopy(vit)
+    pathsurgeon.strip(twin)
+    assert pathsurgeon_leftovers(twin) == []
+    assert pathsurgeon.is_surgered(vit)
+
+
+class SequenceFirst(nn.Module):
+    """Residual stream laid out (tokens, batch, channels), as in the original CLIP transformer."""
+
+    def __init__(self, depth: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(depth))
+
+    def forward(self, x):  # x: (batch, tokens, channels), processed as (tokens, batch, channels)
+        x = x.transpose(0, 1)
+        for fc in self.blocks:
+            x = x + fc(x)
+        return x.transpose(0, 1)
+
+
+def test_batch_axis_is_inferred_for_sequence_first_streams():
+    model = SequenceFirst(depth=1)
+    report = pathsurgeon.add(model, 0.5, schedule="uniform", example_inputs=torch.randn(3, 7, 8))
+    assert [(b.batch_axis, b.mechanism, b.target) for b in report.branches] == [(1, "hook", "blocks.0")]
+    model.train()
+    torch.manual_seed(0)
+    x = torch.randn(64, 7, 8)
+    with torch.no_grad():
+        delta = model(x) - x
+        fc = model.blocks[0]
+        branch = nn.functional.linear(x, fc.weight, fc.bias)  # not through the hooked module
+    outcomes = set()
+    for sample in range(x.shape[0]):  # every sample: its branch dropped whole, or kept whole and scaled
+        if torch.allclose(delta[sample], torch.zeros_like(delta[sample]), atol=1e-6):
+            outcomes.add("dropped")
+        else:
+            torch.testing.assert_close(delta[sample], branch[sample] / 0.5, atol=1e-5, rtol=1e-5)
+            outcomes.add("kept")
+    assert outcomes == {"dropped", "kept"}
+
+
+def test_torchvision_resnet_without_slots_gets_hooks():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    before = snapshot(model)
+    with torch.no_grad():
+        reference = model(x)
+    report = pathsurgeon.add(model, 0.2, example_inputs=x)
+    assert report.blocks == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    assert {b.mechanism for b in report.branches} == {"hook"}
+    assert [b.target for b in report.branches][:2] == ["layer1.0.bn2", "layer1.1.bn2"]
+    with torch.no_grad():
+        assert torch.equal(model(x), reference)
+    pathsurgeon.strip(model)
+    assert_unchanged(model, before)
+
+
+def test_torchvision_stochastic_depth_matches_native():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    native = torchvision.models.convnext_tiny(stochastic_depth_prob=0.2, num_classes=10)
+    model = torchvision.models.convnext_tiny(stochastic_depth_prob=0.0, num_classes=10)
+    model.load_state_dict(native.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    report = pathsurgeon.add(model, 0.2, example_inputs=x)
+    want = {
+        (name.rpartition(".")[0], round(m.p, 6))
+        for name, m in native.named_modules()
+        if type(m).__name__ == "StochasticDepth" and m.p > 0
+    }
+    assert {(b.block, round(b.rate, 6)) for b in report.branches if b.rate > 0} == want
+    native.train()
+    model.train()
+    torch.manual_seed(1)
+    expected = native(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=0)
