@@ -4,23 +4,40 @@
 >>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
 >>> report = pathsurgeon.add(model, rate=0.1)   # in place; eval outputs verified bitwise equal
 >>> pathsurgeon.strip(model)                    # the original object again
+
+Names are imported on first use, so ``pathsurgeon --help`` answers without importing torch.
 """
 
-from .capture import register_leaf_module
-from .droppath import DropPath, drop_path
-from .errors import (
-    AlreadySurgeredError,
-    CaptureError,
-    InvalidRateError,
-    InvalidScheduleError,
-    NoBranchesError,
-    PathSurgeonError,
-    VerificationError,
-)
-from .slots import register_drop_path_class
-from .surgery import Branch, Report, Skipped, add, find, is_surgered, set_rate, strip
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "add": "surgery",
+    "find": "surgery",
+    "preview": "surgery",
+    "set_rate": "surgery",
+    "strip": "surgery",
+    "is_surgered": "surgery",
+    "Branch": "surgery",
+    "Report": "surgery",
+    "Skipped": "surgery",
+    "load": "checkpoint",
+    "DropPath": "droppath",
+    "drop_path": "droppath",
+    "register_drop_path_class": "slots",
+    "register_leaf_module": "capture",
+    "PathSurgeonError": "errors",
+    "AlreadySurgeredError": "errors",
+    "CaptureError": "errors",
+    "InvalidRateError": "errors",
+    "InvalidScheduleError": "errors",
+    "NoBranchesError": "errors",
+    "VerificationError": "errors",
+}
 
 __all__ = [
     "AlreadySurgeredError",
@@ -38,8 +55,39 @@ __all__ = [
     "drop_path",
     "find",
     "is_surgered",
+    "load",
+    "preview",
     "register_drop_path_class",
     "register_leaf_module",
     "set_rate",
     "strip",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pathsurgeon' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .capture import register_leaf_module
+    from .checkpoint import load
+    from .droppath import DropPath, drop_path
+    from .errors import (
+        AlreadySurgeredError,
+        CaptureError,
+        InvalidRateError,
+        InvalidScheduleError,
+        NoBranchesError,
+        PathSurgeonError,
+        VerificationError,
+    )
+    from .slots import register_drop_path_class
+    from .surgery import Branch, Report, Skipped, add, find, is_surgered, preview, set_rate, strip

@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from . import slots as slot_lib
 from .errors import CaptureError
-from .find import GraphView, from_symbolic_trace
+from .finder import GraphView, from_symbolic_trace
 from .inputs import ExampleInputs
 
 __all__ = ["Capture", "capture", "register_leaf_module", "training_flags_kept"]

@@ -33,6 +33,7 @@ class Recipe:
     schedule: str = "linear"
     unit: str | None = None
     zero: tuple[str, ...] = ()
+    counted_zero: tuple[str, ...] = ()
 
 
 @dataclass
@@ -81,6 +82,7 @@ def recipe_for(model: nn.Module) -> Recipe:
         schedule=schedule,
         unit=entry.get("unit"),
         zero=tuple(entry.get("zero", ())),
+        counted_zero=tuple(entry.get("counted_zero", ())),
     )
 
 
@@ -121,6 +123,7 @@ def make_plan(
     """Group ``blocks`` (in execution order) into depth units and give every unit its rate."""
     zero_blocks = {b for b in blocks if any(_enclosing(b, z) for z in recipe.zero)}
     counted = [b for b in blocks if b not in zero_blocks]
+    counted_zero = {b for b in counted if any(_enclosing(b, z) for z in recipe.counted_zero)}
     unit_of_block: dict[str, str] = {}
     if recipe.unit:
         units = [name for name, _ in model.named_modules() if _matches(name, recipe.unit)]
@@ -143,6 +146,10 @@ def make_plan(
                 f"pass {len(units)} rates (pathsurgeon.find(model) lists the units)"
             )
         rates, formula = list(schedule), "explicit"
+    if schedule == "auto":  # blocks the library always builds at 0, though they take a place in the count
+        always_zero = [any(_enclosing(u, z) for z in recipe.counted_zero) for u in units]
+        rates = [0.0 if zero else r for zero, r in zip(always_zero, rates, strict=True)]
+        zero_blocks |= counted_zero
     return Plan(units, rates, unit_of_block, zero_blocks, schedule, formula)
 
 

@@ -28,12 +28,12 @@ from . import slots as slot_lib
 from .capture import Capture, capture
 from .droppath import DropPath, drop_path, validate_rate
 from .errors import AlreadySurgeredError, NoBranchesError, PathSurgeonError, VerificationError
-from .find import ResidualAdd, find_residual_adds
+from .finder import ResidualAdd, find_residual_adds
 from .inputs import ExampleInputs, example_inputs
 from .plan import Plan, make_plan, recipe_for, validate_schedule
 from .verify import eval_outputs, max_abs_diff
 
-__all__ = ["Branch", "Report", "add", "find", "set_rate", "strip"]
+__all__ = ["Branch", "Report", "add", "find", "preview", "set_rate", "strip"]
 
 RECORD_ATTRIBUTE = "_pathsurgeon"
 
@@ -163,17 +163,43 @@ def find(model: nn.Module, example_inputs: Any = None) -> list[Branch]:
     record = _record(model)
     if record is not None:
         return list(record.branches)
-    inputs = _inputs_or_none(model, example_inputs)
-    captured = capture(model, inputs)
-    selected, _ = _select(captured, model)
+    captured, selected, inputs = _discover(model, example_inputs)
     if not selected:
         return []
     plan = make_plan(model, _blocks(selected), 0.0, "auto", recipe_for(model))
-    branches = []
-    for add_ in selected:
-        current = slot_lib.existing_rate(_module_or_none(model, add_.slot)) if add_.slot else 0.0
-        branches.append(_branch(add_, plan, current, captured, inputs))
-    return branches
+    return [
+        _branch(a, plan, slot_lib.existing_rate(_module_or_none(model, a.slot)) if a.slot else 0.0, captured, inputs)
+        for a in selected
+    ]
+
+
+def preview(
+    model: nn.Module, rate: float | None, *, schedule: str | Sequence[float] = "auto", example_inputs: Any = None
+) -> list[Branch]:
+    """The branches with the rates :func:`add` would give them; changes nothing."""
+    _check_model(model)
+    if rate is not None:
+        rate = validate_rate(rate)
+    schedule = validate_schedule(schedule, rate)
+    captured, selected, inputs = _discover(model, example_inputs)
+    if not selected:
+        raise _no_branches(model)
+    plan = make_plan(model, _blocks(selected), rate, schedule, recipe_for(model))
+    return [_branch(a, plan, plan.rate_of(a.block), captured, inputs) for a in selected]
+
+
+def _discover(model: nn.Module, example_inputs: Any):
+    inputs = _inputs_or_none(model, example_inputs)
+    captured = capture(model, inputs)
+    selected, _ = _select(captured, model)
+    return captured, selected, inputs
+
+
+def _no_branches(model: nn.Module) -> NoBranchesError:
+    return NoBranchesError(
+        f"found no residual branch in {type(model).__name__} (no add of a skip and a parameterised "
+        "branch); pathsurgeon needs a residual network such as a ViT, ResNet or ConvNeXt"
+    )
 
 
 def add(
@@ -209,10 +235,7 @@ def add(
     captured = capture(model, inputs)
     selected, skipped = _select(captured, model)
     if not selected:
-        raise NoBranchesError(
-            f"found no residual branch in {type(model).__name__} (no add of a skip and a parameterised "
-            "branch); pathsurgeon needs a residual network such as a ViT, ResNet or ConvNeXt"
-        )
+        raise _no_branches(model)
     plan = make_plan(model, _blocks(selected), rate, schedule, recipe)
     branches = [_branch(a, plan, plan.rate_of(a.block), captured, inputs) for a in selected]
     reference = eval_outputs(model, inputs) if tolerance is not None else None

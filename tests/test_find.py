@@ -7,7 +7,7 @@ import math
 import torch
 from torch import fx, nn
 
-from pathsurgeon.find import GraphView, find_residual_adds
+from pathsurgeon.finder import GraphView, find_residual_adds
 
 
 def residual_adds(module: nn.Module, slots: set[str] = frozenset()):

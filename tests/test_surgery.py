@@ -291,3 +291,33 @@ def test_torchvision_stochastic_depth_matches_native():
     expected = native(x)
     torch.manual_seed(1)
     torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=0)
+
+
+class DataDependent(nn.Module):
+    """Control flow on tensor values: neither torch.fx nor torch.export can capture it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x + self.fc(x)
+        return x
+
+
+def test_uncapturable_model_raises_capture_error_and_changes_nothing():
+    model = DataDependent()
+    before = snapshot(model)
+    with pytest.raises(pathsurgeon.CaptureError) as caught:
+        pathsurgeon.add(model, 0.1, example_inputs=torch.ones(2, 4))
+    message = str(caught.value)
+    assert "torch.fx" in message and "torch.export" in message and "\n" not in message
+    assert_unchanged(model, before)
+
+
+def test_dtype_is_respected(vit):
+    vit.double()
+    report = pathsurgeon.add(vit, 0.1)  # example inputs made in the model's dtype
+    assert report.max_abs_diff == 0.0
+    assert all(p.dtype == torch.float64 for p in vit.parameters())

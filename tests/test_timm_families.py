@@ -17,38 +17,42 @@ import pathsurgeon
 
 RATE = 0.2
 
-# family -> (model name, constructor overrides that only make it smaller)
+# family -> (model name, constructor overrides that only make it smaller, input size or None for the model's)
 FAMILIES = {
-    "vision_transformer": ("vit_tiny_patch16_224", {"img_size": 64}),
-    "deit": ("deit_tiny_distilled_patch16_224", {"img_size": 64, "depth": 4}),
-    "beit": ("beit_base_patch16_224", {"img_size": 64, "depth": 4, "embed_dim": 64, "num_heads": 2}),
-    "eva": ("eva02_tiny_patch14_224", {"img_size": 56, "depth": 4}),
-    "swin_transformer": ("swin_tiny_patch4_window7_224", {"embed_dim": 32, "depths": (2, 2, 2, 2)}),
-    "swin_transformer_v2": ("swinv2_tiny_window8_256", {"depths": (2, 2, 2, 2)}),
-    "convnext": ("convnext_atto", {}),
-    "resnet": ("resnet18", {}),
-    "resnetv2": ("resnetv2_18", {}),
-    "regnet": ("regnetx_002", {}),
-    "efficientnet": ("efficientnet_b0", {}),
-    "mobilenetv3": ("mobilenetv3_small_050", {}),
-    "mlp_mixer": ("mixer_s32_224", {}),
-    "maxxvit": ("maxvit_pico_rw_256", {}),
-    "cait": ("cait_xxs24_224", {"depth": 4, "img_size": 64}),
-    "xcit": ("xcit_nano_12_p16_224", {"depth": 4, "img_size": 64}),
-    "pvt_v2": ("pvt_v2_b0", {}),
-    "twins": ("twins_svt_small", {}),
-    "metaformer": ("poolformer_s12", {}),
-    "edgenext": ("edgenext_xx_small", {}),
-    "hiera": ("hiera_tiny_224", {}),
-    "davit": ("davit_tiny", {}),
-    "focalnet": ("focalnet_tiny_srf", {}),
-    "mambaout": ("mambaout_femto", {}),
-    "nest": ("nest_tiny", {}),
-    "levit": ("levit_128s", {}),
-    "tiny_vit": ("tiny_vit_5m_224", {}),
-    "fastvit": ("fastvit_t8", {}),
-    "gcvit": ("gcvit_xxtiny", {}),
-    "inception_next": ("inception_next_atto", {}),
+    "vision_transformer": ("vit_tiny_patch16_224", {"img_size": 64}, None),
+    "deit": ("deit_tiny_distilled_patch16_224", {"img_size": 64, "depth": 4}, None),
+    "beit": ("beit_base_patch16_224", {"img_size": 64, "depth": 4, "embed_dim": 64, "num_heads": 2}, None),
+    "eva": ("eva02_tiny_patch14_224", {"img_size": 56, "depth": 4}, None),
+    "swin_transformer": (
+        "swin_tiny_patch4_window7_224",
+        {"embed_dim": 32, "depths": (2, 2, 2, 2), "img_size": 64, "window_size": 4},
+        64,
+    ),
+    "swin_transformer_v2": ("swinv2_tiny_window8_256", {"depths": (2, 2, 2, 2), "img_size": 64, "window_size": 4}, 64),
+    "convnext": ("convnext_atto", {}, 64),
+    "resnet": ("resnet18", {}, 64),
+    "resnetv2": ("resnetv2_18", {}, 64),
+    "regnet": ("regnetx_002", {}, 64),
+    "efficientnet": ("efficientnet_b0", {}, 64),
+    "mobilenetv3": ("mobilenetv3_small_050", {}, 64),
+    "mlp_mixer": ("mixer_s32_224", {"img_size": 64}, 64),
+    "maxxvit": ("maxvit_pico_rw_256", {"img_size": 64}, 64),
+    "cait": ("cait_xxs24_224", {"depth": 4, "img_size": 64}, None),
+    "xcit": ("xcit_nano_12_p16_224", {"depth": 4, "img_size": 64}, None),
+    "pvt_v2": ("pvt_v2_b0", {}, 64),
+    "twins": ("twins_svt_small", {}, 64),
+    "metaformer": ("poolformer_s12", {}, 64),
+    "edgenext": ("edgenext_xx_small", {}, 64),
+    "hiera": ("hiera_tiny_224", {"img_size": (64, 64)}, 64),
+    "davit": ("davit_tiny", {}, 64),
+    "focalnet": ("focalnet_tiny_srf", {}, 64),
+    "mambaout": ("mambaout_femto", {}, 64),
+    "nest": ("nest_tiny", {"img_size": 64}, 64),
+    "levit": ("levit_128s", {"img_size": 64}, 64),
+    "tiny_vit": ("tiny_vit_5m_224", {}, None),
+    "fastvit": ("fastvit_t8", {}, 64),
+    "gcvit": ("gcvit_xxtiny", {"img_size": 64}, 64),
+    "inception_next": ("inception_next_atto", {}, 64),
 }
 
 
@@ -60,21 +64,21 @@ def _build(name: str, overrides: dict, rate: float | None):
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def _inputs(model) -> torch.Tensor:
+def _inputs(model, size: int | None = None) -> torch.Tensor:
     channels, height, width = model.pretrained_cfg["input_size"]
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None) or (height, width)
+    size = (size, size) if size else getattr(getattr(model, "patch_embed", None), "img_size", None) or (height, width)
     generator = torch.Generator().manual_seed(1)
     return torch.randn(2, channels, *size, generator=generator)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_matches_native_timm(family):
-    name, overrides = FAMILIES[family]
+    name, overrides, size = FAMILIES[family]
     native = _build(name, overrides, RATE)
     model = _build(name, overrides, 0.0)
     assert type(model).__module__ == f"timm.models.{family}"
     model.load_state_dict(native.state_dict())
-    x = _inputs(model)
+    x = _inputs(model, size)
     model.eval()
     native.eval()
 
@@ -84,7 +88,7 @@ def test_matches_native_timm(family):
     with torch.no_grad():
         before = model(x)
 
-    report = pathsurgeon.add(model, RATE)
+    report = pathsurgeon.add(model, RATE, example_inputs=x if size else None)
 
     # (a) the same blocks at the same rates as timm's own DropPath modules
     ours = {(b.block, round(b.rate, 6)) for b in report.branches if b.rate > 0}
@@ -121,20 +125,20 @@ def test_matches_native_timm(family):
 @pytest.mark.parametrize(
     "name, overrides",
     [
-        ("swin_tiny_patch4_window7_224", {"embed_dim": 32, "depths": (2, 2, 2, 2)}),
-        ("nest_tiny", {}),
-        ("focalnet_tiny_srf", {}),
+        ("swin_tiny_patch4_window7_224", FAMILIES["swin_transformer"][1]),
+        ("nest_tiny", FAMILIES["nest"][1]),
+        ("focalnet_tiny_srf", FAMILIES["focalnet"][1]),
     ],
 )
 def test_default_rate_is_re_rated_not_stacked(name, overrides):
     """Families built with a non-zero default rate already carry DropPath; add() replaces, never stacks."""
     default = _build(name, overrides, None)  # timm's own default rate (0.1 for Swin / FocalNet, 0.5 NesT)
     native = _build(name, overrides, RATE)
-    x = _inputs(default)
+    x = _inputs(default, 64)
     assert parent_rates(called_drop_paths(default, x)), "expected this family to default to drop path"
     layout = module_layout(default)
 
-    pathsurgeon.add(default, RATE)
+    pathsurgeon.add(default, RATE, example_inputs=x)
 
     assert {(b.block, round(b.rate, 6)) for b in pathsurgeon.find(default) if b.rate > 0} == parent_rates(
         called_drop_paths(copy.deepcopy(native), x)

@@ -1,4 +1,4 @@
-"""The main job, offline: put stochastic depth on a ViT-B/16, check it, train a step, strip it.
+"""The Python API, offline: put stochastic depth on a ViT-B/16, check it, train a step, strip it.
 
 Runs on random weights (no network here); with a pretrained checkpoint the calls are the same.
 """

@@ -1,0 +1,224 @@
+"""The ``pathsurgeon`` command line: a thin layer over the Python API.
+
+``--help`` never imports torch, so it answers at once. Exit codes: 0 success, 1 verification failed,
+2 bad usage or input, 3 an internal error (a bug: rerun with --debug and report it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+DESCRIPTION = """\
+Add per-sample stochastic depth (DropPath) to an already-built vision model, check that eval
+outputs are unchanged, and strip it again.
+
+MODEL SPEC: a timm model name (vit_base_patch16_224), a Hugging Face hub id found in the local
+cache (google/vit-base-patch16-224), or a local directory written by `pathsurgeon add --out` or by
+save_pretrained. Pretrained weights are used when they are available locally; nothing is
+downloaded (set HF_HUB_OFFLINE=0 to allow downloads)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pathsurgeon", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    add = commands.add_parser(
+        "add", help="put DropPath on a model's residual branches, verify, optionally save",
+        description="Put DropPath on every residual branch of MODEL, verify eval outputs, print the plan.",
+    )
+    add.add_argument("--model", required=True, metavar="SPEC", help="timm name, HF hub id, or local directory")
+    add.add_argument("--rate", required=True, type=float, metavar="R", help="drop-path rate in [0, 1)")
+    _schedule_argument(add)
+    add.add_argument("--weights", metavar="FILE", help="load a local checkpoint (.safetensors, or a torch state_dict)")
+    add.add_argument("--out", metavar="DIR", help="write DIR/model.safetensors and DIR/pathsurgeon.json")
+    add.add_argument("--json", metavar="FILE", help="write the plan and the check result as JSON")
+    add.add_argument(
+        "--require-pretrained", action="store_true",
+        help="fail instead of continuing on random initialisation when no local pretrained weights exist",
+    )
+    add.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    inspect = commands.add_parser(
+        "inspect", help="list the residual branches (and the rates a rate would give); changes nothing",
+        description="List MODEL's residual branches and current rates; with --rate, the rates add would set.",
+    )
+    inspect.add_argument("--model", required=True, metavar="SPEC", help="timm name, HF hub id, or local directory")
+    inspect.add_argument("--rate", type=float, metavar="R", help="show the rates this rate would give")
+    _schedule_argument(inspect)
+    inspect.add_argument("--weights", metavar="FILE", help="load a local checkpoint first")
+    inspect.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    strip = commands.add_parser(
+        "strip", help="write a clean checkpoint of the original architecture from a surgered one",
+        description="Read a directory written by `add --out`, strip the surgery, write a clean checkpoint.",
+    )
+    strip.add_argument("--in", dest="source", required=True, metavar="DIR", help="directory written by add --out")
+    strip.add_argument("--out", required=True, metavar="DIR", help="where to write the clean checkpoint")
+    strip.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def _schedule_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--schedule", default="auto", choices=("auto", "linear", "uniform"),
+        help="auto: what the model's library does for its family (default); linear: 0 to R over depth; "
+        "uniform: R everywhere",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline-first: use the local cache, never download
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        return {"add": _add, "inspect": _inspect, "strip": _strip}[args.command](args)
+    except KeyboardInterrupt:
+        _say("interrupted; nothing was written")
+        return EXIT_USAGE
+    except Exception as error:  # the one place errors become exit codes
+        from .errors import PathSurgeonError, VerificationError
+
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        if isinstance(error, VerificationError):
+            _say(f"error: {error}")
+            return EXIT_VERIFY
+        if isinstance(error, PathSurgeonError):
+            _say(f"error: {error}")
+            return EXIT_USAGE
+        _say(f"internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}; "
+             "rerun with --debug and report it")
+        return EXIT_INTERNAL
+
+
+def _say(message: str) -> None:
+    print(f"pathsurgeon: {message}", file=sys.stderr, flush=True)
+
+
+class _Progress:
+    """One line per stage on stderr, with the time the previous stage took."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        _say(f"[{time.perf_counter() - self.start:5.1f}s] {message}")
+
+
+def _load(args, progress):
+    from .checkpoint import load_model
+
+    loaded = load_model(
+        args.model, weights=getattr(args, "weights", None),
+        require_pretrained=getattr(args, "require_pretrained", False), say=progress,
+    )
+    for note in loaded.notes:
+        _say(note)
+    return loaded
+
+
+def _branch_rows(branches) -> list[dict]:
+    return [{"block": b.block, "index": b.index, "rate": b.rate, "mechanism": b.mechanism, "target": b.target}
+            for b in branches]
+
+
+def _table(branches) -> str:
+    blocks: dict[str, list] = {}
+    for branch in branches:
+        blocks.setdefault(branch.block, []).append(branch)
+    width = max([len("block")] + [len(b) for b in blocks])
+    rows = [f"{'block':<{width}}  {'index':>5}  {'branches':>8}  {'rate':>8}"]
+    for block, mine in blocks.items():
+        rows.append(f"{block:<{width}}  {mine[0].index:>5}  {len(mine):>8}  {mine[0].rate:>8.4f}")
+    return "\n".join(rows)
+
+
+def _add(args) -> int:
+    from .checkpoint import save, write_json_atomic
+    from .droppath import validate_rate
+    from .surgery import add
+
+    rate = validate_rate(args.rate)  # fail on bad input before loading anything
+    _check_outputs(args)
+    progress = _Progress()
+    loaded = _load(args, progress)
+    model = loaded.model
+    count = sum(p.numel() for p in model.parameters())
+    progress(f"finding residual branches and checking eval outputs ({count / 1e6:.1f}M parameters)")
+    report = add(model, rate, schedule=args.schedule)
+    progress("done")
+    print(_table(report.branches))
+    print(report.summary())
+    if args.json:
+        write_json_atomic(args.json, {
+            "model": args.model, "rate": rate, "schedule": args.schedule,
+            "branches": _branch_rows(report.branches), "max_abs_diff": report.max_abs_diff,
+            "method": report.method, "pretrained": loaded.pretrained,
+            "skipped": [{"block": s.block, "reason": s.reason} for s in report.skipped],
+        })
+        print(f"wrote {args.json}")
+    if args.out:
+        surgery = {"rate": rate, "schedule": args.schedule, "branches": _branch_rows(report.branches)}
+        save(model, args.out, loaded.source, surgery)
+        print(f"wrote {args.out} (load it with pathsurgeon.load({args.out!r}))")
+    return EXIT_OK
+
+
+def _check_outputs(args) -> None:
+    from pathlib import Path
+
+    from .errors import PathSurgeonError
+
+    out = Path(args.out) if getattr(args, "out", None) else None
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PathSurgeonError(f"output {out} already exists; choose another --out or remove it first")
+
+
+def _inspect(args) -> int:
+    from .droppath import validate_rate
+    from .surgery import find, preview
+
+    rate = validate_rate(args.rate) if args.rate is not None else None
+    progress = _Progress()
+    model = _load(args, progress).model
+    progress("finding residual branches")
+    branches = find(model) if rate is None else preview(model, rate, schedule=args.schedule)
+    heading = "current rates" if rate is None else f"rates for --rate {rate} --schedule {args.schedule}"
+    print(f"{heading}:")
+    print(_table(branches))
+    blocks = len({b.block for b in branches})
+    print(f"{len(branches)} branches in {blocks} blocks; nothing was changed")
+    return EXIT_OK
+
+
+def _strip(args) -> int:
+    from pathlib import Path
+
+    from .checkpoint import MANIFEST, _load_directory, save
+    from .errors import PathSurgeonError
+
+    source = Path(args.source)
+    if not (source / MANIFEST).is_file():
+        raise PathSurgeonError(f"{source} has no {MANIFEST}; pass a directory written by pathsurgeon add --out")
+    _check_outputs(args)
+    progress = _Progress()
+    progress(f"reading {source}")
+    loaded = _load_directory(source, progress)  # the weights, without re-applying the surgery
+    save(loaded.model, args.out, loaded.source, surgery=None)
+    print(f"wrote {args.out}: {type(loaded.model).__name__} with no pathsurgeon plan")
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The command line, run as a user runs it: exit codes, one-line errors, files other tools can load."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from conftest import pathsurgeon_leftovers
+from safetensors.torch import load_file, save_file
+
+import pathsurgeon
+from pathsurgeon import cli
+
+MODEL = "resnet18"
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_answers_without_importing_torch():
+    code = "import sys, pathsurgeon.cli as c; c._parser().format_help(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+    for command in ([], ["add"], ["inspect"], ["strip"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "pathsurgeon.cli", *command, "--help"], capture_output=True, text=True
+        )
+        assert result.returncode == 0 and "usage: pathsurgeon" in result.stdout
+
+
+def test_add_end_to_end_in_a_subprocess(tmp_path):
+    out, report = tmp_path / "surgered", tmp_path / "plan.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pathsurgeon.cli", "add", "--model", MODEL, "--rate", "0.1",
+         "--out", str(out), "--json", str(report)],
+        capture_output=True, text=True, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "8 branches in 8 blocks; eval check passed with max |Δ| = 0" in result.stdout
+    assert "continuing with random initialisation" in result.stderr  # offline, no cache
+    data = json.loads(report.read_text())
+    assert {"model", "rate", "schedule", "branches", "max_abs_diff"} <= data.keys()
+    assert data["max_abs_diff"] == 0.0
+    assert [b["block"] for b in data["branches"]][:2] == ["layer1.0", "layer1.1"]
+    assert {"block", "index", "rate"} <= data["branches"][0].keys()
+    # the weights are a plain safetensors file with the original model's keys
+    assert sorted(load_file(out / "model.safetensors")) == sorted(timm.create_model(MODEL).state_dict())
+    model = pathsurgeon.load(out)
+    assert pathsurgeon.is_surgered(model)
+    assert [b.block for b in pathsurgeon.find(model)] == [b["block"] for b in data["branches"]]
+
+
+def test_strip_writes_a_clean_checkpoint(tmp_path, capsys):
+    surgered, clean = tmp_path / "a", tmp_path / "b"
+    assert run(capsys, "add", "--model", MODEL, "--rate", "0.2", "--out", str(surgered))[0] == 0
+    code, out, _ = run(capsys, "strip", "--in", str(surgered), "--out", str(clean))
+    assert code == 0
+    manifest = json.loads((clean / "pathsurgeon.json").read_text())
+    assert manifest["surgery"] is None
+    model = pathsurgeon.load(clean)
+    assert not pathsurgeon.is_surgered(model) and pathsurgeon_leftovers(model) == []
+    a, b = load_file(surgered / "model.safetensors"), load_file(clean / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_inspect_changes_nothing_and_shows_planned_rates(tmp_path, capsys):
+    code, out, _ = run(capsys, "inspect", "--model", MODEL, "--rate", "0.7", "--schedule", "uniform")
+    assert code == 0
+    assert "rates for --rate 0.7 --schedule uniform" in out
+    assert out.count("0.7000") == 8
+    assert "nothing was changed" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_file_is_loaded_safely(tmp_path, capsys):
+    reference = timm.create_model(MODEL)
+    torch.save({"state_dict": reference.state_dict()}, tmp_path / "ckpt.pth")
+    save_file(reference.state_dict(), str(tmp_path / "ckpt.safetensors"))
+    for name in ("ckpt.pth", "ckpt.safetensors"):
+        code, out, err = run(capsys, "add", "--model", MODEL, "--rate", "0.1", "--weights", str(tmp_path / name),
+                             "--out", str(tmp_path / f"out-{name}"))
+        assert code == 0, err
+        saved = load_file(tmp_path / f"out-{name}" / "model.safetensors")
+        assert torch.equal(saved["fc.weight"], reference.state_dict()["fc.weight"])
+    # a pickle with arbitrary objects is refused (weights_only=True), not executed
+    torch.save({"state_dict": reference.state_dict(), "extra": object}, tmp_path / "unsafe.pth")
+    code, _, err = run(capsys, "add", "--model", MODEL, "--rate", "0.1", "--weights", str(tmp_path / "unsafe.pth"))
+    assert code == 2 and "weights_only=True" in err
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["add", "--model", "resnet_18", "--rate", "0.1"], "did you mean resnet18"),
+        (["add", "--model", MODEL, "--rate", "1.5"], "[0, 1)"),
+        (["add", "--model", MODEL, "--rate", "nan"], "[0, 1)"),
+        (["add", "--model", MODEL, "--rate", "0.1", "--require-pretrained"], "no local pretrained weights"),
+        (["add", "--model", MODEL, "--rate", "0.1", "--weights", "missing.pt"], "does not exist"),
+        (["add", "--model", "nobody/no-such-model", "--rate", "0.1"], "not in the local Hugging Face cache"),
+        (["strip", "--in", "nowhere", "--out", "x"], "no pathsurgeon.json"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, argv, words):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and words in errors[0] and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_existing_output_is_not_overwritten(tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, "add", "--model", MODEL, "--rate", "0.1", "--out", str(tmp_path / "taken"))
+    assert code == 2 and "already exists" in err
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_verification_failure_exits_1_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pathsurgeon.DropPath, "forward", lambda self, x: x + 1.0)
+    code, _, err = run(capsys, "add", "--model", MODEL, "--rate", "0.1", "--out", str(tmp_path / "o"))
+    assert code == 1 and "rolled back" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_debug_shows_the_traceback(capsys):
+    code, _, err = run(capsys, "--debug", "add", "--model", MODEL, "--rate", "1.5")
+    assert code == 2 and "Traceback" in err
+
+
+def test_pretrained_weights_come_from_the_local_cache(tmp_path, capsys, monkeypatch):
+    """A timm model whose weights sit in the Hugging Face cache is loaded from there, offline."""
+    reference = timm.create_model(MODEL)
+    hub_id = timm.models.get_pretrained_cfg(MODEL).hf_hub_id
+    repo = tmp_path / ("models--" + hub_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_file(reference.state_dict(), str(repo / "snapshots" / ("0" * 40) / "model.safetensors"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    code, out, err = run(capsys, "add", "--model", MODEL, "--rate", "0.1", "--require-pretrained",
+                         "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    assert "random initialisation" not in err
+    saved = load_file(tmp_path / "o" / "model.safetensors")
+    assert torch.equal(saved["conv1.weight"], reference.state_dict()["conv1.weight"])
