@@ -179,7 +179,11 @@ def _export_view(
     for node in graph.nodes:
         stack = node.meta.get("nn_module_stack") or {}
         module_stack[node] = tuple(path for path, _ in stack.values() if path)
-        if isinstance(node.meta.get("val"), torch.Tensor):
+        value = node.meta.get("val")
+        # ops with several outputs (max(dim) -> values, indices) count too; getitem takes them apart
+        if isinstance(value, torch.Tensor) or (
+            isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)
+        ):
             tensor_nodes.add(node)
         if node.op == "placeholder" and node.name in parameter_names:
             parameter_nodes.add(node)

@@ -247,6 +247,14 @@ def add(
         if reference is not None:
             difference = max_abs_diff(reference, eval_outputs(model, inputs))
             if not difference <= tolerance:
+                for change in reversed(changes):
+                    change.undo()
+                if not max_abs_diff(reference, eval_outputs(model, inputs)) <= tolerance:
+                    raise VerificationError(
+                        f"{type(model).__name__} gives different eval outputs on the same inputs from one call to "
+                        "the next (random masking?); pass example_inputs that fix its randomness (e.g. noise=) "
+                        "or verify=False"
+                    )
                 culprit = _first_changing_block(model, changes, reference, inputs, tolerance)
                 raise VerificationError(
                     f"eval outputs changed after adding DropPath (max |Δ| = {difference:g}), first at block "
@@ -484,9 +492,7 @@ def _redo(model: nn.Module, change: _Change) -> None:
 def _first_changing_block(
     model: nn.Module, changes: list[_Change], reference: list[torch.Tensor], inputs, tolerance: float
 ) -> str:
-    """Re-apply the changes block by block until the eval outputs move; name that block."""
-    for change in reversed(changes):
-        change.undo()
+    """With all changes undone: re-apply them one by one until the eval outputs move; name that block."""
     try:
         for change in changes:
             _redo(model, change)
@@ -496,5 +502,3 @@ def _first_changing_block(
     finally:
         for change in reversed(changes):
             change.undo()
-        for change in changes:
-            _redo(model, change)

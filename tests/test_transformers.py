@@ -1,0 +1,209 @@
+"""Hugging Face vision models: tiny configs, no download. Ground truth is HF's own drop-path call sites."""
+
+from __future__ import annotations
+
+import collections
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+import pathsurgeon  # noqa: E402
+from conftest import module_layout, pathsurgeon_leftovers  # noqa: E402
+
+T = transformers
+VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+STAGES = dict(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 2, 1], image_size=32)
+
+# name -> (config class, model class, config kwargs); models with a native drop path take drop_path_rate
+MODELS = {
+    "vit": (T.ViTConfig, T.ViTForImageClassification, VIT),
+    "deit": (T.DeiTConfig, T.DeiTForImageClassification, VIT),
+    "vit_mae": (T.ViTMAEConfig, T.ViTMAEModel, {**VIT, "mask_ratio": 0.5}),
+    "beit": (T.BeitConfig, T.BeitForImageClassification, VIT),
+    "data2vec_vision": (T.Data2VecVisionConfig, T.Data2VecVisionForImageClassification, VIT),
+    "dinov2": (T.Dinov2Config, T.Dinov2Model, {k: v for k, v in VIT.items() if k != "intermediate_size"}),
+    "dinov3_vit": (T.DINOv3ViTConfig, T.DINOv3ViTModel, VIT),
+    "convnext": (T.ConvNextConfig, T.ConvNextForImageClassification, STAGES),
+    "convnextv2": (T.ConvNextV2Config, T.ConvNextV2ForImageClassification, STAGES),
+    "swin": (T.SwinConfig, T.SwinForImageClassification,
+             dict(embed_dim=16, depths=[1, 2], num_heads=[1, 2], image_size=32, patch_size=4, window_size=4)),
+    "swinv2": (T.Swinv2Config, T.Swinv2ForImageClassification,
+               dict(embed_dim=16, depths=[1, 2], num_heads=[1, 2], image_size=32, patch_size=4, window_size=4)),
+    "segformer": (T.SegformerConfig, T.SegformerForImageClassification,
+                  dict(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 2, 1], num_attention_heads=[1, 1, 2, 2],
+                       decoder_hidden_size=32, image_size=64)),
+    "poolformer": (T.PoolFormerConfig, T.PoolFormerForImageClassification, STAGES),
+    "hiera": (T.HieraConfig, T.HieraForImageClassification,
+              dict(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], image_size=[64, 64], patch_size=[7, 7],
+                   patch_stride=[4, 4], patch_padding=[3, 3], query_stride=[2, 2], masked_unit_size=[8, 8])),
+    "clip_vision": (T.CLIPVisionConfig, T.CLIPVisionModel, VIT),
+    "siglip_vision": (T.SiglipVisionConfig, T.SiglipVisionModel, VIT),
+}
+NO_NATIVE_DROP_PATH = {"vit", "deit", "vit_mae", "clip_vision", "siglip_vision"}
+LINEAR_LIKE_HF = {"beit", "data2vec_vision", "convnext", "convnextv2"}  # HF's own schedule is linear
+
+
+def build(name: str, rate: float | None = None):
+    config_class, model_class, kwargs = MODELS[name]
+    kwargs = dict(kwargs)
+    if rate is not None:
+        kwargs["drop_path_rate"] = rate
+    torch.manual_seed(0)
+    return model_class(config_class(**kwargs)).eval()
+
+
+def pixels(model, batch: int = 2) -> dict:
+    size = model.config.image_size
+    height, width = (size, size) if isinstance(size, int) else size
+    generator = torch.Generator().manual_seed(1)
+    inputs = {"pixel_values": torch.randn(batch, 3, height, width, generator=generator)}
+    if isinstance(model, T.ViTMAEModel):  # random masking: fix the noise so eval outputs are repeatable
+        inputs["noise"] = torch.rand(batch, model.embeddings.patch_embeddings.num_patches, generator=generator)
+    return inputs
+
+
+def native_call_sites(model, inputs) -> collections.Counter:
+    """(parent of an HF XxxDropPath, its rate) for every call in a training forward."""
+    calls = collections.Counter()
+    handles = [
+        module.register_forward_hook(lambda m, i, o, n=name: calls.update([(n.rpartition(".")[0], round(m.drop_prob, 6))]))
+        for name, module in model.named_modules()
+        # HF PoolFormer also calls a DropPath *inside* its MLP as a dropout; only residual slots count
+        if type(module).__name__.endswith("DropPath") and name.rpartition(".")[2].startswith("drop_path")
+    ]
+    model.train()
+    with torch.no_grad():
+        model(**inputs)
+    model.eval()
+    for handle in handles:
+        handle.remove()
+    return calls
+
+
+def first_tensor(output) -> torch.Tensor:
+    return output.logits if getattr(output, "logits", None) is not None else output.last_hidden_state
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_add_verify_strip_keeps_a_transformers_model(name):
+    needs_rate = name not in NO_NATIVE_DROP_PATH
+    model = build(name, 0.0 if needs_rate else None)
+    inputs = pixels(model)
+    layout, keys = module_layout(model), list(model.state_dict())
+    config = model.config.to_dict()
+    with torch.no_grad():
+        before = first_tensor(model(**inputs))
+
+    report = pathsurgeon.add(model, 0.2, example_inputs=inputs)
+
+    assert report.max_abs_diff == 0.0
+    assert type(model) is layout[0][1] and list(model.state_dict()) == keys
+    assert model.config.to_dict() == config
+    # every pre-existing layer keeps its class (gradient checkpointing, _no_split_modules, FSDP policies)
+    surgered = dict(module_layout(model))
+    assert all(surgered.get(n, t) is t or issubclass(surgered[n], pathsurgeon.DropPath) for n, t in layout)
+    with torch.no_grad():
+        assert torch.equal(first_tensor(model(**inputs)), before)
+
+    if name in NO_NATIVE_DROP_PATH:  # attention and MLP residual of every encoder layer
+        per_block = collections.Counter(b.block for b in report.branches if b.rate > 0 or b.index == 0)
+        assert set(per_block.values()) == {2}
+        assert len(per_block) == model.config.num_hidden_layers
+    else:  # exactly HF's own call sites (one module is often called for both residuals)
+        native = build(name, 0.2)
+        expected = native_call_sites(native, inputs)
+        native_counts = collections.Counter(block for block, rate in expected.elements() if rate > 0)
+        our_counts = collections.Counter(b.block for b in report.branches)
+        assert {b: our_counts[b] for b in native_counts} == dict(native_counts)
+        # HF builds its rate-0 first layer with nn.Identity, so the only extra block is our index 0
+        assert {b.index for b in report.branches if b.block not in native_counts} <= {0}
+        if name in LINEAR_LIKE_HF:  # and the same rates
+            ours = collections.Counter((b.block, round(b.rate, 6)) for b in report.branches if b.rate > 0)
+            assert ours == +collections.Counter({k: v for k, v in expected.items() if k[1] > 0})
+
+    pathsurgeon.strip(model)
+    assert module_layout(model) == layout and pathsurgeon_leftovers(model) == []
+    with torch.no_grad():
+        assert torch.equal(first_tensor(model(**inputs)), before)
+
+
+@pytest.mark.parametrize("name", ["vit", "beit"])
+def test_save_pretrained_round_trip(name, tmp_path):
+    model = build(name, None if name == "vit" else 0.0)
+    pathsurgeon.add(model, 0.1)
+    model.save_pretrained(tmp_path / "surgered")
+    pathsurgeon.strip(model)
+    model.save_pretrained(tmp_path / "stripped")
+    for folder in ("surgered", "stripped"):
+        loaded, info = type(model).from_pretrained(tmp_path / folder, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        state, reference = loaded.state_dict(), model.state_dict()
+        assert state.keys() == reference.keys()
+        assert all(torch.equal(state[k], reference[k]) for k in state)
+        assert pathsurgeon_leftovers(loaded) == []
+
+
+@pytest.mark.parametrize("name", ["vit", "beit", "dinov2"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(name):
+    model = build(name, None if name in NO_NATIVE_DROP_PATH else 0.0)
+    pathsurgeon.add(model, 0.5, schedule="uniform")
+    inputs, labels = pixels(model, batch=8), torch.arange(8) % 2
+
+    def loss_and_grads(checkpointing: bool):
+        twin = copy.deepcopy(model)
+        if checkpointing:
+            twin.gradient_checkpointing_enable()
+        twin.train()
+        torch.manual_seed(3)
+        output = twin(**inputs)
+        logits = output.logits if hasattr(output, "logits") else output.pooler_output[:, :2]
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in twin.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = loss_and_grads(False)
+    checkpointed_loss, checkpointed_grads = loss_and_grads(True)
+    torch.testing.assert_close(checkpointed_loss, plain_loss)
+    assert plain_grads.keys() == checkpointed_grads.keys()
+    for key, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[key], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_trainer_fine_tunes_a_surgered_model(tmp_path):
+    model = build("vit")
+    pathsurgeon.add(model, 0.2)
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, index):
+            generator = torch.Generator().manual_seed(index)
+            return {"pixel_values": torch.randn(3, 32, 32, generator=generator), "labels": index % 2}
+
+    args = T.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, report_to=[], save_strategy="no",
+        logging_steps=1, use_cpu=True,
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = T.Trainer(model=model, args=args, train_dataset=Images())
+    result = trainer.train()
+    assert result.global_step == 4
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    pathsurgeon.strip(model)
+    assert pathsurgeon_leftovers(model) == []
+
+
+def test_example_inputs_come_from_the_config():
+    model = build("convnext", 0.0)
+    report = pathsurgeon.add(model, 0.1)  # pixel_values of config.image_size, config.num_channels
+    assert report.max_abs_diff == 0.0
+
+
+def test_random_eval_model_is_reported_as_such():
+    model = build("vit_mae")
+    with pytest.raises(pathsurgeon.VerificationError, match="from one call to the next"):
+        pathsurgeon.add(model, 0.1)  # random masking without a fixed noise
+    assert pathsurgeon_leftovers(model) == []
