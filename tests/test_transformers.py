@@ -9,11 +9,14 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-import pathsurgeon  # noqa: E402
 from conftest import module_layout, pathsurgeon_leftovers  # noqa: E402
 
+import pathsurgeon  # noqa: E402
+
 T = transformers
-VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+VIT = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+)
 STAGES = dict(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 2, 1], image_size=32)
 
 # name -> (config class, model class, config kwargs); models with a native drop path take drop_path_rate
@@ -27,17 +30,43 @@ MODELS = {
     "dinov3_vit": (T.DINOv3ViTConfig, T.DINOv3ViTModel, VIT),
     "convnext": (T.ConvNextConfig, T.ConvNextForImageClassification, STAGES),
     "convnextv2": (T.ConvNextV2Config, T.ConvNextV2ForImageClassification, STAGES),
-    "swin": (T.SwinConfig, T.SwinForImageClassification,
-             dict(embed_dim=16, depths=[1, 2], num_heads=[1, 2], image_size=32, patch_size=4, window_size=4)),
-    "swinv2": (T.Swinv2Config, T.Swinv2ForImageClassification,
-               dict(embed_dim=16, depths=[1, 2], num_heads=[1, 2], image_size=32, patch_size=4, window_size=4)),
-    "segformer": (T.SegformerConfig, T.SegformerForImageClassification,
-                  dict(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 2, 1], num_attention_heads=[1, 1, 2, 2],
-                       decoder_hidden_size=32, image_size=64)),
+    "swin": (
+        T.SwinConfig,
+        T.SwinForImageClassification,
+        dict(embed_dim=16, depths=[1, 2], num_heads=[1, 2], image_size=32, patch_size=4, window_size=4),
+    ),
+    "swinv2": (
+        T.Swinv2Config,
+        T.Swinv2ForImageClassification,
+        dict(embed_dim=16, depths=[1, 2], num_heads=[1, 2], image_size=32, patch_size=4, window_size=4),
+    ),
+    "segformer": (
+        T.SegformerConfig,
+        T.SegformerForImageClassification,
+        dict(
+            hidden_sizes=[8, 16, 32, 64],
+            depths=[1, 1, 2, 1],
+            num_attention_heads=[1, 1, 2, 2],
+            decoder_hidden_size=32,
+            image_size=64,
+        ),
+    ),
     "poolformer": (T.PoolFormerConfig, T.PoolFormerForImageClassification, STAGES),
-    "hiera": (T.HieraConfig, T.HieraForImageClassification,
-              dict(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], image_size=[64, 64], patch_size=[7, 7],
-                   patch_stride=[4, 4], patch_padding=[3, 3], query_stride=[2, 2], masked_unit_size=[8, 8])),
+    "hiera": (
+        T.HieraConfig,
+        T.HieraForImageClassification,
+        dict(
+            embed_dim=8,
+            depths=[1, 1, 1, 1],
+            num_heads=[1, 1, 1, 1],
+            image_size=[64, 64],
+            patch_size=[7, 7],
+            patch_stride=[4, 4],
+            patch_padding=[3, 3],
+            query_stride=[2, 2],
+            masked_unit_size=[8, 8],
+        ),
+    ),
     "clip_vision": (T.CLIPVisionConfig, T.CLIPVisionModel, VIT),
     "siglip_vision": (T.SiglipVisionConfig, T.SiglipVisionModel, VIT),
 }
@@ -68,7 +97,9 @@ def native_call_sites(model, inputs) -> collections.Counter:
     """(parent of an HF XxxDropPath, its rate) for every call in a training forward."""
     calls = collections.Counter()
     handles = [
-        module.register_forward_hook(lambda m, i, o, n=name: calls.update([(n.rpartition(".")[0], round(m.drop_prob, 6))]))
+        module.register_forward_hook(
+            lambda m, i, o, n=name: calls.update([(n.rpartition(".")[0], round(m.drop_prob, 6))])
+        )
         for name, module in model.named_modules()
         # HF PoolFormer also calls a DropPath *inside* its MLP as a dropout; only residual slots count
         if type(module).__name__.endswith("DropPath") and name.rpartition(".")[2].startswith("drop_path")
@@ -184,8 +215,13 @@ def test_trainer_fine_tunes_a_surgered_model(tmp_path):
             return {"pixel_values": torch.randn(3, 32, 32, generator=generator), "labels": index % 2}
 
     args = T.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, report_to=[], save_strategy="no",
-        logging_steps=1, use_cpu=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = T.Trainer(model=model, args=args, train_dataset=Images())
