@@ -16,7 +16,7 @@ EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 DESCRIPTION = """\
 Add per-sample stochastic depth (DropPath) to an already-built vision model, check that eval
-outputs are unchanged, and strip it again.
+outputs are unchanged, strip it again, and export the clean model to ONNX.
 
 MODEL SPEC: a timm model name (vit_base_patch16_224), a Hugging Face hub id found in the local
 cache (google/vit-base-patch16-224), or a local directory written by `pathsurgeon add --out` or by
@@ -64,6 +64,19 @@ def _parser() -> argparse.ArgumentParser:
     strip.add_argument("--in", dest="source", required=True, metavar="DIR", help="directory written by add --out")
     strip.add_argument("--out", required=True, metavar="DIR", help="where to write the clean checkpoint")
     strip.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    export = commands.add_parser(
+        "export", help="export a clean (stripped) model to ONNX and check it with onnxruntime",
+        description="Export to ONNX in eval mode, without any pathsurgeon module (a surgered --in directory is "
+        "stripped on the way); onnxruntime's outputs are compared with PyTorch's.",
+    )
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--in", dest="source", metavar="DIR", help="directory written by add --out or strip --out")
+    source.add_argument("--model", metavar="SPEC", help="timm name, HF hub id, or local directory")
+    export.add_argument("--weights", metavar="FILE", help="with --model: load a local checkpoint first")
+    export.add_argument("--onnx", required=True, metavar="FILE", help="where to write the .onnx file")
+    export.add_argument("--opset", type=int, metavar="N", help="ONNX opset version (default: the exporter's)")
+    export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -80,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline-first: use the local cache, never download
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        return {"add": _add, "inspect": _inspect, "strip": _strip}[args.command](args)
+        return {"add": _add, "inspect": _inspect, "strip": _strip, "export": _export}[args.command](args)
     except KeyboardInterrupt:
         _say("interrupted; nothing was written")
         return EXIT_USAGE
@@ -217,6 +230,31 @@ def _strip(args) -> int:
     loaded = _load_directory(source, progress)  # the weights, without re-applying the surgery
     save(loaded.model, args.out, loaded.source, surgery=None)
     print(f"wrote {args.out}: {type(loaded.model).__name__} with no pathsurgeon plan")
+    return EXIT_OK
+
+
+def _export(args) -> int:
+    from pathlib import Path
+
+    from .checkpoint import MANIFEST, _load_directory
+    from .errors import PathSurgeonError
+    from .export import export_onnx
+
+    progress = _Progress()
+    if args.source is not None:
+        source = Path(args.source)
+        if not (source / MANIFEST).is_file():
+            raise PathSurgeonError(f"{source} has no {MANIFEST}; pass a directory written by pathsurgeon add --out")
+        model = _load_directory(source, progress).model  # the weights only: stripped on the way
+    else:
+        args.require_pretrained = False
+        model = _load(args, progress).model
+    progress(f"exporting {type(model).__name__} to {args.onnx}")
+    report = export_onnx(model, args.onnx, opset=args.opset)
+    progress("done")
+    nodes = sum(report.op_types.values())
+    print(f"wrote {args.onnx}: {nodes} nodes, no random ops; "
+          f"onnxruntime vs PyTorch max |Δ| = {report.max_abs_diff:.3g}")
     return EXIT_OK
 
 
