@@ -169,6 +169,7 @@ def _export_view(
     graph = program.graph
     signature = program.graph_signature
     parameter_names = set(signature.inputs_to_parameters)
+    constant_names = set(signature.inputs_to_buffers) | set(getattr(signature, "inputs_to_lifted_tensor_constants", {}))
     slot_by_id = {probe.slot_id: name for name, probe in probes.items()}
     probe_op = torch.ops.pathsurgeon.slot_probe.default
     module_stack: dict[fx.Node, tuple[str, ...]] = {}
@@ -176,6 +177,7 @@ def _export_view(
     parameter_users: set[fx.Node] = set()
     slot_calls: dict[fx.Node, str] = {}
     tensor_nodes: set[fx.Node] = set()
+    constant_nodes: set[fx.Node] = set()
     for node in graph.nodes:
         stack = node.meta.get("nn_module_stack") or {}
         module_stack[node] = tuple(path for path, _ in stack.values() if path)
@@ -187,9 +189,11 @@ def _export_view(
             tensor_nodes.add(node)
         if node.op == "placeholder" and node.name in parameter_names:
             parameter_nodes.add(node)
+        elif node.op == "placeholder" and node.name in constant_names:
+            constant_nodes.add(node)
         elif node.op == "call_function":
             if node.target is probe_op:
                 slot_calls[node] = slot_by_id[node.args[1]]
             elif any(inp in parameter_nodes for inp in node.all_input_nodes):
                 parameter_users.add(node)
-    return GraphView(graph, module_stack, parameter_users, slot_calls, tensor_nodes, parameter_nodes)
+    return GraphView(graph, module_stack, parameter_users, slot_calls, tensor_nodes, parameter_nodes, constant_nodes)

@@ -66,6 +66,7 @@ class GraphView:
     slot_calls: dict[fx.Node, str] = field(default_factory=dict)
     tensor_nodes: set[fx.Node] = field(default_factory=set)
     parameter_nodes: set[fx.Node] = field(default_factory=set)
+    constant_nodes: set[fx.Node] = field(default_factory=set)  # buffers and constants lifted to inputs
 
     @classmethod
     def from_graph_module(
@@ -103,6 +104,13 @@ def _is_scale(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _SCALE_FUNCTIONS or str(node.target) in _ATEN_SCALES
     return node.op == "call_method" and node.target in _SCALE_METHODS
+
+
+def _is_slice(node: fx.Node) -> bool:
+    """Indexing that keeps the batch axis (timm RexNet adds the shortcut to a channel slice)."""
+    if node.op == "call_function":
+        return node.target is operator.getitem or str(node.target) in ("aten.slice.Tensor", "aten.narrow.default")
+    return node.op == "call_method" and node.target in ("narrow",)
 
 
 def _node_inputs(node: fx.Node) -> list[fx.Node]:
@@ -192,8 +200,9 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
     """Every residual add of the graph, in execution order."""
     nodes = list(view.graph.nodes)
     position, ancestors = _ancestor_bits(view.graph)
+    data, parameter_users = _data_flow(view)
     parameter_bits = 0
-    for node in view.parameter_users:
+    for node in parameter_users:
         parameter_bits |= 1 << position[node]
 
     def parameter_ops(bits: int) -> int:
@@ -201,11 +210,7 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
 
     def main_inputs(node: fx.Node) -> list[fx.Node]:
         """Tensor inputs that carry data (not parameters, buffers or shapes)."""
-        return [
-            i
-            for i in _node_inputs(node)
-            if i in view.tensor_nodes and i not in view.parameter_nodes and i.op != "get_attr"
-        ]
+        return [i for i in _node_inputs(node) if i in view.tensor_nodes and i in data]
 
     def skip_source(skip: fx.Node, branch: fx.Node) -> tuple[fx.Node, int] | None:
         """Follow ``skip`` back through single-input ops to an ancestor of ``branch``."""
@@ -263,17 +268,40 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
     return found
 
 
+def _data_flow(view: GraphView) -> tuple[set[fx.Node], set[fx.Node]]:
+    """Nodes that depend on the model's inputs, and those that compute with a parameter.
+
+    A weight computed from parameters alone (timm's ScaledStdConv2d standardises its weight in forward)
+    is not data: the conv that uses it has one data input and counts as parameterised compute.
+    """
+    data: set[fx.Node] = set()
+    parameter_derived: set[fx.Node] = set(view.parameter_nodes)
+    users = set(view.parameter_users)
+    for node in view.graph.nodes:
+        inputs = _node_inputs(node)
+        if node.op == "placeholder":
+            if node not in view.parameter_nodes and node not in view.constant_nodes:
+                data.add(node)
+            continue
+        if any(i in data for i in inputs):
+            data.add(node)
+            if any(i in parameter_derived for i in inputs):
+                users.add(node)
+        elif any(i in parameter_derived for i in inputs):
+            parameter_derived.add(node)
+    return data, users
+
+
 def _slot_on_branch(view: GraphView, branch: fx.Node) -> fx.Node | None:
     """The slot call the branch passes through just before the add (possibly behind a scale)."""
     current = branch
     for _ in range(MAX_SCALE_HOPS + 1):
         if current in view.slot_calls:
             return current
-        if not _is_scale(current):
+        if not (_is_scale(current) or _is_slice(current)):
             return None
-        inputs = [
-            i for i in _node_inputs(current) if i in view.tensor_nodes and i not in view.parameter_nodes
-        ]
+        constants = view.parameter_nodes | view.constant_nodes
+        inputs = [i for i in _node_inputs(current) if i in view.tensor_nodes and i not in constants]
         inputs = [i for i in inputs if i.op != "get_attr"]
         if len(inputs) != 1:
             return None

@@ -32,6 +32,7 @@ class Recipe:
     family: str | None = None
     schedule: str = "linear"
     unit: str | None = None
+    unit_type: str | None = None
     zero: tuple[str, ...] = ()
     counted_zero: tuple[str, ...] = ()
 
@@ -81,6 +82,7 @@ def recipe_for(model: nn.Module) -> Recipe:
         family=family,
         schedule=schedule,
         unit=entry.get("unit"),
+        unit_type=entry.get("unit_type"),
         zero=tuple(entry.get("zero", ())),
         counted_zero=tuple(entry.get("counted_zero", ())),
     )
@@ -98,6 +100,15 @@ def _enclosing(name: str, pattern: str) -> str | None:
     for end in range(len(parts), 0, -1):
         candidate = ".".join(parts[:end])
         if _matches(candidate, pattern):
+            return candidate
+    return None
+
+
+def _enclosing_in(name: str, names: set[str]) -> str | None:
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        candidate = ".".join(parts[:end])
+        if candidate in names:
             return candidate
     return None
 
@@ -125,11 +136,16 @@ def make_plan(
     counted = [b for b in blocks if b not in zero_blocks]
     counted_zero = {b for b in counted if any(_enclosing(b, z) for z in recipe.counted_zero)}
     unit_of_block: dict[str, str] = {}
-    if recipe.unit:
-        units = [name for name, _ in model.named_modules() if _matches(name, recipe.unit)]
+    if recipe.unit or recipe.unit_type:
+        units = [
+            name
+            for name, module in model.named_modules()
+            if (recipe.unit and _matches(name, recipe.unit)) or type(module).__name__ == recipe.unit_type
+        ]
+        unit_set = set(units)
         for block in counted:
-            unit_of_block[block] = _enclosing(block, recipe.unit) or block
-        units += [u for u in dict.fromkeys(unit_of_block.values()) if u not in units]
+            unit_of_block[block] = _enclosing_in(block, unit_set) or block
+        units += [u for u in dict.fromkeys(unit_of_block.values()) if u not in unit_set]
     else:
         units = list(dict.fromkeys(counted))
         unit_of_block = {b: b for b in counted}

@@ -53,6 +53,17 @@ FAMILIES = {
     "fastvit": ("fastvit_t8", {}, 64),
     "gcvit": ("gcvit_xxtiny", {"img_size": 64}, 64),
     "inception_next": ("inception_next_atto", {}, 64),
+    # beyond the families the core issue lists: each needed its own rule in recipes/timm.toml or a
+    # finder change (computed conv weights, partial residuals on a channel slice)
+    "nfnet": ("nf_regnet_b0", {}, 64),
+    "rexnet": ("rexnet_100", {}, 64),
+    "byobnet": ("repvgg_b0", {}, 64),
+    "hgnet": ("hgnet_tiny", {}, 64),
+    "coat": ("coat_tiny", {"img_size": 64}, 64),
+    "sequencer": ("sequencer2d_s", {}, 64),
+    "swiftformer": ("swiftformer_xs", {}, 64),
+    "volo": ("volo_d1_224", {"img_size": 64}, 64),
+    "iformer": ("iformer_t", {}, 64),
 }
 
 
