@@ -154,3 +154,18 @@ def test_pretrained_weights_come_from_the_local_cache(tmp_path, capsys, monkeypa
     assert "random initialisation" not in err
     saved = load_file(tmp_path / "o" / "model.safetensors")
     assert torch.equal(saved["conv1.weight"], reference.state_dict()["conv1.weight"])
+
+
+def test_hugging_face_directory_round_trip(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    image_size=32, patch_size=8)
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "hf")
+    code, out, err = run(capsys, "add", "--model", str(tmp_path / "hf"), "--rate", "0.1", "--out", str(tmp_path / "dp"))
+    assert code == 0, err
+    assert "4 branches in 2 blocks" in out
+    assert (tmp_path / "dp" / "config.json").is_file()  # save_pretrained layout: loads with plain transformers
+    plain = transformers.ViTForImageClassification.from_pretrained(tmp_path / "dp")
+    assert pathsurgeon_leftovers(plain) == []
+    surgered = pathsurgeon.load(tmp_path / "dp")
+    assert type(surgered) is type(plain) and pathsurgeon.is_surgered(surgered)
