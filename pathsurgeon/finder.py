@@ -106,11 +106,23 @@ def _is_scale(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _SCALE_METHODS
 
 
+_LAYOUT_METHODS = {"narrow", "view", "reshape", "permute", "transpose", "flatten", "contiguous"}
+_ATEN_LAYOUT = {
+    "aten.slice.Tensor", "aten.narrow.default", "aten.view.default", "aten.reshape.default",
+    "aten.permute.default", "aten.transpose.int", "aten.flatten.using_ints", "aten.contiguous.default",
+    "aten.clone.default",
+}
+
+
 def _is_slice(node: fx.Node) -> bool:
-    """Indexing that keeps the batch axis (timm RexNet adds the shortcut to a channel slice)."""
+    """Indexing and layout changes a per-sample mask commutes with, as long as the batch stays axis 0.
+
+    timm RexNet adds the shortcut to a channel slice of the branch; NextViT reshapes after its drop path.
+    """
     if node.op == "call_function":
-        return node.target is operator.getitem or str(node.target) in ("aten.slice.Tensor", "aten.narrow.default")
-    return node.op == "call_method" and node.target in ("narrow",)
+        return node.target in (operator.getitem, torch.reshape, torch.flatten, torch.permute,
+                               torch.transpose) or str(node.target) in _ATEN_LAYOUT
+    return node.op == "call_method" and node.target in _LAYOUT_METHODS
 
 
 def _node_inputs(node: fx.Node) -> list[fx.Node]:
