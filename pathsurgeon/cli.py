@@ -146,17 +146,6 @@ def _branch_rows(branches) -> list[dict]:
             for b in branches]
 
 
-def _table(branches) -> str:
-    blocks: dict[str, list] = {}
-    for branch in branches:
-        blocks.setdefault(branch.block, []).append(branch)
-    width = max([len("block")] + [len(b) for b in blocks])
-    rows = [f"{'block':<{width}}  {'index':>5}  {'branches':>8}  {'rate':>8}"]
-    for block, mine in blocks.items():
-        rows.append(f"{block:<{width}}  {mine[0].index:>5}  {len(mine):>8}  {mine[0].rate:>8.4f}")
-    return "\n".join(rows)
-
-
 def _add(args) -> int:
     from .checkpoint import save, write_json_atomic
     from .droppath import validate_rate
@@ -171,8 +160,7 @@ def _add(args) -> int:
     progress(f"finding residual branches and checking eval outputs ({count / 1e6:.1f}M parameters)")
     report = add(model, rate, schedule=args.schedule)
     progress("done")
-    print(_table(report.branches))
-    print(report.summary())
+    print(report)
     if args.json:
         write_json_atomic(args.json, {
             "model": args.model, "rate": rate, "schedule": args.schedule,
@@ -200,7 +188,7 @@ def _check_outputs(args) -> None:
 
 def _inspect(args) -> int:
     from .droppath import validate_rate
-    from .surgery import find, preview
+    from .surgery import find, format_branches, preview
 
     rate = validate_rate(args.rate) if args.rate is not None else None
     progress = _Progress()
@@ -209,7 +197,7 @@ def _inspect(args) -> int:
     branches = find(model) if rate is None else preview(model, rate, schedule=args.schedule)
     heading = "current rates" if rate is None else f"rates for --rate {rate} --schedule {args.schedule}"
     print(f"{heading}:")
-    print(_table(branches))
+    print(format_branches(branches))
     blocks = len({b.block for b in branches})
     print(f"{len(branches)} branches in {blocks} blocks; nothing was changed")
     return EXIT_OK

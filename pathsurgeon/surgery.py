@@ -91,12 +91,19 @@ class Report:
         return f"{len(self.branches)} branches in {len(self.blocks)} blocks; {check}"
 
     def __str__(self) -> str:
-        rows = [f"{'block':<40} {'branches':>8} {'rate':>8}"]
-        for block in self.blocks:
-            mine = [b for b in self.branches if b.block == block]
-            rows.append(f"{block:<40} {len(mine):>8} {mine[0].rate:>8.4f}")
-        rows.append(self.summary())
-        return "\n".join(rows)
+        return f"{format_branches(self.branches)}\n{self.summary()}"
+
+
+def format_branches(branches: list[Branch]) -> str:
+    """A table with one row per block: block, depth index, number of branches, rate."""
+    blocks: dict[str, list[Branch]] = {}
+    for branch in branches:
+        blocks.setdefault(branch.block, []).append(branch)
+    width = max([len("block")] + [len(b) for b in blocks])
+    rows = [f"{'block':<{width}}  {'index':>5}  {'branches':>8}  {'rate':>8}"]
+    for block, mine in blocks.items():
+        rows.append(f"{block:<{width}}  {mine[0].index:>5}  {len(mine):>8}  {mine[0].rate:>8.4f}")
+    return "\n".join(rows)
 
 
 # --- the record of changes ---------------------------------------------------------------------------

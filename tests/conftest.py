@@ -60,3 +60,13 @@ def pathsurgeon_leftovers(model: nn.Module) -> list[str]:
 def seeded():
     torch.manual_seed(0)
     yield
+
+
+def assert_same_training_output(native: nn.Module, model: nn.Module, x: torch.Tensor, seed: int = 0) -> None:
+    """Training-mode outputs of both models from the same RNG state: equal iff masks are drawn alike."""
+    native.train()
+    model.train()
+    torch.manual_seed(seed)
+    expected = native(x)
+    torch.manual_seed(seed)
+    torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=0)

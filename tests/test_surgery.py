@@ -7,7 +7,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import module_layout, pathsurgeon_leftovers
+from conftest import assert_same_training_output, module_layout, pathsurgeon_leftovers
 from torch import nn
 
 import pathsurgeon
@@ -67,12 +67,7 @@ def test_set_rate_matches_native_model_at_the_new_rate(vit_factory):
     assert [b.rate for b in branches[::2]] == pytest.approx(expected)
     native = vit_factory(0.3)
     x = torch.randn(3, 3, 32, 32)
-    model.train()
-    native.train()
-    torch.manual_seed(5)
-    want = native(x)
-    torch.manual_seed(5)
-    torch.testing.assert_close(model(x), want, atol=1e-6, rtol=0)
+    assert_same_training_output(native, model, x, seed=5)
     assert [round(b.rate, 6) for b in pathsurgeon.find(model)] == [round(b.rate, 6) for b in branches]
 
 
@@ -285,12 +280,7 @@ def test_torchvision_stochastic_depth_matches_native():
         if type(m).__name__ == "StochasticDepth" and m.p > 0
     }
     assert {(b.block, round(b.rate, 6)) for b in report.branches if b.rate > 0} == want
-    native.train()
-    model.train()
-    torch.manual_seed(1)
-    expected = native(x)
-    torch.manual_seed(1)
-    torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=0)
+    assert_same_training_output(native, model, x, seed=1)
 
 
 class DataDependent(nn.Module):

@@ -11,7 +11,13 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import called_drop_paths, module_layout, parent_rates, pathsurgeon_leftovers
+from conftest import (
+    assert_same_training_output,
+    called_drop_paths,
+    module_layout,
+    parent_rates,
+    pathsurgeon_leftovers,
+)
 
 import pathsurgeon
 
@@ -113,13 +119,7 @@ def test_matches_native_timm(family):
     with torch.no_grad():
         assert torch.equal(model(x), before)
     # (b) same weights, same seed: the same training-mode outputs as timm's native model
-    native.train()
-    model.train()
-    torch.manual_seed(123)
-    expected = native(x)
-    torch.manual_seed(123)
-    got = model(x)
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert_same_training_output(native, model, x, seed=123)
 
     pathsurgeon.strip(model)
     # (e) nothing of pathsurgeon left; the module tree is what it was
@@ -158,12 +158,7 @@ def test_default_rate_is_re_rated_not_stacked(name, overrides):
     from timm.layers import DropPath as TimmDropPath
 
     assert not any(isinstance(m, TimmDropPath) for m in default.modules())
-    default.train()
-    native.train()
-    torch.manual_seed(7)
-    expected = native(x)
-    torch.manual_seed(7)
-    torch.testing.assert_close(default(x), expected, atol=1e-6, rtol=0)
+    assert_same_training_output(native, default, x, seed=7)
 
     pathsurgeon.strip(default)
     assert module_layout(default) == layout  # timm's DropPath modules are back
