@@ -134,11 +134,12 @@ def _load_transformers(spec: str, say: Callable[[str], None]) -> LoadedModel:
         raise ModelSpecError(
             f"{spec} looks like a Hugging Face model but transformers is not installed; pip install transformers"
         ) from error
-    say(f"loading Hugging Face model {spec} (local files only)")
+    local_only = os.environ.get("HF_HUB_OFFLINE") != "0"  # downloads only when the user opted in
+    say(f"loading Hugging Face model {spec}" + (" (local files only)" if local_only else ""))
     try:
-        config = transformers.AutoConfig.from_pretrained(spec, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(spec, local_files_only=local_only)
         model_class = _transformers_class(config)
-        model = model_class.from_pretrained(spec, local_files_only=True)
+        model = model_class.from_pretrained(spec, local_files_only=local_only)
     except OSError as error:
         raise ModelSpecError(
             f"{spec} is not in the local Hugging Face cache nor a local directory; download it once with "

@@ -161,6 +161,10 @@ def _add(args) -> int:
     report = add(model, rate, schedule=args.schedule)
     progress("done")
     print(report)
+    if args.out:
+        surgery = {"rate": rate, "schedule": args.schedule, "branches": _branch_rows(report.branches)}
+        save(model, args.out, loaded.source, surgery)
+        print(f"wrote {args.out} (load it with pathsurgeon.load({args.out!r}))")
     if args.json:
         write_json_atomic(args.json, {
             "model": args.model, "rate": rate, "schedule": args.schedule,
@@ -169,10 +173,6 @@ def _add(args) -> int:
             "skipped": [{"block": s.block, "reason": s.reason} for s in report.skipped],
         })
         print(f"wrote {args.json}")
-    if args.out:
-        surgery = {"rate": rate, "schedule": args.schedule, "branches": _branch_rows(report.branches)}
-        save(model, args.out, loaded.source, surgery)
-        print(f"wrote {args.out} (load it with pathsurgeon.load({args.out!r}))")
     return EXIT_OK
 
 
@@ -228,6 +228,8 @@ def _export(args) -> int:
     from .errors import PathSurgeonError
     from .export import export_onnx
 
+    if args.source is not None and args.weights is not None:
+        raise PathSurgeonError("--weights goes with --model; a --in directory already holds its weights")
     progress = _Progress()
     if args.source is not None:
         source = Path(args.source)
