@@ -60,11 +60,10 @@ class _Tracer(fx.Tracer):
 
 @dataclass
 class Capture:
-    """A graph view of the model, how it was obtained, and the slots that were probed."""
+    """A graph view of the model, how it was obtained, and the shapes seen on the example inputs."""
 
     view: GraphView
     method: str  # "torch.fx" or "torch.export"
-    slots: dict[str, slot_lib.Slot]
     probe_shapes: dict[str, list[torch.Size]]  # input shapes each slot saw on the example inputs
     output_shapes: dict[str, torch.Size]  # first output shape of every module on the example inputs
 
@@ -104,7 +103,6 @@ def capture(model: nn.Module, inputs: ExampleInputs | None) -> Capture:
     """Capture ``model``'s graph; record the shapes each slot sees when ``inputs`` are given."""
     model = _shadow(model)
     slots = slot_lib.find_slots(model)
-    by_name = {slot.name: slot for slot in slots}
     leaf_types, autowrap = _timm_notrace()
     leaf_types = leaf_types + tuple(_LEAF_MODULES) + (slot_lib.SlotProbe,)
     failures: list[str] = []
@@ -141,7 +139,7 @@ def capture(model: nn.Module, inputs: ExampleInputs | None) -> Capture:
         raise CaptureError(
             f"could not capture a graph of {type(model).__name__} ({'; '.join(failures)}){hint}"
         )
-    return Capture(view=view, method=method, slots=by_name, probe_shapes=shapes, output_shapes=output_shapes)
+    return Capture(view=view, method=method, probe_shapes=shapes, output_shapes=output_shapes)
 
 
 def _record_output_shape(shapes: dict[str, torch.Size], name: str, module, args, output) -> None:

@@ -198,7 +198,7 @@ def preview(
 def _discover(model: nn.Module, example_inputs: Any):
     inputs = _inputs_or_none(model, example_inputs)
     captured = capture(model, inputs)
-    selected, _ = _select(captured, model)
+    selected, _ = _select(captured)
     return captured, selected, inputs
 
 
@@ -240,7 +240,7 @@ def add(
     inputs = example_inputs_for(model, example_inputs, required=tolerance is not None)
     recipe = recipe_for(model)
     captured = capture(model, inputs)
-    selected, skipped = _select(captured, model)
+    selected, skipped = _select(captured)
     if not selected:
         raise _no_branches(model)
     plan = make_plan(model, _blocks(selected), rate, schedule, recipe)
@@ -381,7 +381,7 @@ def _blocks(selected: list[ResidualAdd]) -> list[str]:
     return list(dict.fromkeys(a.block for a in selected))
 
 
-def _select(captured: Capture, model: nn.Module) -> tuple[list[ResidualAdd], list[Skipped]]:
+def _select(captured: Capture) -> tuple[list[ResidualAdd], list[Skipped]]:
     """Pick the residual adds to wrap: those on drop-path slots if the model has any, else hookable ones."""
     view = captured.view
     adds = find_residual_adds(view)
