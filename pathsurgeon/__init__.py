@@ -25,6 +25,7 @@ _EXPORTS = {
     "Branch": "surgery",
     "Report": "surgery",
     "Skipped": "surgery",
+    "Fallback": "surgery",
     "load": "checkpoint",
     "DropPath": "droppath",
     "drop_path": "droppath",
@@ -33,6 +34,7 @@ _EXPORTS = {
     "PathSurgeonError": "errors",
     "AlreadySurgeredError": "errors",
     "CaptureError": "errors",
+    "InvalidModeError": "errors",
     "InvalidRateError": "errors",
     "InvalidScheduleError": "errors",
     "NoBranchesError": "errors",
@@ -44,6 +46,8 @@ __all__ = [
     "Branch",
     "CaptureError",
     "DropPath",
+    "Fallback",
+    "InvalidModeError",
     "InvalidRateError",
     "InvalidScheduleError",
     "NoBranchesError",
@@ -83,6 +87,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import (
         AlreadySurgeredError,
         CaptureError,
+        InvalidModeError,
         InvalidRateError,
         InvalidScheduleError,
         NoBranchesError,
@@ -90,4 +95,4 @@ if TYPE_CHECKING:  # pragma: no cover
         VerificationError,
     )
     from .slots import register_drop_path_class
-    from .surgery import Branch, Report, Skipped, add, find, is_surgered, preview, set_rate, strip
+    from .surgery import Branch, Fallback, Report, Skipped, add, find, is_surgered, preview, set_rate, strip

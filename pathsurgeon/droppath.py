@@ -1,19 +1,33 @@
-"""Per-sample stochastic depth: the function that does the math, and the module that holds its settings.
+"""Stochastic depth: the function that does the math, and the module that holds its settings and mode.
 
 The mask is drawn exactly as ``timm.layers.drop_path`` draws it (same shape for batch axis 0, same
 ``bernoulli_`` call, same in-place rescale), so a model surgered by pathsurgeon consumes the random
 number generator in the same order as the model timm would have built with ``drop_path_rate=r``, and
 gives the same training-mode outputs under the same seed.
+
+Modes of :class:`DropPath` (how a dropped branch is handled while training; all are the identity in eval):
+
+- ``"sample"``: timm's semantics, one draw per sample; the branch is computed for every sample and the
+  dropped ones are multiplied by zero.
+- ``"skip"``: one draw per sample, but the branch only runs on the kept samples. The draw is made at
+  the start of the branch by a :class:`Gather` pre-hook on the branch's first module, which passes on
+  the kept rows only; the DropPath at the end of the branch scatters the scaled rows back into a
+  full-size tensor (zeros for dropped samples) for the block's own residual add.
+- ``"batch"``: one draw per branch per mini-batch (Huang et al. 2016); with a Gather on the branch a
+  dropped branch runs on an empty batch, i.e. does no arithmetic.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-__all__ = ["DropPath", "drop_path", "validate_rate"]
+__all__ = ["MODES", "DropPath", "Gather", "drop_path", "validate_mode", "validate_rate"]
+
+MODES = ("sample", "skip", "batch")
 
 
 def validate_rate(rate: object, *, what: str = "rate") -> float:
@@ -31,6 +45,18 @@ def validate_rate(rate: object, *, what: str = "rate") -> float:
             "pass e.g. rate=0.1"
         )
     return value
+
+
+def validate_mode(mode: object) -> str:
+    """Return ``mode`` if it is one of :data:`MODES`, or raise :class:`~pathsurgeon.errors.InvalidModeError`."""
+    from .errors import InvalidModeError
+
+    if not isinstance(mode, str) or mode not in MODES:
+        raise InvalidModeError(
+            f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}; "
+            "pass mode='sample' (timm's per-sample drop path) or mode='skip' (same, without computing dropped samples)"
+        )
+    return mode
 
 
 def drop_path(
@@ -60,18 +86,37 @@ def drop_path(
     return x * mask
 
 
+class _Plan(NamedTuple):
+    """The drop decision for one call of a branch: kept rows (None: all of them), scale, full batch size."""
+
+    index: torch.Tensor | None
+    scale: float
+    batch: int
+
+
 class DropPath(nn.Module):
-    """Per-sample stochastic depth on a residual branch (the module pathsurgeon inserts).
+    """Stochastic depth on a residual branch (the module pathsurgeon inserts).
 
     It has no parameters and no buffers, so inserting it never changes a model's ``state_dict``.
     ``drop_prob`` is an alias of ``rate`` so that code written for ``timm.layers.DropPath`` keeps working.
+    ``mode``: see the module docstring. In ``"skip"`` and ``"batch"`` mode it scatters the rows a
+    :class:`Gather` kept; without one (nothing gathered this call) it falls back to computing the
+    branch in full: per-sample masking in ``"skip"`` mode, one draw for the whole batch in ``"batch"``.
     """
 
-    def __init__(self, rate: float = 0.0, scale_by_keep: bool = True, batch_axis: int = 0) -> None:
+    def __init__(
+        self, rate: float = 0.0, scale_by_keep: bool = True, batch_axis: int = 0, mode: str = "sample"
+    ) -> None:
         super().__init__()
         self.rate = validate_rate(rate)
         self.scale_by_keep = bool(scale_by_keep)
         self.batch_axis = int(batch_axis)
+        self.mode = validate_mode(mode)
+        self._plan: _Plan | None = None  # set by a Gather at the start of the branch, used once
+        self._forced_keep: torch.Tensor | None = None  # a fixed 0/1 keep mask, for checks (active in eval too)
+        # False for branches that cannot run on an empty batch (a reshape with -1): when no sample is
+        # kept, the branch runs on one sample and is multiplied by zero.
+        self.empty_ok = True
 
     @property
     def drop_prob(self) -> float:
@@ -82,12 +127,98 @@ class DropPath(nn.Module):
         self.rate = validate_rate(value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return drop_path(x, self.rate, self.training, self.scale_by_keep, self.batch_axis)
+        return self.apply_to(x, self.training)
+
+    def apply_to(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        """Drop path on the branch output ``x``; ``training`` is the flag of the module it belongs to."""
+        if self.mode == "sample" and self._forced_keep is None:  # the hot path: timm's code, nothing else
+            return drop_path(x, self.rate, training, self.scale_by_keep, self.batch_axis)
+        plan, self._plan = self._plan, None
+        if plan is not None:
+            return self._scatter(x, plan)
+        if self._forced_keep is not None:
+            return x * self._forced_keep.to(x.dtype).view(self._mask_shape(x)) * self._scale()
+        if self.mode == "batch" and training and self.rate > 0.0:
+            return x * self._scale() if self._batch_kept() else x * 0.0
+        return drop_path(x, self.rate, training, self.scale_by_keep, self.batch_axis)
+
+    def plan(
+        self, batch: int, device: torch.device, training: bool, dtype: torch.dtype = torch.float32
+    ) -> _Plan | None:
+        """Draw the kept rows for the next call of the branch (None: inactive, compute every row as is)."""
+        if self._forced_keep is not None:
+            keep_mask = self._forced_keep.to(device=device, dtype=torch.bool)
+        elif not training or self.rate == 0.0 or self.mode == "sample":
+            return None
+        elif self.mode == "batch":
+            if self._batch_kept():
+                return _Plan(None, self._scale(), batch)
+            return self._none_kept(batch, device)
+        else:
+            # the draw timm's drop_path makes (same count, dtype and generator), so that under one seed
+            # the kept samples are those mode 'sample' keeps when the branch itself draws no numbers
+            keep_mask = torch.empty(batch, device=device, dtype=dtype).bernoulli_(1.0 - self.rate).bool()
+        index = keep_mask.nonzero().flatten()
+        if index.numel() == 0:
+            return self._none_kept(batch, device)
+        return _Plan(None if index.numel() == batch else index, self._scale(), batch)
+
+    def _batch_kept(self) -> bool:
+        """One draw for the whole batch, as torchvision's ``StochasticDepth(mode="batch")`` makes it.
+
+        On the CPU generator, whatever the model's device, so that deciding to skip needs no device sync.
+        """
+        return bool(torch.empty(1).bernoulli_(1.0 - self.rate))
+
+    def _none_kept(self, batch: int, device: torch.device) -> _Plan:
+        if self.empty_ok:
+            return _Plan(torch.empty(0, dtype=torch.long, device=device), 0.0, batch)
+        return _Plan(torch.zeros(1, dtype=torch.long, device=device), 0.0, batch)
+
+    def _scatter(self, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        if plan.index is None:
+            return x * plan.scale
+        full = list(x.shape)
+        full[self.batch_axis] = plan.batch
+        return x.new_zeros(full).index_copy(self.batch_axis, plan.index, x * plan.scale)
+
+    def _scale(self) -> float:
+        return 1.0 / (1.0 - self.rate) if self.scale_by_keep else 1.0
+
+    def _mask_shape(self, x: torch.Tensor) -> list[int]:
+        shape = [1] * x.ndim
+        shape[self.batch_axis] = x.shape[self.batch_axis]
+        return shape
 
     def extra_repr(self) -> str:
         text = f"rate={self.rate:.4g}"
+        if self.mode != "sample":
+            text += f", mode={self.mode!r}"
         if not self.scale_by_keep:
             text += ", scale_by_keep=False"
         if self.batch_axis != 0:
             text += f", batch_axis={self.batch_axis}"
         return text
+
+
+class Gather:
+    """Forward pre-hook on a branch's first module: draws the plan of its DropPath, keeps only those rows.
+
+    The hooked module's first positional argument must be the branch's only input with a batch axis;
+    :func:`pathsurgeon.add` checks that on the model before it hands out a Gather.
+    """
+
+    def __init__(self, drop: DropPath) -> None:
+        self.drop = drop
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
+        drop = self.drop
+        if not args or not isinstance(args[0], torch.Tensor):
+            drop._plan = None
+            return None
+        x = args[0]
+        plan = drop.plan(x.shape[drop.batch_axis], x.device, module.training, x.dtype)
+        drop._plan = plan
+        if plan is None or plan.index is None:
+            return None
+        return (x.index_select(drop.batch_axis, plan.index), *args[1:])

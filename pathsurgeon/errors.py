@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "AlreadySurgeredError",
     "CaptureError",
+    "InvalidModeError",
     "InvalidRateError",
     "InvalidScheduleError",
     "NoBranchesError",
@@ -19,6 +20,10 @@ class PathSurgeonError(Exception):
 
 class InvalidRateError(PathSurgeonError, ValueError):
     """A drop-path rate that is not a number in [0, 1)."""
+
+
+class InvalidModeError(PathSurgeonError, ValueError):
+    """A mode that is not 'sample', 'skip' or 'batch'."""
 
 
 class InvalidScheduleError(PathSurgeonError, ValueError):

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-__all__ = ["GraphView", "ResidualAdd", "find_residual_adds"]
+__all__ = ["BranchEntry", "GraphView", "ResidualAdd", "branch_entries", "find_residual_adds"]
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_}
 _ADD_METHODS = {"add", "add_"}
@@ -87,6 +87,7 @@ class ResidualAdd:
     add: fx.Node
     skip: fx.Node
     branch: fx.Node
+    source: fx.Node  # the tensor both operands are computed from (the block input, for most blocks)
     block: str
     slot: str | None  # the drop-path slot sitting on the branch, if any
     slot_call: fx.Node | None  # the node calling that slot
@@ -156,6 +157,8 @@ def from_symbolic_trace(
                 slot_calls[node] = slot
             elif any(True for _ in root.get_submodule(node.target).parameters()):
                 parameter_users.add(node)
+        elif node.op == "placeholder" and node.args and not isinstance(node.args[0], torch.Tensor):
+            non_tensor.add(node)  # an optional argument left at its default (timm ViT's attn_mask=None)
         elif _is_shape_node(node, non_tensor):
             non_tensor.add(node)
         if node.op in ("call_function", "call_method") and any(
@@ -247,7 +250,7 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
             continue
         if "alpha" in node.kwargs and node.kwargs["alpha"] != 1:
             continue
-        best: tuple[int, int, fx.Node, fx.Node] | None = None
+        best: tuple[int, int, fx.Node, fx.Node, fx.Node] | None = None
         for skip, branch in (operands, operands[::-1]):
             source = skip_source(skip, branch)
             if source is None:
@@ -259,10 +262,10 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
                 continue
             rank = (skip_params, chain_bits.bit_count())
             if best is None or rank < best[:2]:
-                best = (*rank, skip, branch)
+                best = (*rank, skip, branch, source_node)
         if best is None:
             continue
-        _, _, skip, branch = best
+        _, _, skip, branch, source_node = best
         block = view.owner(node)
         slot_call = _slot_on_branch(view, branch)
         found.append(
@@ -270,6 +273,7 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
                 add=node,
                 skip=skip,
                 branch=branch,
+                source=source_node,
                 block=block,
                 slot=view.slot_calls.get(slot_call) if slot_call is not None else None,
                 slot_call=slot_call,
@@ -329,3 +333,63 @@ def _producer(view: GraphView, branch: fx.Node, add: fx.Node, block: str) -> str
     if len(stack) <= depth or stack[:depth] != add_stack:
         return None
     return stack[depth]
+
+
+@dataclass(frozen=True)
+class BranchEntry:
+    """Where a residual branch starts, for running it on a subset of the batch.
+
+    ``module``: the child module of the block (any depth) that is the branch's only way in: every use
+    of the source tensor on the branch happens inside it, and nothing else with a batch enters the
+    branch. None when there is no such module; ``reason`` says why. ``modules``: every module the
+    branch runs in, below the block.
+    """
+
+    module: str | None
+    modules: frozenset[str]
+    reason: str = ""
+
+
+def branch_entries(view: GraphView, adds: list[ResidualAdd]) -> dict[fx.Node, BranchEntry]:
+    """The :class:`BranchEntry` of each residual add, keyed by its add node."""
+    nodes = list(view.graph.nodes)
+    _, ancestors = _ancestor_bits(view.graph)
+    data, _ = _data_flow(view)
+    return {a.add: _branch_entry(view, a, nodes, ancestors, data) for a in adds}
+
+
+def _branch_entry(
+    view: GraphView, add: ResidualAdd, nodes: list[fx.Node], ancestors: dict[fx.Node, int], data: set[fx.Node]
+) -> BranchEntry:
+    block_stack = view.module_stack.get(add.add, ())
+    depth = len(block_stack)
+    exclusive = set(_bits_to_nodes(ancestors[add.branch] & ~ancestors[add.skip] & ~ancestors[add.source], nodes))
+    modules = frozenset(
+        name
+        for node in exclusive
+        for name in view.module_stack.get(node, ())[depth:]
+    )
+    entering = {
+        i
+        for node in exclusive
+        for i in _node_inputs(node)
+        if i not in exclusive and i in data and i in view.tensor_nodes
+    }
+    if entering != {add.source}:
+        return BranchEntry(None, modules, "the branch takes batch data from more than the block input")
+    users = [n for n in add.source.users if n in exclusive]
+    stacks = [view.module_stack.get(n, ()) for n in users]
+    common = stacks[0] if stacks else ()
+    for stack in stacks[1:]:
+        length = 0
+        while length < min(len(common), len(stack)) and common[length] == stack[length]:
+            length += 1
+        common = common[:length]
+    if len(common) <= depth or common[:depth] != block_stack:
+        return BranchEntry(None, modules, "the branch starts with inline code, not with a module call")
+    entry = common[depth]
+    if any(entry in view.module_stack.get(n, ()) and n not in exclusive for n in nodes):
+        return BranchEntry(None, modules, f"{entry} also runs off the branch")
+    if add.slot_call is not None and entry in view.module_stack.get(add.slot_call, ()):
+        return BranchEntry(None, modules, f"the drop-path slot sits inside {entry}")
+    return BranchEntry(entry, modules)

@@ -12,10 +12,17 @@ How a branch is changed, in order of preference:
    :class:`DropPath`. Existing drop paths are re-rated this way, never stacked.
 2. **hook**: the model has no slots at all and the branch is the output of a child module of the
    block: a forward hook on that module applies drop path to its output.
+
+With ``mode="skip"`` or ``"batch"`` a branch also gets a :class:`~pathsurgeon.droppath.Gather`
+pre-hook on its first module (its only way in, found on the graph), so the branch runs on the kept
+samples only. Each such branch is checked on the example inputs with fixed masks (some samples kept,
+then none) against computing it in full; a branch that fails, mixes samples (BatchNorm) or has no
+single way in keeps computing every sample, and the report lists it with the reason.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,17 +30,18 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree
 
 from . import slots as slot_lib
-from .capture import Capture, capture
-from .droppath import DropPath, drop_path, validate_rate
+from .capture import Capture, capture, training_flags_kept
+from .droppath import DropPath, Gather, validate_mode, validate_rate
 from .errors import AlreadySurgeredError, NoBranchesError, PathSurgeonError, VerificationError
-from .finder import ResidualAdd, find_residual_adds
+from .finder import BranchEntry, ResidualAdd, branch_entries, find_residual_adds
 from .inputs import ExampleInputs, example_inputs
 from .plan import Plan, make_plan, recipe_for, validate_schedule
 from .verify import eval_outputs, max_abs_diff
 
-__all__ = ["Branch", "Report", "add", "find", "preview", "set_rate", "strip"]
+__all__ = ["Branch", "Fallback", "Report", "Skipped", "add", "find", "preview", "set_rate", "strip"]
 
 RECORD_ATTRIBUTE = "_pathsurgeon"
 
@@ -48,6 +56,9 @@ class Branch:
     branch passes through the drop-path slot ``target``) or 'hook' (a forward hook on the module
     ``target``, whose output is the branch). ``batch_axis``: the batch axis of the branch output.
     ``unit``: the depth unit the schedule counts the block in (the block itself for most families).
+    ``mode``: 'sample' (every sample computed, dropped ones zeroed), 'skip' (only kept samples
+    computed) or 'batch' (one draw per mini-batch). ``entry``: with 'skip' or 'batch', the module whose
+    input is cut down to the kept samples (None: the branch is computed in full).
     """
 
     block: str
@@ -57,6 +68,8 @@ class Branch:
     target: str
     batch_axis: int = 0
     unit: str | None = None
+    mode: str = "sample"
+    entry: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,9 +80,26 @@ class Skipped:
     reason: str
 
 
+@dataclass(frozen=True)
+class Fallback:
+    """A branch that computes every sample although ``mode`` asked to skip dropped ones, and why.
+
+    With mode 'skip' it runs in 'sample' mode (same results, no saving); with 'batch' it keeps the
+    one-draw-per-batch semantics but computes the branch before zeroing it.
+    """
+
+    block: str
+    target: str
+    reason: str
+
+
 @dataclass
 class Report:
-    """What :func:`add` did. ``max_abs_diff``: eval-output difference against before (0.0: bitwise equal)."""
+    """What :func:`add` did. ``max_abs_diff``: eval-output difference against before (0.0: bitwise equal).
+
+    ``skipped``: residual adds left without drop path. ``fallbacks``: branches that compute every
+    sample although ``mode`` is 'skip' or 'batch'.
+    """
 
     branches: list[Branch]
     max_abs_diff: float | None
@@ -77,6 +107,8 @@ class Report:
     schedule: str | list[float]
     formula: str
     skipped: list[Skipped] = field(default_factory=list)
+    mode: str = "sample"
+    fallbacks: list[Fallback] = field(default_factory=list)
 
     @property
     def blocks(self) -> list[str]:
@@ -88,10 +120,17 @@ class Report:
             if self.max_abs_diff is None
             else f"eval check passed with max |Δ| = {self.max_abs_diff:g}"
         )
-        return f"{len(self.branches)} branches in {len(self.blocks)} blocks; {check}"
+        text = f"{len(self.branches)} branches in {len(self.blocks)} blocks; {check}"
+        if self.mode != "sample":
+            full = len(self.fallbacks)
+            skipping = len(self.branches) - full
+            text += f"; mode {self.mode!r}: {skipping} branches skip dropped compute, {full} compute in full"
+        return text
 
     def __str__(self) -> str:
-        return f"{format_branches(self.branches)}\n{self.summary()}"
+        lines = [format_branches(self.branches), self.summary()]
+        lines += [f"  computed in full: {f.target}: {f.reason}" for f in self.fallbacks]
+        return "\n".join(lines)
 
 
 def format_branches(branches: list[Branch]) -> str:
@@ -118,11 +157,10 @@ class _BranchHook:
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         if not isinstance(output, torch.Tensor):
             return output
-        d = self.drop
-        return drop_path(output, d.rate, module.training, d.scale_by_keep, d.batch_axis)
+        return self.drop.apply_to(output, module.training)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Change:
     """One change to the model. ``undo`` restores exactly what was there."""
 
@@ -134,12 +172,25 @@ class _Change:
     original: slot_lib.SlotContent | None = None
     hook_id: int | None = None
     hooked: nn.Module | None = None
+    # modes 'skip' / 'batch': (module, pre-hook id) of each Gather feeding this drop path; several
+    # when one slot serves several branches (timm MLP-Mixer, CaiT)
+    gathers: list[tuple[nn.Module, int]] = field(default_factory=list)
 
     def undo(self) -> None:
+        self.remove_gather()
         if self.hooked is not None:
             self.hooked._forward_hooks.pop(self.hook_id, None)
         else:
             slot_lib.restore_slot(self.parent, self.attr, self.original)
+
+    def install_gather(self) -> None:
+        for module, hook_id in self.gathers:
+            module._forward_pre_hooks[hook_id] = Gather(self.drop)
+
+    def remove_gather(self) -> None:
+        for module, hook_id in self.gathers:
+            module._forward_pre_hooks.pop(hook_id, None)
+        self.drop._plan = None
 
 
 @dataclass
@@ -152,6 +203,8 @@ class Record:
     method: str
     rate: float | None
     schedule: str | list[float]
+    mode: str = "sample"
+    fallbacks: list[Fallback] = field(default_factory=list)
 
 
 def _record(model: nn.Module) -> Record | None:
@@ -214,21 +267,25 @@ def add(
     rate: float | None,
     *,
     schedule: str | Sequence[float] = "auto",
+    mode: str = "sample",
     example_inputs: Any = None,
     verify: bool | float = True,
 ) -> Report:
-    """Put per-sample DropPath on every residual branch of ``model``, in place.
+    """Put DropPath (stochastic depth) on every residual branch of ``model``, in place.
 
     ``schedule``: 'auto' (what the model's library does for its family; timm: exactly what
     ``create_model(name, drop_path_rate=rate)`` gives), 'linear' (0 → rate over depth units), 'uniform',
-    or a list with one rate per depth unit (then ``rate=None``). ``verify``: compare eval outputs before
-    and after on ``example_inputs`` (made from the model's config when not given): True demands bitwise
-    equality, a float is an absolute tolerance, False skips the check. On any failure the model is left
-    exactly as it was.
+    or a list with one rate per depth unit (then ``rate=None``). ``mode``: 'sample' (timm's per-sample
+    drop path, the same code path and random numbers), 'skip' (per-sample, but dropped samples are not
+    computed) or 'batch' (one draw per branch per mini-batch; a dropped branch is not computed).
+    ``verify``: compare eval outputs before and after on ``example_inputs`` (made from the model's
+    config when not given): True demands bitwise equality, a float is an absolute tolerance, False
+    skips the check. On any failure the model is left exactly as it was.
     """
     _check_model(model)
     if rate is not None:
         rate = validate_rate(rate)
+    mode = validate_mode(mode)
     tolerance = _tolerance(verify)
     if _record(model) is not None:
         count = len(_record(model).branches)
@@ -237,7 +294,7 @@ def add(
             "use pathsurgeon.set_rate(model, rate) to change rates, or pathsurgeon.strip(model) first"
         )
     schedule = validate_schedule(schedule, rate)
-    inputs = example_inputs_for(model, example_inputs, required=tolerance is not None)
+    inputs = example_inputs_for(model, example_inputs, required=tolerance is not None or mode != "sample")
     recipe = recipe_for(model)
     captured = capture(model, inputs)
     selected, skipped = _select(captured)
@@ -245,6 +302,9 @@ def add(
         raise _no_branches(model)
     plan = make_plan(model, _blocks(selected), rate, schedule, recipe)
     branches = [_branch(a, plan, plan.rate_of(a.block), captured, inputs) for a in selected]
+    reasons: dict[str, str] = {}  # target -> why that branch computes every sample
+    if mode != "sample":
+        branches = _with_entries(model, branches, selected, captured, mode, reasons)
     reference = eval_outputs(model, inputs) if tolerance is not None else None
 
     changes: list[_Change] = []
@@ -267,10 +327,23 @@ def add(
                     f"eval outputs changed after adding DropPath (max |Δ| = {difference:g}), first at block "
                     f"{culprit!r}; the model was rolled back; report this model, or pass verify=False to skip"
                 )
+        failed = _check_gathers(model, [c for c in changes if c.gathers], inputs)
+        for change, reason in failed.items():
+            change.remove_gather()
+            change.gathers = []
+            if mode == "skip":
+                change.drop.mode = "sample"
+            reasons[change.target] = reason
     except BaseException:
         for change in reversed(changes):
             change.undo()
         raise
+    branches = [
+        dataclasses.replace(b, entry=None, mode="sample" if mode == "skip" else mode) if b.target in reasons else b
+        for b in branches
+    ]
+    fallbacks = list(dict.fromkeys(Fallback(b.block, b.target, reasons[b.target]) for b in branches
+                                   if b.target in reasons))
     vars(model)[RECORD_ATTRIBUTE] = Record(
         changes=changes,
         branches=branches,
@@ -278,8 +351,10 @@ def add(
         method=captured.method,
         rate=rate,
         schedule=plan.schedule,
+        mode=mode,
+        fallbacks=fallbacks,
     )
-    return Report(branches, difference, captured.method, plan.schedule, plan.formula, skipped)
+    return Report(branches, difference, captured.method, plan.schedule, plan.formula, skipped, mode, fallbacks)
 
 
 def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[float] = "auto") -> list[Branch]:
@@ -296,10 +371,7 @@ def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[f
     plan = make_plan(model, record.blocks, rate, schedule, recipe_for(model))
     new_rates = [plan.rate_of(change.block) for change in record.changes]
     old_rates = [change.drop.rate for change in record.changes]
-    branches = [
-        Branch(b.block, b.index, plan.rate_of(b.block), b.mechanism, b.target, b.batch_axis, b.unit)
-        for b in record.branches
-    ]
+    branches = [dataclasses.replace(b, rate=plan.rate_of(b.block)) for b in record.branches]
     try:
         for change, new in zip(record.changes, new_rates, strict=True):
             change.drop.rate = new
@@ -458,13 +530,12 @@ def _branch(add_: ResidualAdd, plan: Plan, rate: float, captured: Capture, input
 def _apply(model: nn.Module, branches: list[Branch]) -> list[_Change]:
     """Change the model, one change per slot or hooked module; on failure undo and re-raise."""
     changes: list[_Change] = []
-    done: set[str] = set()
+    by_target: dict[str, list[Branch]] = {}
+    for branch in branches:  # one slot can be called on several branches (timm CaiT, MLP-Mixer)
+        by_target.setdefault(branch.target, []).append(branch)
     try:
-        for branch in branches:
-            if branch.target in done:  # one slot called on several branches (timm CaiT, MLP-Mixer)
-                continue
-            done.add(branch.target)
-            changes.append(_change(model, branch))
+        for target_branches in by_target.values():
+            changes.append(_change(model, target_branches[0], [b.entry for b in target_branches if b.entry]))
             _redo(model, changes[-1])
     except BaseException:
         for change in reversed(changes):
@@ -473,20 +544,27 @@ def _apply(model: nn.Module, branches: list[Branch]) -> list[_Change]:
     return changes
 
 
-def _change(model: nn.Module, branch: Branch) -> _Change:
+def _change(model: nn.Module, branch: Branch, entries: list[str]) -> _Change:
     if branch.mechanism == "slot":
         parent_name, _, attr = branch.target.rpartition(".")
         parent = model.get_submodule(parent_name)
         original = slot_lib.read_slot(parent, attr)
         scale = getattr(original.value, "scale_by_keep", True)
-        drop = DropPath(branch.rate, scale_by_keep=scale, batch_axis=branch.batch_axis)
+        drop = DropPath(branch.rate, scale_by_keep=scale, batch_axis=branch.batch_axis, mode=branch.mode)
         drop.train(parent.training)  # a new module defaults to training; follow the model's mode
-        return _Change(branch.block, branch.target, drop, parent=parent, attr=attr, original=original)
-    hooked = model.get_submodule(branch.target)
-    drop = DropPath(branch.rate, batch_axis=branch.batch_axis)
-    handle = hooked.register_forward_hook(_BranchHook(drop))
-    hooked._forward_hooks.pop(handle.id)  # installed by _redo, like every other change
-    return _Change(branch.block, branch.target, drop, hook_id=handle.id, hooked=hooked)
+        change = _Change(branch.block, branch.target, drop, parent=parent, attr=attr, original=original)
+    else:
+        hooked = model.get_submodule(branch.target)
+        drop = DropPath(branch.rate, batch_axis=branch.batch_axis, mode=branch.mode)
+        handle = hooked.register_forward_hook(_BranchHook(drop))
+        hooked._forward_hooks.pop(handle.id)  # installed by _redo, like every other change
+        change = _Change(branch.block, branch.target, drop, hook_id=handle.id, hooked=hooked)
+    for entry in entries:
+        gathered = model.get_submodule(entry)
+        handle = gathered.register_forward_pre_hook(Gather(drop))
+        gathered._forward_pre_hooks.pop(handle.id)  # installed by _redo
+        change.gathers.append((gathered, handle.id))
+    return change
 
 
 def _redo(model: nn.Module, change: _Change) -> None:
@@ -494,6 +572,145 @@ def _redo(model: nn.Module, change: _Change) -> None:
         change.hooked._forward_hooks[change.hook_id] = _BranchHook(change.drop)
     else:
         slot_lib.write_slot(change.parent, change.attr, change.drop)
+    change.install_gather()
+
+
+def _with_entries(
+    model: nn.Module,
+    branches: list[Branch],
+    selected: list[ResidualAdd],
+    captured: Capture,
+    mode: str,
+    reasons: dict[str, str],
+) -> list[Branch]:
+    """The branches in ``mode``, each with the module a Gather goes on; ``reasons`` gets the others."""
+    entries: dict[fx.Node, BranchEntry] = branch_entries(captured.view, selected)
+    for branch, residual in zip(branches, selected, strict=True):
+        entry = entries[residual.add]
+        if branch.target in reasons:  # a slot serving several branches skips only if all of them can
+            continue
+        if entry.module is None:
+            reasons[branch.target] = entry.reason
+        elif (norm := _batch_norm_in(model, entry.modules)) is not None:
+            reasons[branch.target] = (
+                f"{norm} is a BatchNorm: in training it mixes samples"
+                if mode == "skip"
+                else f"{norm} is a BatchNorm: it cannot run on an empty batch in training"
+            )
+    return [
+        dataclasses.replace(
+            branch, mode=mode, entry=None if branch.target in reasons else entries[residual.add].module
+        )
+        for branch, residual in zip(branches, selected, strict=True)
+    ]
+
+
+def _batch_norm_in(model: nn.Module, names: frozenset[str]) -> str | None:
+    for name in sorted(names):
+        module = _module_or_none(model, name)
+        if module is None:
+            continue
+        for sub_name, sub in module.named_modules():
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                return f"{name}.{sub_name}" if sub_name else name
+    return None
+
+
+_CHECK_TOLERANCE = 1e-5
+
+
+def _check_gathers(model: nn.Module, changes: list[_Change], inputs: ExampleInputs) -> dict[_Change, str]:
+    """Run each gathered branch's block with fixed masks, on kept rows and in full; return the failures.
+
+    In eval mode (no dropout, no BatchNorm updates) with the drop forced on: first some samples kept,
+    then none. Both runs of a block get the same inputs, captured from one eval forward of the model.
+    """
+    if not changes:
+        return {}
+    if inputs.batch_size is None or inputs.batch_size < 2:
+        return {c: "the check needs example inputs with a batch of at least 2" for c in changes}
+    calls: dict[str, tuple[tuple, dict]] = {}
+
+    def recorder(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls.setdefault(name, (args, kwargs))
+
+        return hook
+
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(recorder(name), with_kwargs=True)
+        for name in dict.fromkeys(c.block for c in changes)
+    ]
+    try:
+        eval_outputs(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    batch = inputs.batch_size
+    some = torch.tensor([1.0 if i % 2 == 0 else 0.0 for i in range(batch)])
+    failures: dict[_Change, str] = {}
+    with training_flags_kept(model, training=False), torch.no_grad():
+        for change in changes:
+            if change.block not in calls:
+                failures[change] = f"{change.block} did not run on the example inputs"
+                continue
+            block = model.get_submodule(change.block)
+            args, kwargs = calls[change.block]
+            mode = change.drop.mode
+            try:
+                reason = _compare_kept(block, change, args, kwargs, some, mode)
+                if reason is None:
+                    reason = _check_none_kept(block, change, args, kwargs, batch, mode)
+                if reason is not None:
+                    failures[change] = reason
+            except Exception as error:  # noqa: BLE001 - any failure means: compute this branch in full
+                message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                failures[change] = f"it fails on a subset of the batch ({type(error).__name__}: {message[:120]})"
+            finally:
+                change.drop._forced_keep = None
+                change.drop.mode = mode
+                change.install_gather()
+                change.drop._plan = None
+    return failures
+
+
+def _check_none_kept(block: nn.Module, change: _Change, args: tuple, kwargs: dict, batch: int, mode: str):
+    """No sample kept: an empty batch if the branch takes one, else one sample multiplied by zero."""
+    none = torch.zeros(batch)
+    change.drop.empty_ok = True
+    try:
+        if _compare_kept(block, change, args, kwargs, none, mode) is None:
+            return None
+    except Exception:  # noqa: BLE001 - e.g. a reshape with -1 cannot infer a size from 0 elements
+        pass
+    change.drop.empty_ok = False
+    return _compare_kept(block, change, args, kwargs, none, mode)
+
+
+def _compare_kept(block: nn.Module, change: _Change, args: tuple, kwargs: dict, keep: torch.Tensor, mode: str):
+    """Run ``block`` with ``keep`` forced, in full and on kept rows; None if the outputs agree, else why."""
+    change.drop._forced_keep = keep
+    change.remove_gather()
+    change.drop.mode = "sample"
+    full = _tensors(block(*_cloned(args), **_cloned(kwargs)))
+    change.install_gather()
+    change.drop.mode = mode
+    kept = _tensors(block(*_cloned(args), **_cloned(kwargs)))
+    scale = max((float(t.abs().max()) for t in full if t.numel() and t.is_floating_point()), default=1.0)
+    if max_abs_diff(full, kept) <= _CHECK_TOLERANCE * (1.0 + scale):
+        return None
+    kind = "some samples" if bool(keep.any()) else "no sample"
+    return f"computing kept samples only changes the block's output ({kind} kept)"
+
+
+def _cloned(tree: Any) -> Any:
+    return _pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, tree)
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, dict):
+        output = dict(output)
+    return [leaf.detach() for leaf in _pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
 
 
 def _first_changing_block(

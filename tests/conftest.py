@@ -51,6 +51,8 @@ def pathsurgeon_leftovers(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if any(isinstance(h, surgery._BranchHook) for h in module._forward_hooks.values()):
             found.append(f"hook on {name}")
+        if any(isinstance(h, surgery.Gather) for h in module._forward_pre_hooks.values()):
+            found.append(f"pre-hook on {name}")
     if surgery.RECORD_ATTRIBUTE in vars(model):
         found.append("record")
     return found

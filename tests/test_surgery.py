@@ -34,6 +34,7 @@ def snapshot(model: nn.Module):
         "state": {k: v.clone() for k, v in model.state_dict().items()},
         "parameters": [id(p) for p in model.parameters()],
         "hooks": [dict(m._forward_hooks) for m in model.modules()],
+        "pre_hooks": [dict(m._forward_pre_hooks) for m in model.modules()],
         "vars": sorted(vars(model)),
     }
 
@@ -43,6 +44,7 @@ def assert_unchanged(model: nn.Module, before) -> None:
     assert after["layout"] == before["layout"]
     assert after["parameters"] == before["parameters"]
     assert after["hooks"] == before["hooks"]
+    assert after["pre_hooks"] == before["pre_hooks"]
     assert after["vars"] == before["vars"]
     assert after["state"].keys() == before["state"].keys()
     assert all(torch.equal(after["state"][k], v) for k, v in before["state"].items())
@@ -185,8 +187,8 @@ def test_verification_failure_rolls_back_and_names_the_block(vit, monkeypatch):
 
     original_change = surgery._change
 
-    def tagging_change(model, branch):
-        change = original_change(model, branch)
+    def tagging_change(model, branch, entries):
+        change = original_change(model, branch, entries)
         change.drop._test_name = branch.target
         return change
 

@@ -1,0 +1,230 @@
+"""Modes 'skip' and 'batch': the same drop decisions as the libraries' own stochastic depth, less compute.
+
+Ground truth: timm's native ``drop_path_rate`` model for per-sample semantics (mode 'skip' draws the
+same numbers as timm's DropPath when the branch itself draws none), and torchvision's
+``StochasticDepth(mode="batch")`` for one draw per mini-batch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from conftest import module_layout, pathsurgeon_leftovers
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+import pathsurgeon
+
+RATE = 0.5
+BATCH = 8
+
+MODELS = {
+    "vit": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 4}, 32),
+    "convnext": ("convnext_atto", {}, 32),
+    "swin": (
+        "swin_tiny_patch4_window7_224",
+        {"embed_dim": 32, "depths": (2, 2), "num_heads": (2, 4), "img_size": 32, "window_size": 4},
+        32,
+    ),
+    "mixer": ("mixer_s32_224", {"img_size": 64}, 64),
+}
+
+
+def _build(name: str, overrides: dict, rate: float) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, drop_path_rate=rate, **overrides)
+
+
+def _pair(key: str, rate: float = RATE):
+    name, overrides, size = MODELS[key]
+    native = _build(name, overrides, rate)
+    model = _build(name, overrides, 0.0)
+    model.load_state_dict(native.state_dict())
+    x = torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return native, model, x
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, seed: int):
+    """Training-mode output and parameter gradients (None counted as zero) from a fixed RNG state."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(x)
+    out.square().mean().backward()
+    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).clone() for n, p in model.named_parameters()}
+    return out.detach(), grads
+
+
+def _assert_same_step(expected, actual, atol: float = 1e-5) -> None:
+    torch.testing.assert_close(actual[0], expected[0], atol=atol, rtol=1e-4)
+    assert expected[1].keys() == actual[1].keys()
+    for name in expected[1]:
+        torch.testing.assert_close(actual[1][name], expected[1][name], atol=atol, rtol=1e-4, msg=name)
+
+
+def _rows_seen(model: nn.Module, entries: list[str]) -> dict[str, list[int]]:
+    """Batch sizes each branch entry receives, per call (after pathsurgeon's gather)."""
+    seen: dict[str, list[int]] = {name: [] for name in entries}
+    for name in entries:
+        model.get_submodule(name).register_forward_hook(
+            lambda m, args, out, n=name: seen[n].append(args[0].shape[0])
+        )
+    return seen
+
+
+@pytest.mark.parametrize("key", sorted(MODELS))
+def test_skip_mode_equals_timm_native_outputs_and_gradients(key):
+    native, model, x = _pair(key)
+    report = pathsurgeon.add(model, RATE, mode="skip", example_inputs=x[:2])
+    assert report.fallbacks == []
+    assert all(b.mode == "skip" and b.entry for b in report.branches)
+    entries = [b.entry for b in report.branches if b.rate > 0]
+    seen = _rows_seen(model, entries)
+    for seed in (0, 1, 2):
+        _assert_same_step(_train_step(native, x, seed), _train_step(model, x, seed))
+    fewer = sum(rows < BATCH for name in entries for rows in seen[name])
+    assert fewer > len(entries)  # at rate up to 0.5 most branch calls ran on fewer rows than the batch
+    assert max(max(rows) for rows in seen.values()) <= BATCH
+
+
+def _torchvision_batch_reference(native: nn.Module, model: nn.Module) -> nn.Module:
+    """A copy of the rate-0 model whose slots hold torchvision's per-batch StochasticDepth, at timm's rates."""
+    reference = copy.deepcopy(model)
+    for name, module in native.named_modules():
+        if type(module).__name__ == "DropPath":
+            parent, _, attr = name.rpartition(".")
+            setattr(reference.get_submodule(parent), attr, StochasticDepth(module.drop_prob, mode="batch"))
+    return reference
+
+
+@pytest.mark.parametrize("key", ["vit", "convnext"])
+def test_batch_mode_equals_torchvision_stochastic_depth_and_skips_dropped_branches(key):
+    native, model, x = _pair(key)
+    reference = _torchvision_batch_reference(native, model)
+    report = pathsurgeon.add(model, RATE, mode="batch", example_inputs=x[:2])
+    assert report.fallbacks == []
+    entries = [b.entry for b in report.branches if b.rate > 0]
+    seen = _rows_seen(model, entries)
+    for seed in range(4):
+        _assert_same_step(_train_step(reference, x, seed), _train_step(model, x, seed))
+    calls = [rows for name in entries for rows in seen[name]]
+    assert set(calls) <= {0, BATCH}  # a branch runs on the whole batch, or (dropped) on nothing
+    assert 0 in calls and BATCH in calls
+
+
+def test_batch_norm_branches_fall_back_and_say_why():
+    native, model = _build("resnet18", {}, RATE), _build("resnet18", {}, 0.0)
+    model.load_state_dict(native.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    report = pathsurgeon.add(model, RATE, mode="skip", example_inputs=x[:2])
+    assert len(report.fallbacks) == len(report.branches) == 8
+    assert all("BatchNorm" in f.reason and "mixes samples" in f.reason for f in report.fallbacks)
+    assert all(b.mode == "sample" and b.entry is None for b in report.branches)
+    assert "compute in full" in report.summary()
+    _assert_same_step(_train_step(native, x, 0), _train_step(model, x, 0))  # timm's per-sample semantics
+
+
+def test_cross_sample_branch_is_detected_by_the_check():
+    class BatchMix(nn.Module):  # a branch whose output for one sample depends on the others
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x - x.mean(0, keepdim=True))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix, self.mlp = BatchMix(), nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))
+            self.drop_path1, self.drop_path2 = nn.Identity(), nn.Identity()
+
+        def forward(self, x):
+            x = x + self.drop_path1(self.mix(x))
+            return x + self.drop_path2(self.mlp(x))
+
+    model = nn.Sequential(Block(), Block())
+    report = pathsurgeon.add(model, 0.3, schedule="uniform", mode="skip", example_inputs=torch.randn(4, 8))
+    by_target = {f.target: f.reason for f in report.fallbacks}
+    assert set(by_target) == {"0.drop_path1", "1.drop_path1"}
+    assert all("changes the block's output" in reason for reason in by_target.values())
+    assert {b.target: b.mode for b in report.branches}["0.drop_path2"] == "skip"
+
+
+def test_eval_is_identity_and_strip_restores_the_model_in_every_mode():
+    native, model, x = _pair("vit")
+    layout, keys = module_layout(model), list(model.state_dict())
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    for mode in ("skip", "batch", "sample"):
+        pathsurgeon.add(model, RATE, mode=mode, example_inputs=x[:2])
+        _train_step(model, x, 0)
+        model.eval()
+        with torch.no_grad():
+            assert torch.equal(model(x), before)
+        pathsurgeon.strip(model)
+        assert pathsurgeon_leftovers(model) == []
+        assert module_layout(model) == layout and list(model.state_dict()) == keys
+
+
+def test_bad_mode_is_refused_and_changes_nothing():
+    _, model, x = _pair("vit")
+    layout = module_layout(model)
+    with pytest.raises(pathsurgeon.InvalidModeError, match="mode must be one of"):
+        pathsurgeon.add(model, RATE, mode="fast")
+    assert module_layout(model) == layout and not pathsurgeon.is_surgered(model)
+
+
+def test_set_rate_deepcopy_and_gradient_checkpointing_keep_skip_mode_exact():
+    native, model, x = _pair("vit", rate=0.3)
+    pathsurgeon.add(model, 0.1, mode="skip", example_inputs=x[:2])
+    branches = pathsurgeon.set_rate(model, 0.3)
+    assert all(b.mode == "skip" for b in branches)
+    expected = _train_step(native, x, 5)
+    _assert_same_step(expected, _train_step(model, x, 5))
+    ema = copy.deepcopy(model)  # what timm's ModelEmaV3 does
+    _assert_same_step(expected, _train_step(ema, x, 5))
+    model.set_grad_checkpointing(True)
+    native.set_grad_checkpointing(True)
+    _assert_same_step(expected, _train_step(model, x, 5))
+    pathsurgeon.strip(ema)
+    assert pathsurgeon_leftovers(ema) == [] and pathsurgeon.is_surgered(model)
+
+
+@pytest.mark.parametrize("mode", ["sample", "skip", "batch"])
+def test_bf16_autocast_trains(mode):
+    native, model, x = _pair("vit")
+    pathsurgeon.add(model, RATE, mode=mode, example_inputs=x[:2])
+    for m in (native, model):
+        m.train()
+    outs = []
+    for m in (native, model):
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+        out.float().square().mean().backward()
+        assert out.dtype == torch.bfloat16
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
+        outs.append(out.float())
+    if mode == "sample":  # timm's own code path: the same result under autocast
+        torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+
+
+def test_failure_during_the_subset_check_leaves_the_model_as_it_was(monkeypatch):
+    from pathsurgeon import surgery
+
+    _, model, x = _pair("vit")
+    layout, keys = module_layout(model), list(model.state_dict())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(surgery, "_check_gathers", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        pathsurgeon.add(model, RATE, mode="skip", example_inputs=x[:2])
+    assert pathsurgeon_leftovers(model) == []
+    assert module_layout(model) == layout and list(model.state_dict()) == keys
