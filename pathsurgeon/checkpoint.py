@@ -258,7 +258,7 @@ def load(directory: str | os.PathLike, *, verify: bool = True) -> nn.Module:
     if loaded.surgery:
         schedule = loaded.surgery.get("schedule", "auto")
         rate = None if isinstance(schedule, list) else loaded.surgery["rate"]
-        add(loaded.model, rate, schedule=schedule, verify=verify)
+        add(loaded.model, rate, schedule=schedule, mode=loaded.surgery.get("mode", "sample"), verify=verify)
     return loaded.model
 
 

@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--model", required=True, metavar="SPEC", help="timm name, HF hub id, or local directory")
     add.add_argument("--rate", required=True, type=float, metavar="R", help="drop-path rate in [0, 1)")
     _schedule_argument(add)
+    add.add_argument(
+        "--mode", default="sample", choices=("sample", "skip", "batch"),
+        help="sample: timm's per-sample drop path (default); skip: per-sample, dropped samples not computed; "
+        "batch: one draw per branch per mini-batch, a dropped branch not computed",
+    )
     add.add_argument("--weights", metavar="FILE", help="load a local checkpoint (.safetensors, or a torch state_dict)")
     add.add_argument("--out", metavar="DIR", help="write DIR/model.safetensors and DIR/pathsurgeon.json")
     add.add_argument("--json", metavar="FILE", help="write the plan and the check result as JSON")
@@ -142,7 +147,8 @@ def _load(args, progress):
 
 
 def _branch_rows(branches) -> list[dict]:
-    return [{"block": b.block, "index": b.index, "rate": b.rate, "mechanism": b.mechanism, "target": b.target}
+    return [{"block": b.block, "index": b.index, "rate": b.rate, "mechanism": b.mechanism, "target": b.target,
+             "mode": b.mode, "entry": b.entry}
             for b in branches]
 
 
@@ -158,19 +164,22 @@ def _add(args) -> int:
     model = loaded.model
     count = sum(p.numel() for p in model.parameters())
     progress(f"finding residual branches and checking eval outputs ({count / 1e6:.1f}M parameters)")
-    report = add(model, rate, schedule=args.schedule)
+    report = add(model, rate, schedule=args.schedule, mode=args.mode)
     progress("done")
     print(report)
     if args.out:
-        surgery = {"rate": rate, "schedule": args.schedule, "branches": _branch_rows(report.branches)}
+        surgery = {
+            "rate": rate, "schedule": args.schedule, "mode": args.mode, "branches": _branch_rows(report.branches),
+        }
         save(model, args.out, loaded.source, surgery)
         print(f"wrote {args.out} (load it with pathsurgeon.load({args.out!r}))")
     if args.json:
         write_json_atomic(args.json, {
-            "model": args.model, "rate": rate, "schedule": args.schedule,
+            "model": args.model, "rate": rate, "schedule": args.schedule, "mode": args.mode,
             "branches": _branch_rows(report.branches), "max_abs_diff": report.max_abs_diff,
             "method": report.method, "pretrained": loaded.pretrained,
             "skipped": [{"block": s.block, "reason": s.reason} for s in report.skipped],
+            "computed_in_full": [{"block": f.block, "target": f.target, "reason": f.reason} for f in report.fallbacks],
         })
         print(f"wrote {args.json}")
     return EXIT_OK

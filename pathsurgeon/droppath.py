@@ -142,6 +142,7 @@ class DropPath(nn.Module):
             return x * self._scale() if self._batch_kept() else x * 0.0
         return drop_path(x, self.rate, training, self.scale_by_keep, self.batch_axis)
 
+    @torch.compiler.disable  # a data-dependent decision: under torch.compile, a graph break here
     def plan(
         self, batch: int, device: torch.device, training: bool, dtype: torch.dtype = torch.float32
     ) -> _Plan | None:

@@ -149,15 +149,20 @@ def format_branches(branches: list[Branch]) -> str:
 
 
 class _BranchHook:
-    """Forward hook applying drop path to a module's output, with the module's training flag."""
+    """Forward hook applying drop path to a module's output, with the module's training flag.
+
+    A module returning a tuple (Hugging Face attention: output, weights) has its first element dropped.
+    """
 
     def __init__(self, drop: DropPath) -> None:
         self.drop = drop
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
-        if not isinstance(output, torch.Tensor):
-            return output
-        return self.drop.apply_to(output, module.training)
+        if isinstance(output, torch.Tensor):
+            return self.drop.apply_to(output, module.training)
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            return (self.drop.apply_to(output[0], module.training), *output[1:])
+        return output
 
 
 @dataclass(eq=False)

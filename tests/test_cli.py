@@ -169,3 +169,17 @@ def test_hugging_face_directory_round_trip(tmp_path, capsys):
     assert pathsurgeon_leftovers(plain) == []
     surgered = pathsurgeon.load(tmp_path / "dp")
     assert type(surgered) is type(plain) and pathsurgeon.is_surgered(surgered)
+
+
+def test_add_in_skip_mode_reports_fallbacks_and_round_trips(tmp_path, capsys):
+    out, report = tmp_path / "skip", tmp_path / "plan.json"
+    code, text, _ = run(capsys, "add", "--model", MODEL, "--rate", "0.2", "--mode", "skip",
+                        "--out", str(out), "--json", str(report))
+    assert code == 0
+    assert "mode 'skip': 0 branches skip dropped compute, 8 compute in full" in text
+    assert "computed in full: layer1.0.drop_path: layer1.0.bn1 is a BatchNorm" in text
+    data = json.loads(report.read_text())
+    assert data["mode"] == "skip" and len(data["computed_in_full"]) == 8
+    model = pathsurgeon.load(out)
+    assert [b.mode for b in pathsurgeon.find(model)] == ["sample"] * 8  # what the BatchNorm branches run in
+    assert pathsurgeon.surgery._record(model).mode == "skip"

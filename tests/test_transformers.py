@@ -243,3 +243,52 @@ def test_random_eval_model_is_reported_as_such():
     with pytest.raises(pathsurgeon.VerificationError, match="from one call to the next"):
         pathsurgeon.add(model, 0.1)  # random masking without a fixed noise
     assert pathsurgeon_leftovers(model) == []
+
+
+@pytest.mark.parametrize("name", sorted(NO_NATIVE_DROP_PATH - {"vit_mae"}))
+def test_hooked_branches_are_really_dropped(name):
+    """Models without a drop-path slot get forward hooks; each must zero its branch for dropped samples.
+
+    HF attention modules return (output, weights): the hook has to drop the output, not pass the tuple on.
+    """
+    model = build(name)
+    inputs = pixels(model, batch=8)
+    report = pathsurgeon.add(model, 0.9, schedule="uniform", example_inputs=pixels(model))
+    seen: dict[str, torch.Tensor] = {}
+    for branch in report.branches:  # registered after pathsurgeon's hook: sees its result
+        model.get_submodule(branch.target).register_forward_hook(
+            lambda m, i, out, n=branch.target: seen.__setitem__(n, out[0] if isinstance(out, tuple) else out)
+        )
+    model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model(**inputs)
+    assert seen.keys() == {b.target for b in report.branches}
+    for target in {b.target for b in report.branches if b.rate > 0}:  # SigLIP's head is kept at rate 0
+        out = seen[target]
+        assert bool((out.flatten(1) == 0).all(1).any()), target  # at rate 0.9, 8 samples: some are dropped
+
+
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"vit_mae"}))
+def test_skip_mode_equals_sample_mode(name):
+    """Same masks, same numbers: mode 'skip' draws as 'sample' does (HF's dropout is 0 in these configs)."""
+    needs_rate = name not in NO_NATIVE_DROP_PATH
+    sample, skip = build(name, 0.0 if needs_rate else None), build(name, 0.0 if needs_rate else None)
+    inputs = pixels(sample, batch=8)
+    pathsurgeon.add(sample, 0.4, schedule="uniform", example_inputs=pixels(sample))
+    report = pathsurgeon.add(skip, 0.4, schedule="uniform", mode="skip", example_inputs=pixels(skip))
+    if name not in {"swin", "swinv2", "hiera"}:  # these compute some branches in full (report says why)
+        assert report.fallbacks == []
+    results = []
+    for model in (sample, skip):
+        model.train()
+        torch.manual_seed(7)
+        out = first_tensor(model(**inputs))
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        if a is None or b is None:
+            assert a is None and b is None or (a if a is not None else b).abs().max() == 0
+        else:
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
