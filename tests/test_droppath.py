@@ -86,3 +86,33 @@ def test_repr_and_timm_alias():
     module.drop_prob = 0.5  # code written for timm's DropPath sets drop_prob
     assert module.rate == 0.5
     assert list(module.state_dict()) == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(rate=rates, batch=st.integers(1, 9), seed=st.integers(0, 2**31 - 1), mode=st.sampled_from(["skip", "batch"]))
+def test_gather_then_scatter_equals_masking_the_full_branch(rate, batch, seed, mode):
+    """A Gather on a per-sample branch f plus the DropPath at its end: f only on kept rows, same result."""
+    from pathsurgeon.droppath import Gather
+
+    weight = torch.randn(3, 3)
+    x = torch.randn(batch, 3)
+    entry = torch.nn.Identity()
+    drop = DropPath(rate, mode=mode).train()
+    entry.register_forward_pre_hook(Gather(drop))
+    rows: list[int] = []
+    entry.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    torch.manual_seed(seed)
+    out = x + drop(torch.tanh(entry(x) @ weight))
+    # the mask that was used, read back from the output: a dropped row is exactly x
+    kept = ~(out == x).all(1) if rate > 0 else torch.ones(batch, dtype=torch.bool)
+    scale = 1.0 / (1.0 - rate)
+    expected = x + torch.tanh(x @ weight) * kept[:, None] * scale
+    torch.testing.assert_close(out, expected)
+    if mode == "batch":
+        assert bool(kept.all()) or not bool(kept.any())  # all or nothing
+    if rate > 0:
+        assert rows == [int(kept.sum())]  # the branch ran on the kept rows only
+    if mode == "skip":  # the draw is timm's: same kept rows as drop_path under the same seed
+        torch.manual_seed(seed)
+        timm_mask = timm_drop_path(torch.ones(batch, 1), rate, training=True) != 0
+        assert torch.equal(kept, timm_mask.flatten())
