@@ -4,6 +4,7 @@
 >>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
 >>> report = pathsurgeon.add(model, rate=0.1)   # in place; eval outputs verified bitwise equal
 >>> pathsurgeon.strip(model)                    # the original object again
+>>> report = pathsurgeon.add(model, rate=0.1, mode="skip")  # dropped samples are not computed
 
 Names are imported on first use, so ``pathsurgeon --help`` answers without importing torch.
 """

@@ -137,7 +137,8 @@ class DropPath(nn.Module):
         if plan is not None:
             return self._scatter(x, plan)
         if self._forced_keep is not None:
-            return x * self._forced_keep.to(x.dtype).view(self._mask_shape(x)) * self._scale()
+            keep = self._forced_keep.to(device=x.device, dtype=x.dtype)
+            return x * keep.view(self._mask_shape(x)) * self._scale()
         if self.mode == "batch" and training and self.rate > 0.0:
             return x * self._scale() if self._batch_kept() else x * 0.0
         return drop_path(x, self.rate, training, self.scale_by_keep, self.batch_axis)
