@@ -78,12 +78,17 @@ def drop_path(
     if rate == 0.0 or not training:
         return x
     keep = 1.0 - rate
-    shape = [1] * x.ndim
-    shape[batch_axis] = x.shape[batch_axis]
-    mask = x.new_empty(shape).bernoulli_(keep)
+    mask = x.new_empty(_mask_shape(x, batch_axis)).bernoulli_(keep)
     if keep > 0.0 and scale_by_keep:
         mask.div_(keep)
     return x * mask
+
+
+def _mask_shape(x: torch.Tensor, batch_axis: int) -> list[int]:
+    """``(1, ..., B, ..., 1)``: one value per sample along ``batch_axis``, broadcast over the rest."""
+    shape = [1] * x.ndim
+    shape[batch_axis] = x.shape[batch_axis]
+    return shape
 
 
 class _Plan(NamedTuple):
@@ -138,7 +143,7 @@ class DropPath(nn.Module):
             return self._scatter(x, plan)
         if self._forced_keep is not None:
             keep = self._forced_keep.to(device=x.device, dtype=x.dtype)
-            return x * keep.view(self._mask_shape(x)) * self._scale()
+            return x * keep.view(_mask_shape(x, self.batch_axis)) * self._scale()
         if self.mode == "batch" and training and self.rate > 0.0:
             return x * self._scale() if self._batch_kept() else x * 0.0
         return drop_path(x, self.rate, training, self.scale_by_keep, self.batch_axis)
@@ -186,11 +191,6 @@ class DropPath(nn.Module):
 
     def _scale(self) -> float:
         return 1.0 / (1.0 - self.rate) if self.scale_by_keep else 1.0
-
-    def _mask_shape(self, x: torch.Tensor) -> list[int]:
-        shape = [1] * x.ndim
-        shape[self.batch_axis] = x.shape[self.batch_axis]
-        return shape
 
     def extra_repr(self) -> str:
         text = f"rate={self.rate:.4g}"

@@ -39,7 +39,7 @@ from .errors import AlreadySurgeredError, NoBranchesError, PathSurgeonError, Ver
 from .finder import BranchEntry, ResidualAdd, branch_entries, find_residual_adds
 from .inputs import ExampleInputs, example_inputs
 from .plan import Plan, make_plan, recipe_for, validate_schedule
-from .verify import eval_outputs, max_abs_diff
+from .verify import eval_outputs, max_abs_diff, tensor_leaves
 
 __all__ = ["Branch", "Fallback", "Report", "Skipped", "add", "find", "preview", "set_rate", "strip"]
 
@@ -697,10 +697,10 @@ def _compare_kept(block: nn.Module, change: _Change, args: tuple, kwargs: dict, 
     change.drop._forced_keep = keep
     change.remove_gather()
     change.drop.mode = "sample"
-    full = _tensors(block(*_cloned(args), **_cloned(kwargs)))
+    full = tensor_leaves(block(*_cloned(args), **_cloned(kwargs)))
     change.install_gather()
     change.drop.mode = mode
-    kept = _tensors(block(*_cloned(args), **_cloned(kwargs)))
+    kept = tensor_leaves(block(*_cloned(args), **_cloned(kwargs)))
     scale = max((float(t.abs().max()) for t in full if t.numel() and t.is_floating_point()), default=1.0)
     if max_abs_diff(full, kept) <= _CHECK_TOLERANCE * (1.0 + scale):
         return None
@@ -710,12 +710,6 @@ def _compare_kept(block: nn.Module, change: _Change, args: tuple, kwargs: dict, 
 
 def _cloned(tree: Any) -> Any:
     return _pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, tree)
-
-
-def _tensors(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, dict):
-        output = dict(output)
-    return [leaf.detach() for leaf in _pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
 
 
 def _first_changing_block(

@@ -12,17 +12,18 @@ from torch.utils import _pytree
 from .capture import training_flags_kept
 from .inputs import ExampleInputs
 
-__all__ = ["eval_outputs", "max_abs_diff"]
+__all__ = ["eval_outputs", "max_abs_diff", "tensor_leaves"]
 
 
 def eval_outputs(model: nn.Module, inputs: ExampleInputs) -> list[torch.Tensor]:
     """The tensors ``model`` returns in eval mode, detached, in a fixed order."""
     with training_flags_kept(model, training=False), torch.no_grad():
         output = inputs.call(model)
-    return [t.detach().clone() for t in _tensor_leaves(output)]
+    return [t.detach().clone() for t in tensor_leaves(output)]
 
 
-def _tensor_leaves(output: Any) -> list[torch.Tensor]:
+def tensor_leaves(output: Any) -> list[torch.Tensor]:
+    """The tensors in a model output (tensor, tuple, dict, Hugging Face ModelOutput), in a fixed order."""
     if isinstance(output, Mapping):
         output = dict(output)  # Hugging Face ModelOutput and other mappings: their values, in order
     return [leaf for leaf in _pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
