@@ -1,9 +1,19 @@
 """Getting models in and out: model specs (timm names, HF ids, local directories), weights files, and
 pathsurgeon checkpoint directories (``model.safetensors`` + ``pathsurgeon.json``).
 
-Loading is offline-first and safe: pretrained weights come from the local cache only, torch files are
-read with ``weights_only=True``, and every write goes to a temporary sibling that is renamed into place,
-so a failed run leaves nothing half-written behind.
+Everything read here is treated as untrusted:
+
+- no foreign Python runs: a Hugging Face ``config.json`` with ``auto_map`` (the directory's own
+  modeling code) is refused before transformers sees it, and every transformers call passes
+  ``trust_remote_code=False``;
+- no blind unpickling: safetensors, or ``torch.load(weights_only=True)``;
+- ``pathsurgeon.json`` is validated against a schema (:mod:`pathsurgeon.manifest`) and only
+  allow-listed plain architecture arguments reach a constructor;
+- a checkpoint that does not fit the model (missing, unexpected or mis-shaped keys) is refused
+  before the model is touched, unless missing keys are explicitly allowed.
+
+Loading is offline-first: pretrained weights come from the local cache only unless ``HF_HUB_OFFLINE=0``.
+Writes go through :mod:`pathsurgeon.files` (staged, renamed into place).
 """
 
 from __future__ import annotations
@@ -11,8 +21,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,17 +29,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PathSurgeonError
+from .errors import CheckpointError, ManifestError, ModelSpecError, UntrustedCodeError
+from .files import check_outputs, staged
+from .manifest import FORMAT_VERSION, MANIFEST, read_manifest
 
-__all__ = ["LoadedModel", "load", "load_model", "load_weights", "save", "write_json_atomic"]
+__all__ = [
+    "LoadedModel",
+    "ModelSpecError",
+    "load",
+    "load_directory",
+    "load_model",
+    "load_weights",
+    "save",
+    "write_checkpoint",
+]
 
-MANIFEST = "pathsurgeon.json"
 WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
+HF_CONFIG = "config.json"
 
 
-class ModelSpecError(PathSurgeonError, ValueError):
-    """A model spec that names no timm model, HF model or local checkpoint."""
+def downloads_allowed() -> bool:
+    """Offline-first: the hub is only contacted when the user set ``HF_HUB_OFFLINE=0``."""
+    return os.environ.get("HF_HUB_OFFLINE") == "0"
 
 
 @dataclass
@@ -50,41 +69,44 @@ def load_model(
     *,
     weights: str | os.PathLike | None = None,
     require_pretrained: bool = False,
+    allow_missing_keys: bool = False,
     say: Callable[[str], None] = lambda _: None,
 ) -> LoadedModel:
     """Build the model ``spec`` names: a pathsurgeon or HF directory, a timm name, or an HF hub id."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelSpecError("the model spec is empty; pass a timm model name, an HF hub id or a directory")
     path = Path(spec)
     if path.is_dir():
         if (path / MANIFEST).is_file():
-            loaded = _load_directory(path, say)
-        elif (path / "config.json").is_file():
-            loaded = _load_transformers(str(path), say)
+            loaded = load_directory(path, say, allow_missing_keys=allow_missing_keys)
+        elif (path / HF_CONFIG).is_file():
+            loaded = _load_transformers(str(path), say, allow_missing_keys=allow_missing_keys)
         else:
             raise ModelSpecError(
-                f"{spec} is a directory without {MANIFEST} or config.json; pass a directory written by "
+                f"{spec} is a directory without {MANIFEST} or {HF_CONFIG}; pass a directory written by "
                 "pathsurgeon add --out or save_pretrained"
             )
-    elif path.is_file():
+    elif path.exists():
         raise ModelSpecError(
             f"{spec} is a file; give the architecture with --model NAME and the file with --weights {spec}"
         )
     else:
-        loaded = _load_by_name(spec, require_pretrained, say)
+        loaded = _load_by_name(spec, require_pretrained, say, allow_missing_keys)
     if weights is not None:
-        load_weights(loaded.model, weights)
+        load_weights(loaded.model, weights, allow_missing_keys=allow_missing_keys)
         loaded.notes.append(f"weights loaded from {weights}")
         loaded.pretrained = True
     return loaded
 
 
-def _load_by_name(name: str, require_pretrained: bool, say: Callable[[str], None]) -> LoadedModel:
+def _load_by_name(name: str, require_pretrained: bool, say: Callable[[str], None], allow_missing_keys: bool):
     import timm
 
     if timm.is_model(name):
         say(f"loading timm model {name}")
         source = {"library": "timm", "name": name}
         cached = _cached_timm_weights(name)
-        if cached is not None or os.environ.get("HF_HUB_OFFLINE") == "0":
+        if cached is not None or downloads_allowed():
             overlay = {"file": cached} if cached is not None else None
             model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
             return LoadedModel(model, source, pretrained=True, notes=[f"pretrained weights: {cached or 'hub'}"])
@@ -97,7 +119,7 @@ def _load_by_name(name: str, require_pretrained: bool, say: Callable[[str], None
         note = f"no local pretrained weights for {name}; continuing with random initialisation"
         return LoadedModel(model, source, pretrained=False, notes=[note])
     if "/" in name:
-        return _load_transformers(name, say)
+        return _load_transformers(name, say, allow_missing_keys=allow_missing_keys)
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for names"
     raise ModelSpecError(f"unknown model {name!r}: not a timm model, HF hub id or local directory; {hint}")
@@ -127,52 +149,184 @@ def _cached_timm_weights(name: str) -> str | None:
     return None
 
 
-def _load_transformers(spec: str, say: Callable[[str], None]) -> LoadedModel:
+# --- Hugging Face ----------------------------------------------------------------------------------
+
+
+def _hf_config_file(spec: str) -> Path:
+    """The ``config.json`` of a local directory or of a hub id (from the cache, or downloaded if allowed)."""
+    local = Path(spec)
+    if local.is_dir():
+        return local / HF_CONFIG
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    try:
+        if downloads_allowed():
+            return Path(hf_hub_download(spec, HF_CONFIG))
+        cached = try_to_load_from_cache(spec, HF_CONFIG, cache_dir=os.environ.get("HF_HUB_CACHE"))
+    except Exception as error:  # an invalid repo id, a network failure, ...
+        raise ModelSpecError(f"{spec} is not a usable Hugging Face hub id ({_first_line(error)}); "
+                             "pass a timm name, a hub id like owner/name, or a local directory") from error
+    if not isinstance(cached, str):
+        raise ModelSpecError(
+            f"{spec} is not in the local Hugging Face cache nor a local directory; download it once with "
+            "network (hf download), or pass a directory written by save_pretrained"
+        )
+    return Path(cached)
+
+
+def _refuse_remote_code(config_file: Path) -> dict[str, Any]:
+    """Read ``config.json`` ourselves; refuse it if loading it would import the directory's own code."""
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        reason = _first_line(error)
+        raise ModelSpecError(f"cannot read {config_file} ({reason}); it is not a Hugging Face config") from error
+    if not isinstance(config, dict):
+        raise ModelSpecError(f"{config_file} holds {type(config).__name__}, not a Hugging Face config object")
+    found = _find_key(config, "auto_map")
+    if found is not None:
+        raise UntrustedCodeError(
+            f"{config_file} has {found}: loading it would run the Python files shipped with the model, which "
+            "pathsurgeon never does; use a model whose architecture is built into transformers"
+        )
+    return config
+
+
+def _find_key(tree: Any, key: str, path: str = "") -> str | None:
+    """The dotted path of the first ``key`` anywhere in a JSON tree (sub-configs carry their own)."""
+    if isinstance(tree, dict):
+        for name, value in tree.items():
+            here = f"{path}.{name}" if path else name
+            if name == key:
+                return here
+            found = _find_key(value, key, here)
+            if found is not None:
+                return found
+    elif isinstance(tree, list):
+        for index, value in enumerate(tree):
+            found = _find_key(value, key, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _load_transformers(
+    spec: str, say: Callable[[str], None], *, class_name: str | None = None, allow_missing_keys: bool = False
+) -> LoadedModel:
     try:
         import transformers
     except ImportError as error:
         raise ModelSpecError(
             f"{spec} looks like a Hugging Face model but transformers is not installed; pip install transformers"
         ) from error
-    local_only = os.environ.get("HF_HUB_OFFLINE") != "0"  # downloads only when the user opted in
+    config_file = _hf_config_file(spec)
+    raw_config = _refuse_remote_code(config_file)
+    local_only = not downloads_allowed()
     say(f"loading Hugging Face model {spec}" + (" (local files only)" if local_only else ""))
     try:
-        config = transformers.AutoConfig.from_pretrained(spec, local_files_only=local_only)
-        model_class = _transformers_class(config)
-        model = model_class.from_pretrained(spec, local_files_only=local_only)
+        config = transformers.AutoConfig.from_pretrained(spec, local_files_only=local_only, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelSpecError(f"cannot read the Hugging Face config of {spec} ({_first_line(error)}); "
+                             "check its config.json (model_type must be one transformers knows)") from error
+    model_class = _transformers_class(raw_config, class_name, spec)
+    try:
+        model, info = model_class.from_pretrained(
+            spec, config=config, local_files_only=local_only, trust_remote_code=False, output_loading_info=True
+        )
     except OSError as error:
-        raise ModelSpecError(
-            f"{spec} is not in the local Hugging Face cache nor a local directory; download it once with "
-            "network (huggingface-cli download), or pass a directory written by save_pretrained"
-        ) from error
-    return LoadedModel(model, {"library": "transformers", "class": type(model).__name__}, pretrained=True)
+        raise ModelSpecError(f"cannot load the weights of {spec} ({_first_line(error)}); "
+                             "the directory needs model.safetensors or pytorch_model.bin") from error
+    except Exception as error:  # mis-shaped tensors, a pickle weights_only refuses, a truncated file
+        raise CheckpointError(f"the weights of {spec} do not fit {model_class.__name__} ({_first_line(error)}); "
+                              "check config.json against the weights file") from error
+    missing, unexpected = list(info.get("missing_keys", ())), list(info.get("unexpected_keys", ()))
+    mismatched = list(info.get("mismatched_keys", ()))
+    if (unexpected or mismatched or (missing and not allow_missing_keys)):
+        raise CheckpointError(
+            f"the weights of {spec} do not fit {model_class.__name__}: {len(missing)} missing keys "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(mismatched)} of "
+            "another shape; check config.json's architectures (or pass --allow-missing-keys to keep missing "
+            "weights randomly initialised)"
+        )
+    notes = [f"{len(missing)} weights missing from {spec}, randomly initialised: {missing[:3]}"] if missing else []
+    return LoadedModel(model, {"library": "transformers", "class": type(model).__name__}, pretrained=True, notes=notes)
 
 
-def _transformers_class(config) -> type:
+def _transformers_class(config: dict[str, Any], class_name: str | None, spec: str) -> type:
+    """The model class: one that ``architectures`` lists (the manifest may pick which), else AutoModel."""
     import transformers
 
-    architectures = getattr(config, "architectures", None) or []
-    for name in architectures:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
+    architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise ModelSpecError(f"{spec}: config.json's architectures must be a list of class names")
+    if class_name is not None and class_name not in architectures:
+        raise ManifestError(
+            f"{spec}: {MANIFEST} names class {class_name!r}, which config.json's architectures "
+            f"{architectures} does not list; rewrite the directory with pathsurgeon add --out"
+        )
+    names = [class_name] if class_name is not None else architectures
+    if not names:
+        return transformers.AutoModel
+    for name in names:
+        cls = getattr(transformers, name, None) if not name.startswith("_") else None
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
-    return transformers.AutoModel
+    raise ModelSpecError(
+        f"{spec}: {names[0]!r} is not a model class of transformers {transformers.__version__}; "
+        "upgrade transformers or fix config.json's architectures"
+    )
 
 
-def load_weights(model: nn.Module, file: str | os.PathLike) -> None:
-    """Load a safetensors file, or a torch file with ``weights_only=True``, into ``model`` (strict)."""
+# --- weights files ---------------------------------------------------------------------------------
+
+
+def load_weights(model: nn.Module, file: str | os.PathLike, *, allow_missing_keys: bool = False) -> None:
+    """Load a safetensors file, or a torch file with ``weights_only=True``, into ``model``.
+
+    Every key, shape and value is checked before the model is touched: a file that does not fit raises
+    :class:`CheckpointError` and leaves the model as it was.
+    """
+    state = read_weights(file)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if unexpected or (missing and not allow_missing_keys):
+        raise CheckpointError(
+            f"{file} does not fit {type(model).__name__}: {len(missing)} missing keys (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}); check that --model names the checkpoint's "
+            "architecture"
+        )
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{file}: {key} has shape {list(value.shape)} but {type(model).__name__} expects "
+                f"{list(expected[key].shape)}; check that --model (and num_classes) match the checkpoint"
+            )
+    model.load_state_dict(state, strict=not missing)
+
+
+def read_weights(file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state_dict from a safetensors or torch file (``weights_only=True``), every value a tensor."""
     file = Path(file)
+    if file.is_dir():
+        raise CheckpointError(f"weights file {file} is a directory; pass the file inside it (e.g. {file / WEIGHTS})")
     if not file.is_file():
-        raise PathSurgeonError(f"weights file {file} does not exist; check the path given to --weights")
+        raise CheckpointError(f"weights file {file} does not exist; check the path given to --weights")
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(file))
+        try:
+            state = load_file(str(file))
+        except Exception as error:  # SafetensorError, OSError: truncated, empty or not safetensors
+            raise CheckpointError(
+                f"cannot read {file} as safetensors ({_first_line(error)}); the file is truncated or not a "
+                "safetensors file"
+            ) from error
     else:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise PathSurgeonError(
+            raise CheckpointError(
                 f"cannot read {file} as a torch checkpoint with weights_only=True ({type(error).__name__}); "
                 "save it as a state_dict or safetensors file"
             ) from error
@@ -181,96 +335,79 @@ def load_weights(model: nn.Module, file: str | os.PathLike) -> None:
                 state = state[key]
                 break
     if not isinstance(state, Mapping):
-        raise PathSurgeonError(f"{file} holds {type(state).__name__}, not a state_dict; save model.state_dict()")
-    result = model.load_state_dict(dict(state), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise PathSurgeonError(
-            f"{file} does not fit {type(model).__name__}: {len(result.missing_keys)} missing keys "
-            f"(e.g. {result.missing_keys[:2]}), {len(result.unexpected_keys)} unexpected (e.g. "
-            f"{result.unexpected_keys[:2]}); check that --model names the checkpoint's architecture"
-        )
+        raise CheckpointError(f"{file} holds {type(state).__name__}, not a state_dict; save model.state_dict()")
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{file}: entry {bad[0]!r} is not a tensor; save model.state_dict()")
+    return dict(state)
 
 
-# --- checkpoint directories ---------------------------------------------------------------------------
+# --- checkpoint directories ------------------------------------------------------------------------
+
+
+def write_checkpoint(model: nn.Module, directory: Path, source: dict[str, Any], surgery: dict | None) -> None:
+    """Write the weights (same keys as the model's state_dict) and the manifest into ``directory``."""
+    from safetensors.torch import save_file
+
+    if source.get("library") == "transformers":
+        model.save_pretrained(directory, safe_serialization=True)
+    else:
+        state = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+    manifest = {"format": FORMAT_VERSION, "source": source, "surgery": surgery}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def save(model: nn.Module, directory: str | os.PathLike, source: dict[str, Any], surgery: dict | None) -> Path:
-    """Write ``directory`` atomically: the weights (same keys as the model's state_dict) and the manifest."""
-    from safetensors.torch import save_file
-
+    """Write ``directory`` atomically (a failure leaves nothing); refuse a non-empty existing one."""
     directory = Path(directory)
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        raise PathSurgeonError(f"output {directory} already exists; choose another --out or remove it first")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        if source.get("library") == "transformers":
-            model.save_pretrained(staging, safe_serialization=True)
-        else:
-            state = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
-            save_file(state, str(staging / WEIGHTS), metadata={"format": "pt"})
-        manifest = {"format": FORMAT_VERSION, "source": source, "surgery": surgery}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if directory.exists():
-            directory.rmdir()  # empty, checked above
-        os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    check_outputs({"directory": (directory, "dir")})
+    with staged([(directory, "dir")]) as (staging,):
+        write_checkpoint(model, staging, source, surgery)
     return directory
 
 
-def _load_directory(directory: Path, say: Callable[[str], None]) -> LoadedModel:
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise PathSurgeonError(
-            f"cannot read {directory / MANIFEST} ({error}); rewrite it with pathsurgeon add --out"
-        ) from error
-    if manifest.get("format") != FORMAT_VERSION:
-        raise PathSurgeonError(
-            f"{directory} has manifest format {manifest.get('format')!r}, this pathsurgeon reads {FORMAT_VERSION}; "
-            "upgrade pathsurgeon"
-        )
-    source = manifest.get("source") or {}
-    library = source.get("library")
-    if library == "timm":
+def load_directory(
+    directory: str | os.PathLike, say: Callable[[str], None] = lambda _: None, *, allow_missing_keys: bool = False
+) -> LoadedModel:
+    """Rebuild the model in a directory written by ``pathsurgeon add --out``, without re-applying surgery."""
+    directory = Path(directory)
+    if not (directory / MANIFEST).is_file():
+        raise ModelSpecError(f"{directory} has no {MANIFEST}; pass a directory written by pathsurgeon add --out")
+    manifest = read_manifest(directory)
+    source = manifest["source"]
+    if source["library"] == "timm":
         import timm
 
+        if not timm.is_model(source["name"]):
+            raise ManifestError(f"{directory / MANIFEST} names timm model {source['name']!r}, which timm "
+                                f"{timm.__version__} does not know; upgrade timm or fix the name")
         say(f"rebuilding timm model {source['name']} from {directory}")
         model = timm.create_model(source["name"], pretrained=False, **source.get("kwargs", {}))
-        load_weights(model, directory / WEIGHTS)
-    elif library == "transformers":
-        model = _load_transformers(str(directory), say).model
+        load_weights(model, directory / WEIGHTS, allow_missing_keys=allow_missing_keys)
     else:
-        raise PathSurgeonError(f"{directory / MANIFEST} names unknown library {library!r}; rewrite it with pathsurgeon")
-    return LoadedModel(model, source, pretrained=True, surgery=manifest.get("surgery"))
+        model = _load_transformers(
+            str(directory), say, class_name=source["class"], allow_missing_keys=allow_missing_keys
+        ).model
+    return LoadedModel(model, source, pretrained=True, surgery=manifest["surgery"])
 
 
 def load(directory: str | os.PathLike, *, verify: bool = True) -> nn.Module:
     """Rebuild the model saved in ``directory`` and re-apply its surgery, if it has one."""
     from .surgery import add
 
-    directory = Path(directory)
-    if not (directory / MANIFEST).is_file():
-        raise PathSurgeonError(f"{directory} has no {MANIFEST}; pass a directory written by pathsurgeon add --out")
-    loaded = _load_directory(directory, lambda _: None)
+    loaded = load_directory(directory)
     if loaded.surgery:
-        schedule = loaded.surgery.get("schedule", "auto")
+        schedule = loaded.surgery["schedule"]
         rate = None if isinstance(schedule, list) else loaded.surgery["rate"]
-        add(loaded.model, rate, schedule=schedule, mode=loaded.surgery.get("mode", "sample"), verify=verify)
+        if rate is None and not isinstance(schedule, list):
+            raise ManifestError(f"{Path(directory) / MANIFEST}: schedule {schedule!r} needs a rate; "
+                                "rewrite it with pathsurgeon add --out")
+        add(loaded.model, rate, schedule=schedule, mode=loaded.surgery["mode"], verify=verify)
     return loaded.model
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(data, file, indent=2)
-            file.write("\n")
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
+

@@ -1,18 +1,22 @@
 """The ``pathsurgeon`` command line: a thin layer over the Python API.
 
 ``--help`` never imports torch, so it answers at once. Exit codes: 0 success, 1 verification failed,
-2 bad usage or input, 3 an internal error (a bug: rerun with --debug and report it).
+2 bad usage or input (everything pathsurgeon refuses), 3 an internal error (a bug: rerun with --debug and
+report it), 130 / 143 interrupted by SIGINT / SIGTERM (staging files removed, nothing written).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # the shell's codes for SIGINT and SIGTERM
 
 DESCRIPTION = """\
 Add per-sample stochastic depth (DropPath) to an already-built vision model, check that eval
@@ -44,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         "batch: one draw per branch per mini-batch, a dropped branch not computed",
     )
     add.add_argument("--weights", metavar="FILE", help="load a local checkpoint (.safetensors, or a torch state_dict)")
+    _allow_missing_argument(add)
     add.add_argument("--out", metavar="DIR", help="write DIR/model.safetensors and DIR/pathsurgeon.json")
     add.add_argument("--json", metavar="FILE", help="write the plan and the check result as JSON")
     add.add_argument(
@@ -60,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--rate", type=float, metavar="R", help="show the rates this rate would give")
     _schedule_argument(inspect)
     inspect.add_argument("--weights", metavar="FILE", help="load a local checkpoint first")
+    _allow_missing_argument(inspect)
     inspect.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     strip = commands.add_parser(
@@ -79,10 +85,19 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--in", dest="source", metavar="DIR", help="directory written by add --out or strip --out")
     source.add_argument("--model", metavar="SPEC", help="timm name, HF hub id, or local directory")
     export.add_argument("--weights", metavar="FILE", help="with --model: load a local checkpoint first")
+    _allow_missing_argument(export)
     export.add_argument("--onnx", required=True, metavar="FILE", help="where to write the .onnx file")
     export.add_argument("--opset", type=int, metavar="N", help="ONNX opset version (default: the exporter's)")
     export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def _allow_missing_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-missing-keys", action="store_true",
+        help="accept a checkpoint that lacks some of the model's weights (they stay randomly initialised); "
+        "by default such a checkpoint is refused",
+    )
 
 
 def _schedule_argument(parser: argparse.ArgumentParser) -> None:
@@ -95,13 +110,15 @@ def _schedule_argument(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline-first: use the local cache, never download
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        return {"add": _add, "inspect": _inspect, "strip": _strip, "export": _export}[args.command](args)
+        with _offline_by_default(), _terminate_as_exception():
+            return {"add": _add, "inspect": _inspect, "strip": _strip, "export": _export}[args.command](args)
     except KeyboardInterrupt:
         _say("interrupted; nothing was written")
-        return EXIT_USAGE
+        return EXIT_INTERRUPTED
+    except _Terminated:
+        _say("terminated; nothing was written")
+        return EXIT_TERMINATED
     except Exception as error:  # the one place errors become exit codes
         from .errors import PathSurgeonError, VerificationError
 
@@ -118,6 +135,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}; "
              "rerun with --debug and report it")
         return EXIT_INTERNAL
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that staging files are cleaned up on the way out."""
+
+
+@contextlib.contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    def handler(signum, frame):
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _offline_by_default() -> Iterator[None]:
+    """HF_HUB_OFFLINE=1 unless the user set it (downloads are opt-in); the environment is restored after."""
+    saved = {name: os.environ.get(name) for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    try:
+        for name in saved:
+            os.environ.setdefault(name, "1")
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _say(message: str) -> None:
@@ -139,7 +192,8 @@ def _load(args, progress):
 
     loaded = load_model(
         args.model, weights=getattr(args, "weights", None),
-        require_pretrained=getattr(args, "require_pretrained", False), say=progress,
+        require_pretrained=getattr(args, "require_pretrained", False),
+        allow_missing_keys=getattr(args, "allow_missing_keys", False), say=progress,
     )
     for note in loaded.notes:
         _say(note)
@@ -152,13 +206,27 @@ def _branch_rows(branches) -> list[dict]:
             for b in branches]
 
 
+def _model_inputs(args) -> dict[str, str | None]:
+    """The paths a command reads, which no output may overwrite."""
+    model = getattr(args, "model", None)
+    return {
+        "--model": model if model and os.path.exists(model) else None,
+        "--weights": getattr(args, "weights", None),
+        "--in": getattr(args, "source", None),
+    }
+
+
 def _add(args) -> int:
-    from .checkpoint import save, write_json_atomic
+    import json
+    from pathlib import Path
+
+    from .checkpoint import write_checkpoint
     from .droppath import validate_rate
+    from .files import check_outputs, staged
     from .surgery import add
 
     rate = validate_rate(args.rate)  # fail on bad input before loading anything
-    _check_outputs(args)
+    check_outputs({"--out": (args.out, "dir"), "--json": (args.json, "file")}, _model_inputs(args))
     progress = _Progress()
     loaded = _load(args, progress)
     model = loaded.model
@@ -167,32 +235,30 @@ def _add(args) -> int:
     report = add(model, rate, schedule=args.schedule, mode=args.mode)
     progress("done")
     print(report)
-    if args.out:
-        surgery = {
-            "rate": rate, "schedule": args.schedule, "mode": args.mode, "branches": _branch_rows(report.branches),
-        }
-        save(model, args.out, loaded.source, surgery)
+    targets = [(Path(path), kind) for path, kind in ((args.out, "dir"), (args.json, "file")) if path is not None]
+    if not targets:
+        return EXIT_OK
+    with staged(targets) as stagings:  # both outputs appear together, or neither does
+        staging = dict(zip([kind for _, kind in targets], stagings, strict=True))
+        if args.out is not None:
+            surgery = {
+                "rate": rate, "schedule": args.schedule, "mode": args.mode, "branches": _branch_rows(report.branches),
+            }
+            write_checkpoint(model, staging["dir"], loaded.source, surgery)
+        if args.json is not None:
+            staging["file"].write_text(json.dumps({
+                "model": args.model, "rate": rate, "schedule": args.schedule, "mode": args.mode,
+                "branches": _branch_rows(report.branches), "max_abs_diff": report.max_abs_diff,
+                "method": report.method, "pretrained": loaded.pretrained,
+                "skipped": [{"block": s.block, "reason": s.reason} for s in report.skipped],
+                "computed_in_full": [{"block": f.block, "target": f.target, "reason": f.reason}
+                                     for f in report.fallbacks],
+            }, indent=2) + "\n")
+    if args.out is not None:
         print(f"wrote {args.out} (load it with pathsurgeon.load({args.out!r}))")
-    if args.json:
-        write_json_atomic(args.json, {
-            "model": args.model, "rate": rate, "schedule": args.schedule, "mode": args.mode,
-            "branches": _branch_rows(report.branches), "max_abs_diff": report.max_abs_diff,
-            "method": report.method, "pretrained": loaded.pretrained,
-            "skipped": [{"block": s.block, "reason": s.reason} for s in report.skipped],
-            "computed_in_full": [{"block": f.block, "target": f.target, "reason": f.reason} for f in report.fallbacks],
-        })
+    if args.json is not None:
         print(f"wrote {args.json}")
     return EXIT_OK
-
-
-def _check_outputs(args) -> None:
-    from pathlib import Path
-
-    from .errors import PathSurgeonError
-
-    out = Path(args.out) if getattr(args, "out", None) else None
-    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise PathSurgeonError(f"output {out} already exists; choose another --out or remove it first")
 
 
 def _inspect(args) -> int:
@@ -215,36 +281,33 @@ def _inspect(args) -> int:
 def _strip(args) -> int:
     from pathlib import Path
 
-    from .checkpoint import MANIFEST, _load_directory, save
-    from .errors import PathSurgeonError
+    from .checkpoint import load_directory, write_checkpoint
+    from .files import check_outputs, staged
 
-    source = Path(args.source)
-    if not (source / MANIFEST).is_file():
-        raise PathSurgeonError(f"{source} has no {MANIFEST}; pass a directory written by pathsurgeon add --out")
-    _check_outputs(args)
+    check_outputs({"--out": (args.out, "dir")}, _model_inputs(args))
     progress = _Progress()
-    progress(f"reading {source}")
-    loaded = _load_directory(source, progress)  # the weights, without re-applying the surgery
-    save(loaded.model, args.out, loaded.source, surgery=None)
+    progress(f"reading {args.source}")
+    loaded = load_directory(args.source, progress)  # the weights, without re-applying the surgery
+    with staged([(Path(args.out), "dir")]) as (staging,):
+        write_checkpoint(loaded.model, staging, loaded.source, surgery=None)
     print(f"wrote {args.out}: {type(loaded.model).__name__} with no pathsurgeon plan")
     return EXIT_OK
 
 
 def _export(args) -> int:
-    from pathlib import Path
-
-    from .checkpoint import MANIFEST, _load_directory
+    from .checkpoint import load_directory
     from .errors import PathSurgeonError
-    from .export import export_onnx
+    from .export import export_onnx, validate_opset
+    from .files import check_outputs
 
     if args.source is not None and args.weights is not None:
         raise PathSurgeonError("--weights goes with --model; a --in directory already holds its weights")
+    if args.opset is not None:
+        validate_opset(args.opset)
+    check_outputs({"--onnx": (args.onnx, "file")}, _model_inputs(args))
     progress = _Progress()
     if args.source is not None:
-        source = Path(args.source)
-        if not (source / MANIFEST).is_file():
-            raise PathSurgeonError(f"{source} has no {MANIFEST}; pass a directory written by pathsurgeon add --out")
-        model = _load_directory(source, progress).model  # the weights only: stripped on the way
+        model = load_directory(args.source, progress).model  # the weights only: stripped on the way
     else:
         args.require_pretrained = False
         model = _load(args, progress).model

@@ -5,6 +5,11 @@ from __future__ import annotations
 __all__ = [
     "AlreadySurgeredError",
     "CaptureError",
+    "CheckpointError",
+    "ManifestError",
+    "ModelSpecError",
+    "OutputPathError",
+    "UntrustedCodeError",
     "InvalidModeError",
     "InvalidRateError",
     "InvalidScheduleError",
@@ -44,3 +49,23 @@ class CaptureError(PathSurgeonError):
 
 class VerificationError(PathSurgeonError):
     """Eval-mode outputs changed after surgery; the model was rolled back."""
+
+
+class ModelSpecError(PathSurgeonError, ValueError):
+    """A model spec that names no timm model, Hugging Face model or local checkpoint."""
+
+
+class CheckpointError(PathSurgeonError, ValueError):
+    """A weights file that cannot be read safely or does not fit the model."""
+
+
+class ManifestError(PathSurgeonError, ValueError):
+    """A ``pathsurgeon.json`` that does not follow the manifest schema or names something unknown."""
+
+
+class UntrustedCodeError(PathSurgeonError, ValueError):
+    """A model directory that would need its own Python code to load; pathsurgeon never runs it."""
+
+
+class OutputPathError(PathSurgeonError, ValueError):
+    """An output path that cannot or must not be written (exists, is an input, is not writable)."""

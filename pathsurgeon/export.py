@@ -11,8 +11,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import logging
 import os
-import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,15 @@ from torch import nn
 
 from .capture import training_flags_kept
 from .errors import PathSurgeonError
+from .files import staged
 from .inputs import example_inputs as make_inputs
 from .verify import eval_outputs
 
-__all__ = ["OnnxReport", "export_onnx"]
+__all__ = ["OnnxReport", "export_onnx", "supported_opsets", "validate_opset"]
+
+# The dynamo exporter writes opset 18 and newer; asked for less, it warns, tries a conversion that often
+# fails, and silently keeps 18.
+MIN_OPSET = 18
 
 RANDOM_OPS = {"Bernoulli", "RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Multinomial"}
 
@@ -54,33 +60,65 @@ def export_onnx(
         raise PathSurgeonError(
             "ONNX export needs onnx, onnxruntime and onnxscript; pip install 'pathsurgeon[export]'"
         ) from error
+    if opset is not None:
+        opset = validate_opset(opset)
     inputs = make_inputs(model, example_inputs)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".onnx", dir=path.parent)
-    os.close(handle)
-    staging = Path(staging)
-    try:
-        # the exporter narrates every step on stdout; keep the user's terminal for results
-        with training_flags_kept(model, training=False), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+    with staged([(path, "file")]) as (staging,):
+        # the exporter narrates every step on stdout and logs conversion attempts; keep the terminal for results
+        with training_flags_kept(model, training=False), torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
                 model, inputs.args, kwargs=inputs.kwargs or None, dynamo=True, opset_version=opset, verbose=False
             )
         program.save(str(staging))
-        graph = onnx.load(str(staging), load_external_data=False).graph
-        op_types = collections.Counter(node.op_type for node in graph.node)
+        proto = onnx.load(str(staging), load_external_data=False)
+        written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        if opset is not None and written != opset:
+            raise PathSurgeonError(
+                f"the exporter wrote opset {written}, not the requested {opset}; pass --opset between "
+                f"{MIN_OPSET} and {supported_opsets()[-1]}"
+            )
+        op_types = collections.Counter(node.op_type for node in proto.graph.node)
         random_ops = sorted(RANDOM_OPS & op_types.keys())
         if random_ops:
             raise PathSurgeonError(
                 f"the exported graph contains random ops ({', '.join(random_ops)}); call pathsurgeon.strip(model) "
-                "and put the model in eval mode before exporting"
+                "and make sure the model's eval forward draws no random numbers"
             )
         difference = _check_with_onnxruntime(model, staging, inputs) if check else None
-        os.replace(staging, path)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
     return OnnxReport(path, op_types, difference)
+
+
+def supported_opsets() -> range:
+    """The ONNX opsets this installation can write: from the exporter's minimum to what onnx knows."""
+    import onnx
+
+    return range(MIN_OPSET, onnx.defs.onnx_opset_version() + 1)
+
+
+def validate_opset(opset: object) -> int:
+    """``opset`` as an int the exporter can write, or a one-line :class:`PathSurgeonError`."""
+    versions = supported_opsets()
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in versions:
+        raise PathSurgeonError(
+            f"ONNX opset {opset!r} is not supported; pass --opset between {versions[0]} and {versions[-1]}"
+        )
+    return opset
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _check_with_onnxruntime(model: nn.Module, file: Path, inputs) -> float:

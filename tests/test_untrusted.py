@@ -1,0 +1,426 @@
+"""Untrusted files and careless use: crafted directories, manifests, weights and paths.
+
+Every case asserts what a user relies on: no foreign code ran (a marker file the crafted code would
+create stays absent), nothing of the user's was overwritten, the command exits 2 with one error line,
+and nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+import pathsurgeon
+from pathsurgeon import checkpoint, cli
+
+transformers = pytest.importorskip("transformers")
+
+MODEL = "test_vit"  # timm's own tiny test model: builds in milliseconds
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_refused(code: int, err: str, *words: str) -> None:
+    errors = [line for line in err.splitlines() if line.startswith("pathsurgeon: error")]
+    assert code == 2, err
+    assert len(errors) == 1, err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in errors[0], errors[0]
+
+
+def digest(path: Path) -> dict[str, str]:
+    """Content hash of every file under ``path``: proves nothing was overwritten."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if "pathsurgeon" in p.name and p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """A real, loadable Hugging Face directory of a tiny ViT classifier."""
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    image_size=32, patch_size=8, num_labels=3)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("hf") / "vit"
+    transformers.ViTForImageClassification(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def surgered_dir(tmp_path_factory) -> Path:
+    """A directory written by ``pathsurgeon add --out`` for a timm model."""
+    folder = tmp_path_factory.mktemp("surgered") / "dp"
+    assert cli.main(["add", "--model", MODEL, "--rate", "0.1", "--out", str(folder)]) == 0
+    return folder
+
+
+def copy_dir(source: Path, target: Path) -> Path:
+    target.mkdir(parents=True)
+    for file in source.iterdir():
+        (target / file.name).write_bytes(file.read_bytes())
+    return target
+
+
+# --- foreign code ----------------------------------------------------------------------------------
+
+EVIL_MODULE = """
+from pathlib import Path
+Path({marker!r}).write_text("ran")
+from transformers import PretrainedConfig, PreTrainedModel
+class EvilConfig(PretrainedConfig):
+    model_type = "evil"
+class EvilModel(PreTrainedModel):
+    config_class = EvilConfig
+"""
+
+
+def with_remote_code(hf_dir: Path, folder: Path, marker: Path, nested: bool = False) -> Path:
+    """A copy of ``hf_dir`` whose config asks transformers to import the directory's own Python files."""
+    copy_dir(hf_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    auto_map = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModel": "modeling_evil.EvilModel"}
+    if nested:
+        config["vision_config"] = {"auto_map": auto_map}
+    else:
+        config["auto_map"] = auto_map
+    (folder / "config.json").write_text(json.dumps(config))
+    for name in ("configuration_evil.py", "modeling_evil.py"):
+        (folder / name).write_text(EVIL_MODULE.format(marker=str(marker)))
+    return folder
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_directory_with_its_own_code_is_refused_everywhere(hf_dir, tmp_path, capsys, nested):
+    marker = tmp_path / "marker"
+    evil = with_remote_code(hf_dir, tmp_path / "evil", marker, nested=nested)
+    pathsurgeon_dir = copy_dir(evil, tmp_path / "evil-surgered")
+    manifest = {"format": 1, "source": {"library": "transformers", "class": "ViTForImageClassification"},
+                "surgery": None}
+    (pathsurgeon_dir / "pathsurgeon.json").write_text(json.dumps(manifest))
+    before = digest(tmp_path)
+    for argv in (
+        ["add", "--model", evil, "--rate", "0.1"],
+        ["inspect", "--model", evil],
+        ["export", "--model", evil, "--onnx", tmp_path / "a.onnx"],
+        ["strip", "--in", pathsurgeon_dir, "--out", tmp_path / "clean"],
+        ["export", "--in", pathsurgeon_dir, "--onnx", tmp_path / "b.onnx"],
+    ):
+        code, _, err = run(capsys, *argv)
+        assert_refused(code, err, "auto_map", "never")
+    with pytest.raises(pathsurgeon.PathSurgeonError, match="auto_map"):
+        pathsurgeon.load(pathsurgeon_dir)
+    assert not marker.exists()
+    assert digest(tmp_path) == before  # nothing written, nothing changed
+
+
+def test_remote_code_is_refused_even_when_stdin_says_yes(hf_dir, tmp_path):
+    """transformers prompts "Do you wish to run the custom code? [y/N]"; a yes on stdin must change nothing."""
+    marker = tmp_path / "marker"
+    evil = with_remote_code(hf_dir, tmp_path / "evil", marker)
+    result = subprocess.run(
+        [sys.executable, "-m", "pathsurgeon.cli", "add", "--model", str(evil), "--rate", "0.1"],
+        input="y\ny\n", capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "auto_map" in result.stderr
+    assert not marker.exists()
+
+
+class _Boom:
+    """Unpickling this would create the marker file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "ran"))
+
+
+def test_pickles_are_never_run(hf_dir, tmp_path, capsys):
+    marker = tmp_path / "marker"
+    torch.save({"state_dict": {"weight": _Boom(str(marker))}}, tmp_path / "evil.pth")
+    code, _, err = run(capsys, "add", "--model", MODEL, "--rate", "0.1", "--weights", tmp_path / "evil.pth")
+    assert_refused(code, err, "weights_only=True")
+    # an HF directory whose only weights file is such a pickle
+    folder = copy_dir(hf_dir, tmp_path / "pickled")
+    (folder / "model.safetensors").unlink()
+    torch.save({"vit.embeddings.cls_token": _Boom(str(marker))}, folder / "pytorch_model.bin")
+    code, _, err = run(capsys, "add", "--model", folder, "--rate", "0.1")
+    assert code == 2, err
+    assert not marker.exists()
+
+
+# --- pathsurgeon.json is input, not instructions ---------------------------------------------------
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "pathsurgeon.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda m: [m], "top level"),
+        (lambda m: {**m, "source": {"library": "timm"}}, "source"),
+        (lambda m: {**m, "extra": 1}, "extra"),
+        (lambda m: {**m, "source": {**m["source"], "kwargs": {"checkpoint_path": "{evil}"}}}, "checkpoint_path"),
+        (lambda m: {**m, "source": {**m["source"], "kwargs": {"num_classes": "{evil}"}}}, "num_classes"),
+        (lambda m: {**m, "source": {**m["source"], "pretrained_cfg_overlay": {"file": "{evil}"}}}, "source"),
+        (lambda m: {**m, "source": {"library": "pickle", "name": "x"}}, "source"),
+        (lambda m: {**m, "source": {"library": "timm", "name": "not_a_model_anywhere"}}, "not_a_model_anywhere"),
+        (lambda m: {**m, "format": 2}, "format 2"),
+        (lambda m: {**m, "surgery": {**m["surgery"], "rate": 7}}, "surgery.rate"),
+        (lambda m: {**m, "surgery": {**m["surgery"], "mode": "fast"}}, "surgery.mode"),
+        (lambda m: {**m, "surgery": {**m["surgery"], "branches": [{"block": "x"}]}}, "surgery.branches.0"),
+    ],
+)
+def test_crafted_manifest_is_refused(surgered_dir, tmp_path, capsys, edit, words):
+    evil = tmp_path / "evil.pth"
+    marker = tmp_path / "marker"
+    torch.save({"w": _Boom(str(marker))}, evil)
+    folder = copy_dir(surgered_dir, tmp_path / "crafted")
+    text = json.dumps(edit(_manifest(folder))).replace("{evil}", str(evil))
+    (folder / "pathsurgeon.json").write_text(text)
+    with pytest.raises(pathsurgeon.PathSurgeonError) as caught:
+        pathsurgeon.load(folder)
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+    code, _, err = run(capsys, "strip", "--in", folder, "--out", tmp_path / "clean")
+    assert_refused(code, err, words)
+    assert not (tmp_path / "clean").exists() and not marker.exists()
+
+
+def test_manifest_class_must_be_a_listed_transformers_model(hf_dir, tmp_path, capsys):
+    for class_name, words in (("ViTModel", "does not list"), ("AutoTokenizer", "does not list")):
+        folder = copy_dir(hf_dir, tmp_path / class_name)
+        manifest = {"format": 1, "source": {"library": "transformers", "class": class_name}, "surgery": None}
+        (folder / "pathsurgeon.json").write_text(json.dumps(manifest))
+        code, _, err = run(capsys, "export", "--in", folder, "--onnx", tmp_path / f"{class_name}.onnx")
+        assert_refused(code, err, words)
+    folder = copy_dir(hf_dir, tmp_path / "not-a-model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["pipeline"]}))
+    code, _, err = run(capsys, "inspect", "--model", folder)
+    assert_refused(code, err, "not a model class")
+
+
+# --- weights that do not fit -------------------------------------------------------------------------
+
+
+def test_bad_weights_files_are_refused_with_one_line(tmp_path, capsys):
+    state = timm.create_model(MODEL).state_dict()
+    save_file(state, str(tmp_path / "good.safetensors"))
+    data = (tmp_path / "good.safetensors").read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    wrong = {k: (torch.zeros(v.shape[0] + 1, *v.shape[1:]) if k == "head.weight" else v) for k, v in state.items()}
+    save_file(wrong, str(tmp_path / "shapes.safetensors"))
+    torch.save({"model": {k: v for k, v in state.items() if k != "head.bias"}}, tmp_path / "partial.pth")
+    (tmp_path / "a-directory").mkdir()
+    for name, words in (
+        ("truncated.safetensors", "truncated"),
+        ("empty.safetensors", "truncated"),
+        ("shapes.safetensors", "head.weight has shape"),
+        ("partial.pth", "1 missing keys"),
+        ("a-directory", "is a directory"),
+        ("missing.safetensors", "does not exist"),
+    ):
+        code, _, err = run(capsys, "add", "--model", MODEL, "--rate", "0.1", "--weights", tmp_path / name)
+        assert_refused(code, err, words)
+
+
+def test_weights_that_do_not_fit_leave_the_model_untouched(tmp_path):
+    model = timm.create_model(MODEL)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = timm.create_model(MODEL).state_dict()
+    state["head.weight"] = torch.zeros(7, state["head.weight"].shape[1])  # the last key in load order is wrong
+    save_file(state, str(tmp_path / "w.safetensors"))
+    with pytest.raises(pathsurgeon.CheckpointError, match="head.weight"):
+        checkpoint.load_weights(model, tmp_path / "w.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_hugging_face_checkpoint_missing_its_head_is_refused_unless_allowed(tmp_path, capsys):
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    image_size=32, patch_size=8, num_labels=3)
+    folder = tmp_path / "backbone"
+    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**saved, "architectures": ["ViTForImageClassification"]}))
+    code, _, err = run(capsys, "inspect", "--model", folder)
+    assert_refused(code, err, "missing keys", "classifier", "--allow-missing-keys")
+    code, out, err = run(capsys, "inspect", "--model", folder, "--allow-missing-keys")
+    assert code == 0, err
+    assert "randomly initialised" in err
+
+
+# --- output paths --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Output paths are checked before anything is loaded: loading at all fails the test."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output paths were checked")
+
+    monkeypatch.setattr(checkpoint, "load_model", forbidden)
+    monkeypatch.setattr(checkpoint, "load_directory", forbidden, raising=False)
+
+
+def test_outputs_may_not_overwrite_inputs_or_each_other(surgered_dir, tmp_path, capsys, no_loading):
+    source = copy_dir(surgered_dir, tmp_path / "in")
+    weights = tmp_path / "w.safetensors"
+    save_file(timm.create_model(MODEL).state_dict(), str(weights))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    before = digest(tmp_path)
+    for argv, words in (
+        (["export", "--in", source, "--onnx", source / "model.safetensors"], "input --in"),
+        (["export", "--in", source, "--onnx", source / "new.onnx"], "inside the input --in"),
+        (["export", "--model", MODEL, "--weights", weights, "--onnx", weights], "input --weights"),
+        (["add", "--model", MODEL, "--rate", "0.1", "--out", tmp_path / "o", "--json", tmp_path / "o" / "p.json"],
+         "inside --out"),
+        (["add", "--model", MODEL, "--rate", "0.1", "--out", tmp_path / "o", "--json", tmp_path / "o"],
+         "is the same path as"),
+        (["add", "--model", source, "--rate", "0.1", "--json", source / "pathsurgeon.json"], "input --model"),
+        (["add", "--model", MODEL, "--rate", "0.1", "--json", tmp_path / "taken"], "is a directory"),
+        (["add", "--model", MODEL, "--rate", "0.1", "--out", tmp_path / "taken"], "already exists"),
+        (["strip", "--in", source, "--out", source], "already exists"),
+        (["add", "--model", MODEL, "--rate", "0.1", "--out", ""], "--out is empty"),
+        (["add", "--model", MODEL, "--rate", "0.1", "--json", ""], "--json is empty"),
+    ):
+        code, _, err = run(capsys, *argv)
+        assert_refused(code, err, words)
+    assert digest(tmp_path) == before
+    assert leftovers(tmp_path) == [] and leftovers(source) == []
+
+
+def test_unwritable_output_locations_are_refused_before_loading(tmp_path, capsys, no_loading):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    cases = [
+        (tmp_path / "file" / "out", "which is a file"),
+        (tmp_path / "dangling" / "out", "broken symbolic link"),
+        (tmp_path / "dangling", "symbolic link"),
+    ]
+    if os.geteuid() != 0:  # root may write anywhere; a read-only directory only stops other users
+        (tmp_path / "read-only").mkdir(mode=0o555)
+        cases.append((tmp_path / "read-only" / "out", "cannot write"))
+    for out, words in cases:
+        code, _, err = run(capsys, "add", "--model", MODEL, "--rate", "0.1", "--out", out)
+        assert_refused(code, err, words)
+        code, _, err = run(capsys, "export", "--model", MODEL, "--onnx", out)
+        assert_refused(code, err, words)
+
+
+def test_a_failure_writing_the_second_output_leaves_neither(tmp_path, capsys, monkeypatch):
+    real = Path.write_text
+
+    def failing(self, *args, **kwargs):
+        if ".p.json." in self.name:
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", failing)
+    code, _, err = run(capsys, "add", "--model", MODEL, "--rate", "0.1", "--out", tmp_path / "o",
+                       "--json", tmp_path / "p.json")
+    assert_refused(code, err, "No space left on device", "nothing was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("opset, words", [("0", "opset 0"), ("17", "between 18"), ("999", "opset 999")])
+def test_unsupported_opset_is_refused_before_exporting(tmp_path, capsys, opset, words, no_loading):
+    code, _, err = run(capsys, "export", "--model", MODEL, "--onnx", tmp_path / "m.onnx", "--opset", opset)
+    assert_refused(code, err, words)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- interrupted runs ------------------------------------------------------------------------------------
+
+# Runs the CLI with the checkpoint writer blocked half-way, so that a signal arrives while the staging
+# directory holds part of the checkpoint.
+HARNESS = """
+import sys, time
+from pathlib import Path
+import safetensors.torch
+real = safetensors.torch.save_file
+def slow_save(state, path, metadata=None):
+    real(state, path, metadata=metadata)
+    Path({ready!r}).write_text("staged")
+    time.sleep(120)
+safetensors.torch.save_file = slow_save
+from pathsurgeon import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _start_blocked_add(tmp_path: Path, out: Path) -> tuple[subprocess.Popen, Path]:
+    ready = tmp_path / "ready"
+    script = tmp_path / "harness.py"
+    script.write_text(textwrap.dedent(HARNESS.format(ready=str(ready))))
+    process = subprocess.Popen(
+        [sys.executable, str(script), "add", "--model", MODEL, "--rate", "0.1", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not ready.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the harness never reached the checkpoint write"
+        time.sleep(0.1)
+    return process, ready
+
+
+@pytest.mark.parametrize("how, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_during_write_leaves_nothing_behind(tmp_path, how, exit_code):
+    work = tmp_path / "work"
+    work.mkdir()
+    process, _ = _start_blocked_add(tmp_path, work / "out")
+    assert leftovers(work) != []  # the staging directory exists while the checkpoint is written
+    process.send_signal(how)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == exit_code, err
+    assert "nothing was written" in err
+    assert list(work.iterdir()) == []
+
+
+def test_staging_left_by_a_killed_run_is_removed_by_the_next(tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    process, _ = _start_blocked_add(tmp_path, work / "out")
+    process.kill()
+    process.communicate(timeout=60)
+    stale = leftovers(work)
+    assert len(stale) == 1 and (work / stale[0] / "model.safetensors").exists()
+    code, _, err = run(capsys, "add", "--model", MODEL, "--rate", "0.1", "--out", work / "out")
+    assert code == 0, err
+    assert sorted(p.name for p in work.iterdir()) == ["out"]
+    assert sorted(load_file(work / "out" / "model.safetensors")) == sorted(timm.create_model(MODEL).state_dict())
+
+
+def test_cli_leaves_the_environment_as_it_found_it(capsys, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    before = dict(os.environ)
+    code, _, _ = run(capsys, "inspect", "--model", MODEL)
+    assert code == 0
+    assert dict(os.environ) == before
