@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from .errors import CaptureError
 from .finder import GraphView, from_symbolic_trace
 from .inputs import ExampleInputs
 
-__all__ = ["Capture", "capture", "register_leaf_module", "training_flags_kept"]
+__all__ = ["Capture", "capture", "private_rng", "register_leaf_module", "training_flags_kept"]
 
 _LEAF_MODULES: list[type] = []
 
@@ -88,6 +89,28 @@ def training_flags_kept(model: nn.Module, training: bool | None = None) -> Itera
             module.training = flag
 
 
+_SEED = 0
+
+
+@contextlib.contextmanager
+def private_rng(model: nn.Module, seed: int = _SEED) -> Iterator[None]:
+    """Run the block from a fixed RNG state on a fork of the generators; the caller's state is restored.
+
+    Every forward pathsurgeon runs goes through this, so that models whose eval forward draws random
+    numbers (ViTMAE's masking) give the same outputs before and after surgery, and so that ``add``
+    leaves the user's global RNG exactly where it was. Covers the CPU generator and the CUDA devices the
+    model lives on.
+    """
+    devices = sorted(
+        {t.device.index or 0 for t in itertools.chain(model.parameters(), model.buffers()) if t.device.type == "cuda"}
+    )
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        for index in devices:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
 def _shadow(model: nn.Module) -> nn.Module:
     """A copy of the module tree that shares every parameter and buffer with ``model``.
 
@@ -107,7 +130,7 @@ def capture(model: nn.Module, inputs: ExampleInputs | None) -> Capture:
     leaf_types = leaf_types + tuple(_LEAF_MODULES) + (slot_lib.SlotProbe,)
     failures: list[str] = []
     output_shapes: dict[str, torch.Size] = {}
-    with training_flags_kept(model, training=False), slot_lib.install(model, slots) as probes:
+    with training_flags_kept(model, training=False), slot_lib.install(model, slots) as probes, private_rng(model):
         view = None
         method = ""
         try:

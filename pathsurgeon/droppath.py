@@ -20,25 +20,50 @@ Modes of :class:`DropPath` (how a dropped branch is handled while training; all 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-__all__ = ["MODES", "DropPath", "Gather", "drop_path", "validate_mode", "validate_rate"]
+__all__ = ["MODES", "DropPath", "Gather", "brief", "drop_path", "real_number", "validate_mode", "validate_rate"]
 
 MODES = ("sample", "skip", "batch")
 
 
+def real_number(value: object) -> float | None:
+    """``value`` as a Python float if it is a real number of any type, else None.
+
+    Python and numpy ints and floats (anything registered as :class:`numbers.Real`) and 0-d real tensors
+    count; booleans, complex numbers and tensors with more than one element do not.
+    """
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_complex() and value.dtype != torch.bool:
+        return float(value.item())
+    return None
+
+
+def brief(value: object) -> str:
+    """A one-line description of a value for an error message (a tensor by its shape, not its contents)."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    text = repr(value).splitlines()[0] if repr(value) else ""
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
 def validate_rate(rate: object, *, what: str = "rate") -> float:
-    """Return ``rate`` as a float in [0, 1), or raise :class:`~pathsurgeon.errors.InvalidRateError`."""
+    """Return ``rate`` as a float in [0, 1), or raise :class:`~pathsurgeon.errors.InvalidRateError`.
+
+    Any real number type is accepted (``0.1``, ``numpy.float32(0.1)``, ``torch.tensor(0.1)``).
+    """
     from .errors import InvalidRateError
 
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
-        raise InvalidRateError(
-            f"{what} must be a number in [0, 1), got {type(rate).__name__} {rate!r}; pass e.g. rate=0.1"
-        )
-    value = float(rate)
+    value = real_number(rate)
+    if value is None:
+        raise InvalidRateError(f"{what} must be a number in [0, 1), got {brief(rate)}; pass e.g. rate=0.1")
     if math.isnan(value) or not 0.0 <= value < 1.0:
         raise InvalidRateError(
             f"{what} must be in [0, 1) (the probability of dropping a sample's branch), got {value!r}; "
@@ -53,7 +78,8 @@ def validate_mode(mode: object) -> str:
 
     if not isinstance(mode, str) or mode not in MODES:
         raise InvalidModeError(
-            f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}; "
+            f"mode must be one of {', '.join(repr(m) for m in MODES)}, "
+            f"got {repr(mode) if isinstance(mode, str) else brief(mode)}; "
             "pass mode='sample' (timm's per-sample drop path) or mode='skip' (same, without computing dropped samples)"
         )
     return mode
@@ -122,6 +148,9 @@ class DropPath(nn.Module):
         # False for branches that cannot run on an empty batch (a reshape with -1): when no sample is
         # kept, the branch runs on one sample and is multiplied by zero.
         self.empty_ok = True
+        # True for the modules pathsurgeon.add puts into a model (a user's own DropPath layers are False):
+        # one found outside any surgery record is a leftover copy, and adding again would drop twice
+        self.inserted = False
 
     @property
     def drop_prob(self) -> float:

@@ -23,8 +23,9 @@ single way in keeps computing every sample, and the report lists it with the rea
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Sequence
+import functools
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,7 @@ from torch.utils import _pytree
 
 from . import slots as slot_lib
 from .capture import Capture, capture, training_flags_kept
-from .droppath import DropPath, Gather, validate_mode, validate_rate
+from .droppath import DropPath, Gather, brief, real_number, validate_mode, validate_rate
 from .errors import AlreadySurgeredError, NoBranchesError, PathSurgeonError, VerificationError
 from .finder import BranchEntry, ResidualAdd, branch_entries, find_residual_adds
 from .inputs import ExampleInputs, example_inputs
@@ -284,21 +285,18 @@ def add(
     drop path, the same code path and random numbers), 'skip' (per-sample, but dropped samples are not
     computed) or 'batch' (one draw per branch per mini-batch; a dropped branch is not computed).
     ``verify``: compare eval outputs before and after on ``example_inputs`` (made from the model's
-    config when not given): True demands bitwise equality, a float is an absolute tolerance, False
-    skips the check. On any failure the model is left exactly as it was.
+    config when not given), each run from the same fixed RNG state: True demands bitwise equality, a
+    float is an absolute tolerance, False skips the check. On any failure, an interrupt included, the
+    model is left exactly as it was; the caller's RNG state is never changed.
     """
     _check_model(model)
     if rate is not None:
         rate = validate_rate(rate)
     mode = validate_mode(mode)
     tolerance = _tolerance(verify)
-    if _record(model) is not None:
-        count = len(_record(model).branches)
-        raise AlreadySurgeredError(
-            f"model already carries pathsurgeon DropPath on {count} branches; "
-            "use pathsurgeon.set_rate(model, rate) to change rates, or pathsurgeon.strip(model) first"
-        )
+    _refuse_existing_surgery(model)
     schedule = validate_schedule(schedule, rate)
+    _refuse_meta_device(model, tolerance, mode)
     inputs = example_inputs_for(model, example_inputs, required=tolerance is not None or mode != "sample")
     recipe = recipe_for(model)
     captured = capture(model, inputs)
@@ -312,54 +310,78 @@ def add(
         branches = _with_entries(model, branches, selected, captured, mode, reasons)
     reference = eval_outputs(model, inputs) if tolerance is not None else None
 
-    changes: list[_Change] = []
-    try:
-        changes = _apply(model, branches)
-        difference = None
+    record = Record(changes=[], branches=branches, blocks=_blocks(selected), method=captured.method, rate=rate,
+                    schedule=plan.schedule, mode=mode)
+    difference = None
+    with _Transaction() as transaction:
+        # the record is the first change, so that an interrupt at any later point is undone with the rest
+        transaction.do(lambda: vars(model).__setitem__(RECORD_ATTRIBUTE, record),
+                       lambda: vars(model).pop(RECORD_ATTRIBUTE, None))
+        for change in _changes(model, branches):
+            record.changes.append(change)
+            transaction.do(functools.partial(_redo, model, change), change.undo)
         if reference is not None:
             difference = max_abs_diff(reference, eval_outputs(model, inputs))
             if not difference <= tolerance:
-                for change in reversed(changes):
-                    change.undo()
-                if not max_abs_diff(reference, eval_outputs(model, inputs)) <= tolerance:
-                    raise VerificationError(
-                        f"{type(model).__name__} gives different eval outputs on the same inputs from one call to "
-                        "the next (random masking?); pass example_inputs that fix its randomness (e.g. noise=) "
-                        "or verify=False"
-                    )
-                culprit = _first_changing_block(model, changes, reference, inputs, tolerance)
-                raise VerificationError(
-                    f"eval outputs changed after adding DropPath (max |Δ| = {difference:g}), first at block "
-                    f"{culprit!r}; the model was rolled back; report this model, or pass verify=False to skip"
-                )
-        failed = _check_gathers(model, [c for c in changes if c.gathers], inputs)
+                raise _verification_error(model, record.changes, reference, inputs, tolerance, difference)
+        failed = _check_gathers(model, [c for c in record.changes if c.gathers], inputs)
         for change, reason in failed.items():
             change.remove_gather()
             change.gathers = []
             if mode == "skip":
                 change.drop.mode = "sample"
             reasons[change.target] = reason
-    except BaseException:
-        for change in reversed(changes):
-            change.undo()
-        raise
-    branches = [
-        dataclasses.replace(b, entry=None, mode="sample" if mode == "skip" else mode) if b.target in reasons else b
-        for b in branches
-    ]
-    fallbacks = list(dict.fromkeys(Fallback(b.block, b.target, reasons[b.target]) for b in branches
-                                   if b.target in reasons))
-    vars(model)[RECORD_ATTRIBUTE] = Record(
-        changes=changes,
-        branches=branches,
-        blocks=_blocks(selected),
-        method=captured.method,
-        rate=rate,
-        schedule=plan.schedule,
-        mode=mode,
-        fallbacks=fallbacks,
+        record.branches = [
+            dataclasses.replace(b, entry=None, mode="sample" if mode == "skip" else mode) if b.target in reasons else b
+            for b in branches
+        ]
+        record.fallbacks = list(dict.fromkeys(
+            Fallback(b.block, b.target, reasons[b.target]) for b in branches if b.target in reasons
+        ))
+    return Report(record.branches, difference, captured.method, plan.schedule, plan.formula, skipped, mode,
+                  record.fallbacks)
+
+
+class _Transaction:
+    """Changes to a model that are all undone, newest first, if the ``with`` block raises anything.
+
+    ``do(apply, undo)`` registers ``undo`` *before* calling ``apply``, and every undo restores a saved
+    state (it is safe to run when ``apply`` did not finish), so an exception or a KeyboardInterrupt at
+    any point leaves the model as it was before the block.
+    """
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], None]] = []
+
+    def __enter__(self) -> _Transaction:
+        return self
+
+    def do(self, apply: Callable[[], None], undo: Callable[[], None]) -> None:
+        self._undo.append(undo)
+        apply()
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None:
+            while self._undo:
+                self._undo.pop()()
+
+
+def _verification_error(
+    model: nn.Module, changes: list[_Change], reference: list[torch.Tensor], inputs, tolerance: float, difference: float
+) -> VerificationError:
+    """Why the eval outputs moved: the model is random from call to call, or a block changed them."""
+    for change in reversed(changes):
+        change.undo()
+    if not max_abs_diff(reference, eval_outputs(model, inputs)) <= tolerance:
+        return VerificationError(
+            f"{type(model).__name__} gives different eval outputs on the same inputs and seed from one call to "
+            "the next (randomness outside torch's generators?); pass example_inputs that fix it or verify=False"
+        )
+    culprit = _first_changing_block(model, changes, reference, inputs, tolerance)
+    return VerificationError(
+        f"eval outputs changed after adding DropPath (max |Δ| = {difference:g}), first at block "
+        f"{culprit!r}; the model was rolled back; report this model, or pass verify=False to skip"
     )
-    return Report(branches, difference, captured.method, plan.schedule, plan.formula, skipped, mode, fallbacks)
 
 
 def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[float] = "auto") -> list[Branch]:
@@ -370,46 +392,102 @@ def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[f
     schedule = validate_schedule(schedule, rate)
     record = _record(model)
     if record is None:
+        inner = _surgered_submodules(model)
+        where = f"; its submodule {inner[0]!r} is: call set_rate on model.{inner[0]}" if inner else ""
         raise PathSurgeonError(
-            "model carries no pathsurgeon DropPath; call pathsurgeon.add(model, rate) first"
+            f"model carries no pathsurgeon DropPath{where or '; call pathsurgeon.add(model, rate) first'}"
         )
     plan = make_plan(model, record.blocks, rate, schedule, recipe_for(model))
     new_rates = [plan.rate_of(change.block) for change in record.changes]
-    old_rates = [change.drop.rate for change in record.changes]
     branches = [dataclasses.replace(b, rate=plan.rate_of(b.block)) for b in record.branches]
-    try:
+    with _Transaction() as transaction:
         for change, new in zip(record.changes, new_rates, strict=True):
-            change.drop.rate = new
-    except BaseException:
-        for change, old in zip(record.changes, old_rates, strict=True):
-            change.drop.rate = old
-        raise
-    record.branches, record.rate, record.schedule = branches, rate, plan.schedule
+            transaction.do(functools.partial(setattr, change.drop, "rate", new),
+                           functools.partial(setattr, change.drop, "rate", change.drop.rate))
+        saved = (record.branches, record.rate, record.schedule)
+        transaction.do(lambda: _set_record_rates(record, branches, rate, plan.schedule),
+                       lambda: _set_record_rates(record, *saved))
     return branches
 
 
+def _set_record_rates(record: Record, branches: list[Branch], rate: float | None, schedule) -> None:
+    record.branches, record.rate, record.schedule = branches, rate, schedule
+
+
 def strip(model: nn.Module) -> nn.Module:
-    """Undo :func:`add` in place: every slot and hook back as it was. A no-op on an untouched model."""
+    """Undo :func:`add` in place: every slot and hook back as it was. A no-op on an untouched model.
+
+    Surgery applied to a submodule (``add(model.backbone, ...)``, or a model later wrapped in another
+    module) is undone too, so that nothing of pathsurgeon is left anywhere in the tree.
+    """
     _check_model(model)
-    record = _record(model)
-    if record is None:
-        return model
-    undone: list[_Change] = []
-    try:
-        for change in reversed(record.changes):
-            change.undo()
-            undone.append(change)
-    except BaseException:
-        for change in reversed(undone):
-            _redo(model, change)
-        raise
-    del vars(model)[RECORD_ATTRIBUTE]
+    with _Transaction() as transaction:
+        for name in _surgered_submodules(model, include_root=True):
+            owner = model.get_submodule(name)
+            record = _record(owner)
+            for change in reversed(record.changes):
+                transaction.do(change.undo, functools.partial(_redo, owner, change))
+            transaction.do(functools.partial(vars(owner).pop, RECORD_ATTRIBUTE),
+                           functools.partial(vars(owner).__setitem__, RECORD_ATTRIBUTE, record))
     return model
 
 
 def is_surgered(model: nn.Module) -> bool:
-    """True while ``model`` carries pathsurgeon's changes."""
-    return _record(model) is not None
+    """True while ``model``, or any module inside it, carries pathsurgeon's changes."""
+    return bool(_surgered_submodules(model, include_root=True))
+
+
+def _surgered_submodules(model: nn.Module, include_root: bool = False) -> list[str]:
+    """Names of the modules in ``model``'s tree that hold a surgery record ('' is the model itself)."""
+    return [
+        name for name, module in model.named_modules()
+        if (include_root or name) and RECORD_ATTRIBUTE in vars(module)
+    ]
+
+
+def _refuse_existing_surgery(model: nn.Module) -> None:
+    """One surgery per module tree: a second one would drop some branches twice."""
+    record = _record(model)
+    if record is not None:
+        raise AlreadySurgeredError(
+            f"model already carries pathsurgeon DropPath on {len(record.branches)} branches; "
+            "use pathsurgeon.set_rate(model, rate) to change rates, or pathsurgeon.strip(model) first"
+        )
+    inner = _surgered_submodules(model)
+    if inner:
+        raise AlreadySurgeredError(
+            f"submodule {inner[0]!r} of this model was already surgered by pathsurgeon.add; adding again would "
+            "drop its branches twice: call pathsurgeon.strip(model) first, or set_rate on that submodule"
+        )
+    for name, module in model.named_modules():
+        leftover = None
+        if isinstance(module, DropPath) and module.inserted:
+            leftover = "pathsurgeon's DropPath"
+        elif any(isinstance(h, _BranchHook) for h in module._forward_hooks.values()):
+            leftover = "a pathsurgeon drop-path hook"
+        elif any(isinstance(h, Gather) for h in module._forward_pre_hooks.values()):
+            leftover = "a pathsurgeon gather hook"
+        if leftover is not None:
+            raise AlreadySurgeredError(
+                f"{name or 'the model'} holds {leftover} that no surgery record in this model accounts for (copied "
+                "out of a surgered model?); strip the model it came from before copying, or rebuild this one"
+            )
+
+
+def _refuse_meta_device(model: nn.Module, tolerance: float | None, mode: str) -> None:
+    on_meta = any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+    if not on_meta:
+        return
+    if tolerance is not None:
+        raise PathSurgeonError(
+            f"{type(model).__name__} is on the meta device (no weights), so its eval outputs cannot be checked; "
+            "pass verify=False, or load the weights first (model.to_empty(device='cpu'), then load_state_dict)"
+        )
+    if mode != "sample":
+        raise PathSurgeonError(
+            f"mode {mode!r} checks each branch on real numbers, but {type(model).__name__} is on the meta device; "
+            "use mode='sample' there, or load the weights first"
+        )
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -427,9 +505,10 @@ def _tolerance(verify: bool | float) -> float | None:
         return 0.0
     if verify is False or verify is None:
         return None
-    if isinstance(verify, (int, float)) and not math.isnan(verify) and verify >= 0:
-        return float(verify)
-    raise PathSurgeonError(f"verify must be True, False or a tolerance >= 0, got {verify!r}")
+    value = real_number(verify)
+    if value is not None and value >= 0:  # NaN fails the comparison
+        return value
+    raise PathSurgeonError(f"verify must be True, False or a tolerance >= 0, got {brief(verify)}")
 
 
 def example_inputs_for(model: nn.Module, given: Any, *, required: bool) -> ExampleInputs | None:
@@ -532,21 +611,12 @@ def _branch(add_: ResidualAdd, plan: Plan, rate: float, captured: Capture, input
                   plan.unit_of_block.get(add_.block))
 
 
-def _apply(model: nn.Module, branches: list[Branch]) -> list[_Change]:
-    """Change the model, one change per slot or hooked module; on failure undo and re-raise."""
-    changes: list[_Change] = []
+def _changes(model: nn.Module, branches: list[Branch]) -> list[_Change]:
+    """One change per slot or hooked module, built but not applied (the caller applies them in order)."""
     by_target: dict[str, list[Branch]] = {}
     for branch in branches:  # one slot can be called on several branches (timm CaiT, MLP-Mixer)
         by_target.setdefault(branch.target, []).append(branch)
-    try:
-        for target_branches in by_target.values():
-            changes.append(_change(model, target_branches[0], [b.entry for b in target_branches if b.entry]))
-            _redo(model, changes[-1])
-    except BaseException:
-        for change in reversed(changes):
-            change.undo()
-        raise
-    return changes
+    return [_change(model, mine[0], [b.entry for b in mine if b.entry]) for mine in by_target.values()]
 
 
 def _change(model: nn.Module, branch: Branch, entries: list[str]) -> _Change:
@@ -556,11 +626,13 @@ def _change(model: nn.Module, branch: Branch, entries: list[str]) -> _Change:
         original = slot_lib.read_slot(parent, attr)
         scale = getattr(original.value, "scale_by_keep", True)
         drop = DropPath(branch.rate, scale_by_keep=scale, batch_axis=branch.batch_axis, mode=branch.mode)
+        drop.inserted = True
         drop.train(parent.training)  # a new module defaults to training; follow the model's mode
         change = _Change(branch.block, branch.target, drop, parent=parent, attr=attr, original=original)
     else:
         hooked = model.get_submodule(branch.target)
         drop = DropPath(branch.rate, batch_axis=branch.batch_axis, mode=branch.mode)
+        drop.inserted = True
         handle = hooked.register_forward_hook(_BranchHook(drop))
         hooked._forward_hooks.pop(handle.id)  # installed by _redo, like every other change
         change = _Change(branch.block, branch.target, drop, hook_id=handle.id, hooked=hooked)

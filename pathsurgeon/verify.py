@@ -9,15 +9,14 @@ import torch
 from torch import nn
 from torch.utils import _pytree
 
-from .capture import training_flags_kept
+from .capture import private_rng, training_flags_kept
 from .inputs import ExampleInputs
 
 __all__ = ["eval_outputs", "max_abs_diff", "tensor_leaves"]
 
-
 def eval_outputs(model: nn.Module, inputs: ExampleInputs) -> list[torch.Tensor]:
-    """The tensors ``model`` returns in eval mode, detached, in a fixed order."""
-    with training_flags_kept(model, training=False), torch.no_grad():
+    """The tensors ``model`` returns in eval mode, detached, in a fixed order, from a fixed RNG state."""
+    with training_flags_kept(model, training=False), torch.no_grad(), private_rng(model):
         output = inputs.call(model)
     return [t.detach().clone() for t in tensor_leaves(output)]
 

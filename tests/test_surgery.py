@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import random
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -68,6 +70,11 @@ def test_set_rate_matches_native_model_at_the_new_rate(vit_factory):
     expected = torch.linspace(0, 0.3, 4).tolist()
     assert [b.rate for b in branches[::2]] == pytest.approx(expected)
     native = vit_factory(0.3)
+    # the modules themselves carry the new rates, slot by slot as timm's native model has them
+    ours = {n: m.rate for n, m in model.named_modules() if isinstance(m, pathsurgeon.DropPath)}
+    theirs = {n: m.drop_prob for n, m in native.named_modules() if type(m).__name__ == "DropPath"}
+    theirs["blocks.0.drop_path1"] = theirs["blocks.0.drop_path2"] = 0.0  # timm builds nn.Identity at rate 0
+    assert ours == pytest.approx(theirs)
     x = torch.randn(3, 3, 32, 32)
     assert_same_training_output(native, model, x, seed=5)
     assert [round(b.rate, 6) for b in pathsurgeon.find(model)] == [round(b.rate, 6) for b in branches]
@@ -264,8 +271,25 @@ def test_torchvision_resnet_without_slots_gets_hooks():
     assert [b.target for b in report.branches][:2] == ["layer1.0.bn2", "layer1.1.bn2"]
     with torch.no_grad():
         assert torch.equal(model(x), reference)
+    # in training the hooks drop each sample's branch output whole: some outputs zeroed, others scaled
+    branch_outputs = {}
+    for branch in report.branches:
+        model.get_submodule(branch.target).register_forward_hook(
+            lambda m, i, out, n=branch.target: branch_outputs.__setitem__(n, out.detach().clone())
+        )
+    pathsurgeon.set_rate(model, 0.5, schedule="uniform")
+    model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model(torch.randn(16, 3, 64, 64))
+    assert branch_outputs.keys() == {b.target for b in report.branches}
+    for target, out in branch_outputs.items():  # at rate 0.5, of 16 samples some are dropped and some kept
+        dropped = (out.flatten(1) == 0).all(1)
+        assert 0 < int(dropped.sum()) < 16, target
+    for handle_owner in {b.target for b in report.branches}:
+        model.get_submodule(handle_owner)._forward_hooks.popitem()  # our test hooks, registered last
     pathsurgeon.strip(model)
-    assert_unchanged(model, before)
+    assert_unchanged(model, {**before, "state": snapshot(model)["state"]})  # BatchNorm statistics moved in training
 
 
 def test_torchvision_stochastic_depth_matches_native():
@@ -313,3 +337,139 @@ def test_dtype_is_respected(vit):
     report = pathsurgeon.add(vit, 0.1)  # example inputs made in the model's dtype
     assert report.max_abs_diff == 0.0
     assert all(p.dtype == torch.float64 for p in vit.parameters())
+
+
+# --- API edges: nested surgery, interrupts, meta device, number types, random eval ----------------------
+
+
+def test_surgery_through_a_wrapper_is_refused_both_ways(vit):
+    pathsurgeon.add(vit, 0.5)
+    before = snapshot(vit)
+    wrapper = nn.Sequential(vit)
+    with pytest.raises(pathsurgeon.AlreadySurgeredError, match="submodule '0'"):
+        pathsurgeon.add(wrapper, 0.5)
+    assert snapshot(vit)["layout"] == before["layout"]
+    assert pathsurgeon.is_surgered(wrapper)
+    pathsurgeon.strip(wrapper)  # strips the surgery inside, too
+    assert pathsurgeon_leftovers(vit) == [] and not pathsurgeon.is_surgered(wrapper)
+
+    wrapper = nn.Sequential(vit)
+    pathsurgeon.add(wrapper, 0.5, example_inputs=torch.randn(2, 3, 32, 32))
+    with pytest.raises(pathsurgeon.AlreadySurgeredError, match="holds pathsurgeon's DropPath"):
+        pathsurgeon.add(vit, 0.5)
+    pathsurgeon.strip(wrapper)
+    assert pathsurgeon_leftovers(vit) == []
+
+
+def test_a_users_own_droppath_layers_are_re_rated_not_refused():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.drop_path = pathsurgeon.DropPath(0.3)
+
+        def forward(self, x):
+            return x + self.drop_path(self.fc(x))
+
+    model = Net()
+    report = pathsurgeon.add(model, 0.1, schedule="uniform", example_inputs=torch.randn(2, 4))
+    assert [b.rate for b in report.branches] == [0.1]
+    pathsurgeon.strip(model)
+    assert model.drop_path.rate == 0.3 and not model.drop_path.inserted
+
+
+@pytest.mark.parametrize("where", ["record", "change", "verify", "gather check", "report"])
+def test_interrupt_anywhere_in_add_leaves_the_model_consistent(vit, monkeypatch, where):
+    """A KeyboardInterrupt at any point of add: the model is untouched, or fully surgered with its record."""
+    before = snapshot(vit)
+    if where == "change":
+        real, calls = surgery._redo, {"n": 0}
+
+        def interrupted(model, change):
+            calls["n"] += 1
+            real(model, change)  # the change is made, then the interrupt arrives
+            if calls["n"] == 8:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(surgery, "_redo", interrupted)
+    elif where == "record":  # the record is made: it must not be the last step, after the changes
+        monkeypatch.setattr(surgery, "Record", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    elif where == "verify":
+        monkeypatch.setattr(surgery, "max_abs_diff", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    elif where == "gather check":  # after the last change, before the record is complete
+        monkeypatch.setattr(surgery, "_check_gathers", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    else:
+        monkeypatch.setattr(surgery, "Report", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        pathsurgeon.add(vit, 0.1)
+    if where == "report":  # the surgery completed: it must be whole, recorded and strippable
+        assert pathsurgeon.is_surgered(vit)
+        assert len([m for m in vit.modules() if isinstance(m, pathsurgeon.DropPath)]) == 8
+        pathsurgeon.strip(vit)
+    assert_unchanged(vit, before)
+
+
+def test_model_on_the_meta_device(vit_factory):
+    native = vit_factory(0.2)
+    with torch.device("meta"):
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=4)
+    with pytest.raises(pathsurgeon.PathSurgeonError, match="meta device.*verify=False"):
+        pathsurgeon.add(model, 0.2)
+    assert pathsurgeon_leftovers(model) == []
+    with pytest.raises(pathsurgeon.PathSurgeonError, match="meta device"):
+        pathsurgeon.add(model, 0.2, mode="skip", verify=False)
+    report = pathsurgeon.add(model, 0.2, verify=False)  # built empty, surgered, then loaded: the FSDP way
+    assert report.max_abs_diff is None and len(report.branches) == 8
+    model.to_empty(device="cpu")
+    model.load_state_dict(native.state_dict())
+    assert_same_training_output(native, model, torch.randn(3, 3, 32, 32), seed=11)
+
+
+@pytest.mark.parametrize(
+    "rate",
+    [np.float32(0.25), np.float64(0.25), torch.tensor(0.25), torch.tensor(0.25, dtype=torch.float64), np.int64(0)],
+    ids=["np.float32", "np.float64", "tensor", "tensor64", "np.int64"],
+)
+def test_any_real_number_type_is_a_rate(vit, rate):
+    report = pathsurgeon.add(vit, rate, schedule="uniform", verify=np.float32(0.0))
+    expected = float(rate)
+    assert {b.rate for b in report.branches} == {expected}
+    assert {m.rate for m in vit.modules() if isinstance(m, pathsurgeon.DropPath)} == {expected}
+    assert all(type(m.rate) is float for m in vit.modules() if isinstance(m, pathsurgeon.DropPath))
+    branches = pathsurgeon.set_rate(vit, None, schedule=[np.float32(0.5), torch.tensor(0.0), 0, 0.1])
+    assert [b.rate for b in branches[::2]] == [0.5, 0.0, 0.0, 0.1]
+
+
+@pytest.mark.parametrize("rate", [torch.tensor([0.1]), np.bool_(True), True, 0.1 + 0j, torch.tensor(True)])
+def test_non_real_rates_are_refused(vit, rate):
+    with pytest.raises(pathsurgeon.InvalidRateError, match="must be a number") as caught:
+        pathsurgeon.add(vit, rate)
+    assert "\n" not in str(caught.value)
+    assert pathsurgeon_leftovers(vit) == []
+
+
+class PythonRandomEval(nn.Module):
+    """A residual block whose eval forward draws from Python's random module, which no seed of torch's fixes."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x + self.fc(x * random.random())
+
+
+def test_randomness_outside_torch_is_reported():
+    model = PythonRandomEval()
+    before = snapshot(model)
+    with pytest.raises(pathsurgeon.VerificationError, match="from one call to the next"):
+        pathsurgeon.add(model, 0.1, example_inputs=torch.randn(2, 4))
+    assert_unchanged(model, before)
+
+
+def test_add_leaves_the_global_rng_where_it_was(vit):
+    state = torch.get_rng_state()
+    pathsurgeon.add(vit, 0.1, mode="skip")
+    pathsurgeon.set_rate(vit, 0.2)
+    pathsurgeon.strip(vit)
+    assert torch.equal(torch.get_rng_state(), state)
