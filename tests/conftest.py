@@ -58,10 +58,19 @@ def pathsurgeon_leftovers(model: nn.Module) -> list[str]:
     return found
 
 
-@pytest.fixture
-def seeded():
-    torch.manual_seed(0)
+@pytest.fixture(autouse=True)
+def isolated_environment(tmp_path_factory, monkeypatch):
+    """Every test starts offline with an empty Hugging Face cache, and gives the environment back as it found it.
+
+    An empty cache makes "no local pretrained weights" true whatever the machine has cached; restoring
+    ``os.environ`` stops a test (or an in-process CLI run) from leaking variables into later tests.
+    """
+    saved = dict(os.environ)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty-hf-cache")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def assert_same_training_output(native: nn.Module, model: nn.Module, x: torch.Tensor, seed: int = 0) -> None:

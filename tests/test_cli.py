@@ -72,7 +72,8 @@ def test_strip_writes_a_clean_checkpoint(tmp_path, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_inspect_changes_nothing_and_shows_planned_rates(tmp_path, capsys):
+def test_inspect_changes_nothing_and_shows_planned_rates(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     code, out, _ = run(capsys, "inspect", "--model", MODEL, "--rate", "0.7", "--schedule", "uniform")
     assert code == 0
     assert "rates for --rate 0.7 --schedule uniform" in out

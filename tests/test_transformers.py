@@ -238,11 +238,14 @@ def test_example_inputs_come_from_the_config():
     assert report.max_abs_diff == 0.0
 
 
-def test_random_eval_model_is_reported_as_such():
+def test_random_eval_model_verifies_without_fixed_noise():
+    """ViTMAE masks at random in eval: both verification forwards run from one forked, fixed RNG state."""
     model = build("vit_mae")
-    with pytest.raises(pathsurgeon.VerificationError, match="from one call to the next"):
-        pathsurgeon.add(model, 0.1)  # random masking without a fixed noise
-    assert pathsurgeon_leftovers(model) == []
+    state = torch.get_rng_state()
+    report = pathsurgeon.add(model, 0.1)  # no noise= needed
+    assert report.max_abs_diff == 0.0
+    assert torch.equal(torch.get_rng_state(), state)  # the user's generator did not move
+    assert len(report.branches) == 2 * model.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("name", sorted(NO_NATIVE_DROP_PATH - {"vit_mae"}))
@@ -292,3 +295,71 @@ def test_skip_mode_equals_sample_mode(name):
             assert a is None and b is None or (a if a is not None else b).abs().max() == 0
         else:
             torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+class MaskTape:
+    """Uniform numbers for drop-path masks from a private generator; records (rate, shape) of each call."""
+
+    def __init__(self, seed: int, real_rand):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.real_rand = real_rand
+        self.calls: list[tuple[float, tuple[int, ...]]] = []
+
+    def uniform(self, shape, dtype, device, rate: float) -> torch.Tensor:
+        self.calls.append((round(rate, 6), tuple(shape)))
+        return self.real_rand(tuple(shape), generator=self.generator).to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("name", sorted(LINEAR_LIKE_HF))
+def test_training_equals_hf_own_drop_path_under_the_same_masks(name, monkeypatch):
+    """The oracle is HF's own model built with drop_path_rate: its XxxDropPath modules, call sites and rates.
+
+    Both models draw their masks from one tape (HF's through ``torch.rand``, ours through
+    ``pathsurgeon.droppath.drop_path``), so equal outputs and gradients mean the same branches are dropped
+    at the same rates in the same order.
+    """
+    from pathsurgeon import droppath
+
+    rate = 0.3
+    native, model = build(name, rate), build(name, 0.0)
+    model.load_state_dict(native.state_dict())
+    pathsurgeon.add(model, rate, example_inputs=pixels(model))
+    inputs, labels = pixels(model, batch=8), torch.arange(8) % 2
+    real_rand = torch.rand
+
+    def step(m, tape: MaskTape):
+        m.train()
+        m.zero_grad(set_to_none=True)
+        logits = m(**inputs).logits
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        return logits.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    hf_tape, our_tape = MaskTape(5, real_rand), MaskTape(5, real_rand)
+
+    for module in native.modules():  # tell the tape which HF drop path is drawing
+        if type(module).__name__.endswith("DropPath"):
+            module.register_forward_pre_hook(lambda m, args: setattr(hf_tape, "rate", m.drop_prob))
+
+    def hf_rand(*size, dtype=None, device=None, **kwargs):  # only HF's drop paths call torch.rand here
+        shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        return hf_tape.uniform(shape, dtype, device, rate=hf_tape.rate)
+
+    def our_drop_path(x, rate=0.0, training=False, scale_by_keep=True, batch_axis=0):
+        if rate == 0.0 or not training:
+            return x
+        keep = 1 - rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = torch.floor(our_tape.uniform(shape, x.dtype, x.device, rate=rate) + keep)  # HF's formula
+        return x.div(keep) * mask
+
+    monkeypatch.setattr(torch, "rand", hf_rand)
+    expected, expected_grads = step(native, hf_tape)
+    monkeypatch.setattr(torch, "rand", real_rand)
+    monkeypatch.setattr(droppath, "drop_path", our_drop_path)
+    out, grads = step(model, our_tape)
+
+    assert hf_tape.calls and our_tape.calls == hf_tape.calls
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    assert grads.keys() == expected_grads.keys()
+    for key, grad in expected_grads.items():
+        torch.testing.assert_close(grads[key], grad, atol=1e-6, rtol=1e-5)
