@@ -90,10 +90,19 @@ def export_onnx(
 
 
 def supported_opsets() -> range:
-    """The ONNX opsets this installation can write: from the exporter's minimum to what onnx knows."""
+    """The ONNX opsets this installation can write: what both onnx and the exporter's converter support.
+
+    Asked for an opset its version converter does not support, the exporter keeps opset 18 with a warning.
+    """
     import onnx
 
-    return range(MIN_OPSET, onnx.defs.onnx_opset_version() + 1)
+    try:
+        from onnxscript.version_converter._version_converter import SUPPORTED_MAX_ONNX_OPSET as converter_max
+    except ImportError:  # the converter moved: fall back on what torch documents
+        from torch.onnx import _constants
+
+        converter_max = getattr(_constants, "ONNX_MAX_OPSET", MIN_OPSET)
+    return range(MIN_OPSET, min(onnx.defs.onnx_opset_version(), converter_max) + 1)
 
 
 def validate_opset(opset: object) -> int:

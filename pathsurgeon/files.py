@@ -147,7 +147,13 @@ def staged(targets: Sequence[tuple[Path, str]]) -> Iterator[list[Path]]:
                                                 dir=target.absolute().parent)
                 os.close(handle)
                 stagings.append(Path(name))
+            # tempfile makes private (0700 / 0600) paths; the outputs get the permissions of any new file
+            stagings[-1].chmod((0o777 if kind == "dir" else 0o666) & ~_umask())
         yield list(stagings)
+        for staging in stagings:  # libraries writing into a staged directory may also make private files
+            for file in [staging] if staging.is_file() else staging.rglob("*"):
+                if file.is_file() and not file.is_symlink():
+                    file.chmod(0o666 & ~_umask())
         _commit(list(zip(stagings, [t for t, _ in targets], [k for _, k in targets], strict=True)))
     except BaseException as error:
         for staging in stagings:
@@ -162,6 +168,12 @@ def staged(targets: Sequence[tuple[Path, str]]) -> Iterator[list[Path]]:
                 "choose another location"
             ) from error
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _commit(moves: list[tuple[Path, Path, str]]) -> None:

@@ -348,8 +348,13 @@ def test_a_failure_writing_the_second_output_leaves_neither(tmp_path, capsys, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("opset, words", [("0", "opset 0"), ("17", "between 18"), ("999", "opset 999")])
+@pytest.mark.parametrize("opset, words", [("0", "opset 0"), ("17", "between 18"), ("999", "opset 999"),
+                                          ("newest+1", "between 18 and {newest}")])
 def test_unsupported_opset_is_refused_before_exporting(tmp_path, capsys, opset, words, no_loading):
+    from pathsurgeon.export import supported_opsets
+
+    newest = supported_opsets()[-1]  # what the installed onnx and exporter can write
+    opset, words = opset.replace("newest+1", str(newest + 1)), words.format(newest=newest)
     code, _, err = run(capsys, "export", "--model", MODEL, "--onnx", tmp_path / "m.onnx", "--opset", opset)
     assert_refused(code, err, words)
     assert list(tmp_path.iterdir()) == []
@@ -415,6 +420,18 @@ def test_staging_left_by_a_killed_run_is_removed_by_the_next(tmp_path, capsys):
     assert code == 0, err
     assert sorted(p.name for p in work.iterdir()) == ["out"]
     assert sorted(load_file(work / "out" / "model.safetensors")) == sorted(timm.create_model(MODEL).state_dict())
+
+
+def test_outputs_get_ordinary_permissions(tmp_path, capsys):
+    """Staging paths are private while written; the outputs get the permissions of any new file."""
+    code, _, err = run(capsys, "add", "--model", MODEL, "--rate", "0.1", "--out", tmp_path / "o",
+                       "--json", tmp_path / "p.json")
+    assert code == 0, err
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o777 & ~umask
+    for file in (tmp_path / "p.json", tmp_path / "o" / "model.safetensors", tmp_path / "o" / "pathsurgeon.json"):
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file
 
 
 def test_cli_leaves_the_environment_as_it_found_it(capsys, monkeypatch):
