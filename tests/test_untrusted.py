@@ -146,6 +146,19 @@ def test_remote_code_is_refused_even_when_stdin_says_yes(hf_dir, tmp_path):
     assert not marker.exists()
 
 
+def test_cached_hub_repo_with_its_own_code_is_refused(hf_dir, tmp_path, capsys, monkeypatch):
+    """The same refusal for a hub id found in the local cache, before transformers reads it."""
+    marker = tmp_path / "marker"
+    snapshot = tmp_path / "cache" / "models--someone--evil" / "snapshots" / ("0" * 40)
+    with_remote_code(hf_dir, snapshot, marker)
+    (tmp_path / "cache" / "models--someone--evil" / "refs").mkdir()
+    (tmp_path / "cache" / "models--someone--evil" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    code, _, err = run(capsys, "add", "--model", "someone/evil", "--rate", "0.1")
+    assert_refused(code, err, "auto_map")
+    assert not marker.exists()
+
+
 class _Boom:
     """Unpickling this would create the marker file."""
 
