@@ -5,6 +5,7 @@
 >>> report = pathsurgeon.add(model, rate=0.1)   # in place; eval outputs verified bitwise equal
 >>> pathsurgeon.strip(model)                    # the original object again
 >>> report = pathsurgeon.add(model, rate=0.1, mode="skip")  # dropped samples are not computed
+>>> scheduler = pathsurgeon.RateScheduler.warmup(model, 0.1, steps=100)  # rate over training
 
 Names are imported on first use, so ``pathsurgeon --help`` answers without importing torch.
 """
@@ -28,6 +29,7 @@ _EXPORTS = {
     "Skipped": "surgery",
     "Fallback": "surgery",
     "load": "checkpoint",
+    "RateScheduler": "schedulers",
     "DropPath": "droppath",
     "drop_path": "droppath",
     "register_drop_path_class": "slots",
@@ -53,6 +55,7 @@ __all__ = [
     "InvalidScheduleError",
     "NoBranchesError",
     "PathSurgeonError",
+    "RateScheduler",
     "Report",
     "Skipped",
     "VerificationError",
@@ -95,5 +98,6 @@ if TYPE_CHECKING:  # pragma: no cover
         PathSurgeonError,
         VerificationError,
     )
+    from .schedulers import RateScheduler
     from .slots import register_drop_path_class
     from .surgery import Branch, Fallback, Report, Skipped, add, find, is_surgered, preview, set_rate, strip
