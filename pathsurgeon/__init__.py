@@ -42,6 +42,7 @@ _EXPORTS = {
     "InvalidScheduleError": "errors",
     "NoBranchesError": "errors",
     "VerificationError": "errors",
+    "WrappedModelError": "errors",
 }
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "Report",
     "Skipped",
     "VerificationError",
+    "WrappedModelError",
     "add",
     "drop_path",
     "find",
@@ -97,6 +99,7 @@ if TYPE_CHECKING:  # pragma: no cover
         NoBranchesError,
         PathSurgeonError,
         VerificationError,
+        WrappedModelError,
     )
     from .schedulers import RateScheduler
     from .slots import register_drop_path_class
