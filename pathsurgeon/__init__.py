@@ -30,6 +30,9 @@ _EXPORTS = {
     "Fallback": "surgery",
     "load": "checkpoint",
     "RateScheduler": "schedulers",
+    "published_rate": "published",
+    "published_rates": "published",
+    "PublishedRate": "published",
     "DropPath": "droppath",
     "drop_path": "droppath",
     "register_drop_path_class": "slots",
@@ -43,6 +46,7 @@ _EXPORTS = {
     "NoBranchesError": "errors",
     "VerificationError": "errors",
     "WrappedModelError": "errors",
+    "NoPublishedRateError": "errors",
 }
 
 __all__ = [
@@ -55,7 +59,9 @@ __all__ = [
     "InvalidRateError",
     "InvalidScheduleError",
     "NoBranchesError",
+    "NoPublishedRateError",
     "PathSurgeonError",
+    "PublishedRate",
     "RateScheduler",
     "Report",
     "Skipped",
@@ -67,6 +73,8 @@ __all__ = [
     "is_surgered",
     "load",
     "preview",
+    "published_rate",
+    "published_rates",
     "register_drop_path_class",
     "register_leaf_module",
     "set_rate",
@@ -97,10 +105,12 @@ if TYPE_CHECKING:  # pragma: no cover
         InvalidRateError,
         InvalidScheduleError,
         NoBranchesError,
+        NoPublishedRateError,
         PathSurgeonError,
         VerificationError,
         WrappedModelError,
     )
+    from .published import PublishedRate, published_rate, published_rates
     from .schedulers import RateScheduler
     from .slots import register_drop_path_class
     from .surgery import Branch, Fallback, Report, Skipped, add, find, is_surgered, preview, set_rate, strip
