@@ -160,25 +160,3 @@ def test_lightning_callback_sets_each_steps_rate_and_logs_it(tmp_path):
         (k, pytest.approx(scheduler.rate_at(k))) for k in range(STEPS)
     ]
 
-
-# --- the plain-loop example ----------------------------------------------------------------------------
-
-
-def _example(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parent.parent / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_plain_loop_example_trains_each_step_at_fn_of_the_step(caplog):
-    from pathsurgeon.schedulers import Warmup
-
-    with caplog.at_level("INFO", logger="train"):
-        rates = _example("rate_over_training").main(["--steps", "4", "--warmup", "2", "--log-every", "1"])
-    assert rates == [Warmup(0.2, 2)(k) for k in range(4)]
-    assert sum("drop_path_rate" in record.getMessage() for record in caplog.records) == 4
