@@ -61,7 +61,10 @@ def model_names(model_or_name: nn.Module | str) -> list[str]:
     """The names a model is looked up by: ``architecture.tag`` for timm, the hub id for Hugging Face."""
     if isinstance(model_or_name, str):
         name = model_or_name.strip()
-        if "/" in name:  # a hub id (or a path, which matches nothing)
+        if "/" in name:  # a hub id (or a path, which matches nothing); timm's own hub ids name a timm model
+            repository = name.removeprefix("hf-hub:")
+            if repository.startswith("timm/"):
+                return [*model_names(repository.split("/", 1)[1]), name]
             return [name]
         architecture, _, tag = name.partition(".")
         return [f"{architecture}.{tag or _default_tag(architecture)}".rstrip(".")]

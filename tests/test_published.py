@@ -103,3 +103,8 @@ def test_cli_inspect_shows_the_published_rate_with_its_source(capsys):
     assert f"published fine-tuning rate for {entry.matched}: {entry.rate:g}" in out and entry.source in out
     code, out, err = run(capsys, "inspect", "--model", "resnet18")
     assert code == 0 and "published fine-tuning rate for resnet18.a1_in1k: none recorded" in out
+
+
+def test_timm_hub_ids_are_looked_up_as_timm_names():
+    for spec in ("timm/convnext_base.fb_in22k", "hf-hub:timm/convnext_base.fb_in22k"):
+        assert pathsurgeon.published_rate(spec) == pathsurgeon.published_rate("convnext_base.fb_in22k")
