@@ -86,7 +86,9 @@ def pretrain(images, labels, args) -> nn.Module:
     """Digits 0-4, no drop path: the checkpoint every fine-tuning run starts from."""
     torch.manual_seed(1234)
     model = vit(5, args)
-    upstream = labels < 5
+    upstream = (labels < 5).nonzero().flatten()
+    if args.pretrain_images:  # a subset, for quick runs of this code path
+        upstream = upstream[: args.pretrain_images]
     train(model, images[upstream], labels[upstream], args.pretrain_epochs, args, torch.Generator().manual_seed(1234))
     return model
 
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=5, help="fine-tuning runs per variant (seeds 0..N-1)")
     parser.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs")
     parser.add_argument("--pretrain-epochs", type=int, default=40)
+    parser.add_argument("--pretrain-images", type=int, default=0, help="pre-train on the first N only (0: all)")
     parser.add_argument("--per-class", type=int, default=20, help="labelled fine-tuning images per digit")
     parser.add_argument("--rate", type=float, default=0.2, help="drop-path rate (timm's linear schedule)")
     parser.add_argument("--depth", type=int, default=8)

@@ -39,8 +39,8 @@ def test_finetune_digits_example_runs_all_variants_and_plots(tmp_path):
     threads = torch.get_num_threads()
     try:
         result = _example("finetune_digits").main([
-            "--seeds", "2", "--epochs", "2", "--pretrain-epochs", "1", "--per-class", "4", "--depth", "2",
-            "--width", "32", "--eval-every", "1", "--threads", str(threads), "--out", str(tmp_path),
+            "--seeds", "2", "--epochs", "2", "--pretrain-epochs", "1", "--pretrain-images", "64", "--per-class", "4",
+            "--depth", "2", "--width", "32", "--eval-every", "1", "--threads", "1", "--out", str(tmp_path),
         ])
     finally:
         torch.set_num_threads(threads)

@@ -21,6 +21,7 @@ from pathsurgeon import DropPath, RateScheduler
 
 VIT = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 4})
 CONVNEXT = ("convnext_atto", {})  # stage-split schedule: rates over depth are not one linspace over blocks
+SHALLOW_VIT = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2})  # compiles faster
 
 
 def _build(spec, rate: float = 0.0) -> nn.Module:
@@ -214,12 +215,12 @@ def test_sample_mode_compiles_once_for_all_rates_and_matches_timm():
     """fullgraph: one graph for rates 0, 0.3, 0.05, ...; each compiled step equals timm's eager model at fn(k)."""
     import torch._dynamo
 
-    model = _surgered(VIT, 0.1)
+    model = _surgered(SHALLOW_VIT, 0.1)
     x = _inputs(8)
     compiled = _compile(model, fullgraph=True)
     scheduler = RateScheduler(model, ramp)
     for step in range(7):
-        native = _build(VIT, ramp(step))
+        native = _build(SHALLOW_VIT, ramp(step))
         native.load_state_dict(model.state_dict())
         expected, compiled_step = _step_grads(native, x, step), _step_grads(compiled, x, step)
         torch.testing.assert_close(compiled_step[0], expected[0], atol=1e-6, rtol=0)
@@ -235,11 +236,11 @@ def test_skip_and_batch_modes_never_recompile_for_a_rate(mode):
     """Their graph breaks recompile for batch sizes (the kept count); never because a rate changed."""
     import torch._dynamo
 
-    model = _surgered(VIT, 0.1, mode=mode)
+    model = _surgered(SHALLOW_VIT, 0.1, mode=mode)
     x = _inputs(8)
     compiled = _compile(model)
     scheduler = RateScheduler(model, lambda step: 0.05 * (step % 7) + 0.1)
-    for step in range(8):
+    for step in range(6):
         torch.testing.assert_close(_step_grads(compiled, x, step)[0], _step_grads(model, x, step)[0])
         scheduler.step()
     reasons = [str(r) for failures in torch._dynamo.utils.guard_failures.values() for r in failures]
