@@ -24,6 +24,7 @@ modes skip and batch are tensors too. A new rate is then a new input value, neve
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import NamedTuple
 
@@ -89,9 +90,17 @@ def drop_path(
     return x * mask
 
 
-@torch.library.custom_op(
-    "pathsurgeon::drop_path_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+# A random op: the tag keeps compilers from recomputing it in backward (which would redraw the mask).
+# torch.library.custom_op takes tags= in recent torch; without it the op is still off the partitioner's
+# list of ops it may recompute, as every custom op is.
+_RANDOM_OP = (
+    {"tags": (torch.Tag.nondeterministic_seeded,)}
+    if "tags" in inspect.signature(torch.library.custom_op).parameters
+    else {}
 )
+
+
+@torch.library.custom_op("pathsurgeon::drop_path_mask", mutates_args=(), **_RANDOM_OP)
 def drop_path_mask(
     rate: torch.Tensor, shape: list[int], dtype: torch.dtype, device: torch.device, scale_by_keep: bool
 ) -> torch.Tensor:
