@@ -5,6 +5,7 @@
 >>> report = pathsurgeon.add(model, rate=0.1)   # in place; eval outputs verified bitwise equal
 >>> pathsurgeon.strip(model)                    # the original object again
 >>> report = pathsurgeon.add(model, rate=0.1, mode="skip")  # dropped samples are not computed
+>>> scheduler = pathsurgeon.RateScheduler.warmup(model, 0.1, steps=100)  # rate over training
 
 Names are imported on first use, so ``pathsurgeon --help`` answers without importing torch.
 """
@@ -28,6 +29,10 @@ _EXPORTS = {
     "Skipped": "surgery",
     "Fallback": "surgery",
     "load": "checkpoint",
+    "RateScheduler": "schedulers",
+    "published_rate": "published",
+    "published_rates": "published",
+    "PublishedRate": "published",
     "DropPath": "droppath",
     "drop_path": "droppath",
     "register_drop_path_class": "slots",
@@ -45,6 +50,8 @@ _EXPORTS = {
     "InvalidScheduleError": "errors",
     "NoBranchesError": "errors",
     "VerificationError": "errors",
+    "WrappedModelError": "errors",
+    "NoPublishedRateError": "errors",
 }
 
 __all__ = [
@@ -61,17 +68,23 @@ __all__ = [
     "ModelSpecError",
     "NoBranchesError",
     "OutputPathError",
+    "NoPublishedRateError",
     "PathSurgeonError",
+    "PublishedRate",
+    "RateScheduler",
     "Report",
     "Skipped",
     "UntrustedCodeError",
     "VerificationError",
+    "WrappedModelError",
     "add",
     "drop_path",
     "find",
     "is_surgered",
     "load",
     "preview",
+    "published_rate",
+    "published_rates",
     "register_drop_path_class",
     "register_leaf_module",
     "set_rate",
@@ -105,10 +118,14 @@ if TYPE_CHECKING:  # pragma: no cover
         ManifestError,
         ModelSpecError,
         NoBranchesError,
+        NoPublishedRateError,
         OutputPathError,
         PathSurgeonError,
         UntrustedCodeError,
         VerificationError,
+        WrappedModelError,
     )
+    from .published import PublishedRate, published_rate, published_rates
+    from .schedulers import RateScheduler
     from .slots import register_drop_path_class
     from .surgery import Branch, Fallback, Report, Skipped, add, find, is_surgered, preview, set_rate, strip

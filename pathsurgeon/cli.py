@@ -40,7 +40,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Put DropPath on every residual branch of MODEL, verify eval outputs, print the plan.",
     )
     add.add_argument("--model", required=True, metavar="SPEC", help="timm name, HF hub id, or local directory")
-    add.add_argument("--rate", required=True, type=float, metavar="R", help="drop-path rate in [0, 1)")
+    add.add_argument(
+        "--rate", required=True, type=_rate_or_published, metavar="R",
+        help="drop-path rate in [0, 1), or 'published': the rate the model's authors fine-tuned with "
+        "(pathsurgeon inspect shows it and its source; refused where none is recorded)",
+    )
     _schedule_argument(add)
     add.add_argument(
         "--mode", default="sample", choices=("sample", "skip", "batch"),
@@ -102,10 +106,19 @@ def _allow_missing_argument(parser: argparse.ArgumentParser) -> None:
 
 def _schedule_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--schedule", default="auto", choices=("auto", "linear", "uniform"),
-        help="auto: what the model's library does for its family (default); linear: 0 to R over depth; "
-        "uniform: R everywhere",
+        "--schedule", choices=("auto", "linear", "uniform"),
+        help="auto: what the model's library does for its family (default; with --rate published, the "
+        "authors' schedule); linear: 0 to R over depth; uniform: R everywhere",
     )
+
+
+def _rate_or_published(text: str) -> float | str:
+    if text == "published":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1) or 'published', got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -225,11 +238,22 @@ def _add(args) -> int:
     from .files import check_outputs, staged
     from .surgery import add
 
-    rate = validate_rate(args.rate)  # fail on bad input before loading anything
+    published = None
+    if args.rate == "published":
+        published = _published_by_name(args.model)  # a timm name or hub id: refused before loading
+    else:
+        rate = validate_rate(args.rate)  # fail on bad input before loading anything
     check_outputs({"--out": (args.out, "dir"), "--json": (args.json, "file")}, _model_inputs(args))
     progress = _Progress()
     loaded = _load(args, progress)
     model = loaded.model
+    if args.rate == "published":
+        from .published import published_rate
+
+        published = published or published_rate(model)
+        rate = published.rate
+        print(f"published rate: {published}")
+    args.schedule = args.schedule or (published.schedule if published else "auto")
     count = sum(p.numel() for p in model.parameters())
     progress(f"finding residual branches and checking eval outputs ({count / 1e6:.1f}M parameters)")
     report = add(model, rate, schedule=args.schedule, mode=args.mode)
@@ -261,11 +285,24 @@ def _add(args) -> int:
     return EXIT_OK
 
 
+def _published_by_name(spec: str):
+    """The published rate for a timm name or hub id, None for a local directory (looked up once loaded)."""
+    from pathlib import Path
+
+    from .published import published_rate
+
+    if Path(spec).exists():
+        return None
+    return published_rate(spec)
+
+
 def _inspect(args) -> int:
     from .droppath import validate_rate
+    from .published import model_names, published_rates
     from .surgery import find, format_branches, preview
 
     rate = validate_rate(args.rate) if args.rate is not None else None
+    args.schedule = args.schedule or "auto"
     progress = _Progress()
     model = _load(args, progress).model
     progress("finding residual branches")
@@ -275,6 +312,12 @@ def _inspect(args) -> int:
     print(format_branches(branches))
     blocks = len({b.block for b in branches})
     print(f"{len(branches)} branches in {blocks} blocks; nothing was changed")
+    published = published_rates(model)
+    names = " / ".join(model_names(model)) or type(model).__name__
+    if not published:
+        print(f"published fine-tuning rate for {names}: none recorded (recipes/published.toml)")
+    for entry in published:
+        print(f"published fine-tuning rate for {entry.matched}: {entry}")
     return EXIT_OK
 
 

@@ -15,10 +15,16 @@ Modes of :class:`DropPath` (how a dropped branch is handled while training; all 
   full-size tensor (zeros for dropped samples) for the block's own residual add.
 - ``"batch"``: one draw per branch per mini-batch (Huang et al. 2016); with a Gather on the branch a
   dropped branch runs on an empty batch, i.e. does no arithmetic.
+
+Rates change during training (:class:`~pathsurgeon.RateScheduler`), so no compiled graph may depend on
+a rate's value: under ``torch.compile`` the mask comes from the custom op ``pathsurgeon::drop_path_mask``,
+which reads the rate from a tensor at run time and draws it with timm's very call, and the scales of
+modes skip and batch are tensors too. A new rate is then a new input value, never a recompilation.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import NamedTuple
@@ -26,7 +32,17 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["MODES", "DropPath", "Gather", "brief", "drop_path", "real_number", "validate_mode", "validate_rate"]
+__all__ = [
+    "MODES",
+    "DropPath",
+    "Gather",
+    "brief",
+    "drop_path",
+    "drop_path_mask",
+    "real_number",
+    "validate_mode",
+    "validate_rate",
+]
 
 MODES = ("sample", "skip", "batch")
 
@@ -110,6 +126,41 @@ def drop_path(
     return x * mask
 
 
+# A random op: the tag keeps compilers from recomputing it in backward (which would redraw the mask).
+# torch.library.custom_op takes tags= in recent torch; without it the op is still off the partitioner's
+# list of ops it may recompute, as every custom op is.
+_RANDOM_OP = (
+    {"tags": (torch.Tag.nondeterministic_seeded,)}
+    if "tags" in inspect.signature(torch.library.custom_op).parameters
+    else {}
+)
+
+
+@torch.library.custom_op("pathsurgeon::drop_path_mask", mutates_args=(), **_RANDOM_OP)
+def drop_path_mask(
+    rate: torch.Tensor, shape: list[int], dtype: torch.dtype, device: torch.device, scale_by_keep: bool
+) -> torch.Tensor:
+    """The mask :func:`drop_path` multiplies by, with the rate read from a 0-d CPU tensor when it runs.
+
+    What a compiled :class:`DropPath` calls. Opaque to torch.compile, so the graph does not depend on
+    the rate (no recompilation when it changes) and the draw is timm's own ``bernoulli_`` on the default
+    generator, compiled or not. Rate 0 gives ones and draws nothing, as timm's drop path skips its draw.
+    """
+    value = float(rate)
+    if value == 0.0:
+        return torch.ones(shape, dtype=dtype, device=device)
+    keep = 1.0 - value
+    mask = torch.empty(shape, dtype=dtype, device=device).bernoulli_(keep)
+    if keep > 0.0 and scale_by_keep:
+        mask.div_(keep)
+    return mask
+
+
+@drop_path_mask.register_fake
+def _(rate, shape, dtype, device, scale_by_keep):
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _mask_shape(x: torch.Tensor, batch_axis: int) -> list[int]:
     """``(1, ..., B, ..., 1)``: one value per sample along ``batch_axis``, broadcast over the rest."""
     shape = [1] * x.ndim
@@ -118,10 +169,13 @@ def _mask_shape(x: torch.Tensor, batch_axis: int) -> list[int]:
 
 
 class _Plan(NamedTuple):
-    """The drop decision for one call of a branch: kept rows (None: all of them), scale, full batch size."""
+    """The drop decision for one call of a branch: kept rows (None: all of them), scale, full batch size.
+
+    ``scale`` is a 0-d tensor, not a float, so that a compiled graph does not specialise on it.
+    """
 
     index: torch.Tensor | None
-    scale: float
+    scale: torch.Tensor
     batch: int
 
 
@@ -139,7 +193,11 @@ class DropPath(nn.Module):
         self, rate: float = 0.0, scale_by_keep: bool = True, batch_axis: int = 0, mode: str = "sample"
     ) -> None:
         super().__init__()
-        self.rate = validate_rate(rate)
+        # The rate twice: a float for eager code (timm's drop_path takes one) and a 0-d float64 CPU tensor
+        # that compiled code reads at run time. Not a buffer: it must stay out of state_dict, off the
+        # device (reading it never waits for an accelerator) and out of DDP's buffer broadcast.
+        self._rate_tensor = torch.zeros((), dtype=torch.float64)
+        self.rate = rate
         self.scale_by_keep = bool(scale_by_keep)
         self.batch_axis = int(batch_axis)
         self.mode = validate_mode(mode)
@@ -153,12 +211,21 @@ class DropPath(nn.Module):
         self.inserted = False
 
     @property
+    def rate(self) -> float:
+        return self._rate
+
+    @rate.setter
+    def rate(self, value: float) -> None:
+        self._rate = validate_rate(value)
+        self._rate_tensor.fill_(self._rate)
+
+    @property
     def drop_prob(self) -> float:
         return self.rate
 
     @drop_prob.setter
     def drop_prob(self, value: float) -> None:
-        self.rate = validate_rate(value)
+        self.rate = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.apply_to(x, self.training)
@@ -166,15 +233,25 @@ class DropPath(nn.Module):
     def apply_to(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         """Drop path on the branch output ``x``; ``training`` is the flag of the module it belongs to."""
         if self.mode == "sample" and self._forced_keep is None:  # the hot path: timm's code, nothing else
-            return drop_path(x, self.rate, training, self.scale_by_keep, self.batch_axis)
+            return self._sample(x, training)
         plan, self._plan = self._plan, None
         if plan is not None:
             return self._scatter(x, plan)
         if self._forced_keep is not None:
             keep = self._forced_keep.to(device=x.device, dtype=x.dtype)
             return x * keep.view(_mask_shape(x, self.batch_axis)) * self._scale()
-        if self.mode == "batch" and training and self.rate > 0.0:
-            return x * self._scale() if self._batch_kept() else x * 0.0
+        if self.mode == "batch" and training:
+            return x * self._batch_scale()
+        return self._sample(x, training)
+
+    def _sample(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        if not training:
+            return x
+        if torch.compiler.is_compiling():  # the same draw, but the graph must not depend on the rate
+            mask = drop_path_mask(
+                self._rate_tensor, _mask_shape(x, self.batch_axis), x.dtype, x.device, self.scale_by_keep
+            )
+            return x * mask
         return drop_path(x, self.rate, training, self.scale_by_keep, self.batch_axis)
 
     @torch.compiler.disable  # a data-dependent decision: under torch.compile, a graph break here
@@ -188,7 +265,7 @@ class DropPath(nn.Module):
             return None
         elif self.mode == "batch":
             if self._batch_kept():
-                return _Plan(None, self._scale(), batch)
+                return _Plan(None, self._scale_tensor(), batch)
             return self._none_kept(batch, device)
         else:
             # the draw timm's drop_path makes (same count, dtype and generator), so that under one seed
@@ -197,7 +274,14 @@ class DropPath(nn.Module):
         index = keep_mask.nonzero().flatten()
         if index.numel() == 0:
             return self._none_kept(batch, device)
-        return _Plan(None if index.numel() == batch else index, self._scale(), batch)
+        return _Plan(None if index.numel() == batch else index, self._scale_tensor(), batch)
+
+    @torch.compiler.disable  # a random decision on the host: under torch.compile, a graph break here
+    def _batch_scale(self) -> torch.Tensor:
+        """Mode 'batch' without a Gather: the factor for the whole batch, 0 (dropped) or the scale."""
+        if self.rate == 0.0:
+            return torch.ones((), dtype=torch.float64)
+        return self._scale_tensor() if self._batch_kept() else torch.zeros((), dtype=torch.float64)
 
     def _batch_kept(self) -> bool:
         """One draw for the whole batch, as torchvision's ``StochasticDepth(mode="batch")`` makes it.
@@ -207,9 +291,10 @@ class DropPath(nn.Module):
         return bool(torch.empty(1).bernoulli_(1.0 - self.rate))
 
     def _none_kept(self, batch: int, device: torch.device) -> _Plan:
+        zero = torch.zeros((), dtype=torch.float64)
         if self.empty_ok:
-            return _Plan(torch.empty(0, dtype=torch.long, device=device), 0.0, batch)
-        return _Plan(torch.zeros(1, dtype=torch.long, device=device), 0.0, batch)
+            return _Plan(torch.empty(0, dtype=torch.long, device=device), zero, batch)
+        return _Plan(torch.zeros(1, dtype=torch.long, device=device), zero, batch)
 
     def _scatter(self, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
         if plan.index is None:
@@ -220,6 +305,10 @@ class DropPath(nn.Module):
 
     def _scale(self) -> float:
         return 1.0 / (1.0 - self.rate) if self.scale_by_keep else 1.0
+
+    def _scale_tensor(self) -> torch.Tensor:
+        # a 0-d CPU tensor multiplies a tensor on any device, in that tensor's dtype
+        return torch.tensor(self._scale(), dtype=torch.float64)
 
     def extra_repr(self) -> str:
         text = f"rate={self.rate:.4g}"

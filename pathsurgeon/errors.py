@@ -14,8 +14,10 @@ __all__ = [
     "InvalidRateError",
     "InvalidScheduleError",
     "NoBranchesError",
+    "NoPublishedRateError",
     "PathSurgeonError",
     "VerificationError",
+    "WrappedModelError",
 ]
 
 
@@ -37,6 +39,14 @@ class InvalidScheduleError(PathSurgeonError, ValueError):
 
 class NoBranchesError(PathSurgeonError, ValueError):
     """The model has no residual branch that stochastic depth could be put on."""
+
+
+class NoPublishedRateError(PathSurgeonError, LookupError):
+    """No published fine-tuning rate is known for the model (``rate="published"``)."""
+
+
+class WrappedModelError(PathSurgeonError, TypeError):
+    """A model inside a DDP / DataParallel / FSDP / torch.compile wrapper, or already sharded for ``add``."""
 
 
 class AlreadySurgeredError(PathSurgeonError, ValueError):

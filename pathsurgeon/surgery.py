@@ -41,6 +41,7 @@ from .finder import BranchEntry, ResidualAdd, branch_entries, find_residual_adds
 from .inputs import ExampleInputs, example_inputs
 from .plan import Plan, make_plan, recipe_for, validate_schedule
 from .verify import eval_outputs, max_abs_diff, tensor_leaves
+from .wrappers import check_not_sharded, check_not_wrapped
 
 __all__ = ["Branch", "Fallback", "Report", "Skipped", "add", "find", "preview", "set_rate", "strip"]
 
@@ -255,6 +256,7 @@ def preview(
 
 
 def _discover(model: nn.Module, example_inputs: Any):
+    check_not_sharded(model)
     inputs = _inputs_or_none(model, example_inputs)
     captured = capture(model, inputs)
     selected, _ = _select(captured)
@@ -290,6 +292,7 @@ def add(
     model is left exactly as it was; the caller's RNG state is never changed.
     """
     _check_model(model)
+    check_not_sharded(model)
     if rate is not None:
         rate = validate_rate(rate)
     mode = validate_mode(mode)
@@ -498,6 +501,7 @@ def _check_model(model: object) -> None:
         raise PathSurgeonError(
             f"expected a torch.nn.Module, got {type(model).__name__}; pass the model object itself"
         )
+    check_not_wrapped(model)
 
 
 def _tolerance(verify: bool | float) -> float | None:

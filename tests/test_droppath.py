@@ -116,3 +116,33 @@ def test_gather_then_scatter_equals_masking_the_full_branch(rate, batch, seed, m
         torch.manual_seed(seed)
         timm_mask = timm_drop_path(torch.ones(batch, 1), rate, training=True) != 0
         assert torch.equal(kept, timm_mask.flatten())
+
+
+@settings(max_examples=40, deadline=None)
+@given(rate=rates, shape=shapes, seed=st.integers(0, 2**31 - 1))
+def test_compiled_mask_op_draws_what_timm_draws(rate, shape, seed):
+    """The op a compiled DropPath calls: timm's values and RNG consumption, the rate read from a tensor."""
+    from pathsurgeon.droppath import drop_path_mask
+
+    x = torch.randn(shape)
+    torch.manual_seed(seed)
+    expected = timm_drop_path(x, rate, training=True)
+    after_timm = torch.rand(1)
+    torch.manual_seed(seed)
+    mask = drop_path_mask(torch.tensor(rate, dtype=torch.float64), [shape[0]] + [1] * (len(shape) - 1),
+                          x.dtype, x.device, True)
+    after_ours = torch.rand(1)
+    assert torch.equal(x * mask, expected)
+    assert torch.equal(after_ours, after_timm)
+
+
+def test_rate_is_mirrored_in_a_tensor_outside_the_state_dict():
+    module = DropPath(0.1)
+    module.rate = 0.3
+    assert float(module._rate_tensor) == 0.3 and module._rate_tensor.dtype == torch.float64
+    module.drop_prob = 0.2
+    assert float(module._rate_tensor) == 0.2
+    assert list(module.state_dict()) == [] and list(module.buffers()) == []
+    with pytest.raises(pathsurgeon.InvalidRateError):
+        module.rate = 1.0
+    assert module.rate == 0.2 and float(module._rate_tensor) == 0.2  # a refused rate changes nothing
