@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"after {curve[-1]['seconds']:.1f} s of training")
     summary = summarize(runs)
     result = {
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        # the output folder is where the results went, not a setting; a machine's path does not belong in them
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "torch": torch.__version__, "timm": timm.__version__, "threads": torch.get_num_threads(),
         "summary": summary, "runs": runs, "total_seconds": time.perf_counter() - started,
     }
