@@ -67,6 +67,9 @@ class GraphView:
     tensor_nodes: set[fx.Node] = field(default_factory=set)
     parameter_nodes: set[fx.Node] = field(default_factory=set)
     constant_nodes: set[fx.Node] = field(default_factory=set)  # buffers and constants lifted to inputs
+    # calls of leaf modules that only scale their input (timm MetaFormer's Scale, or nn.Identity where
+    # no scale was built): at most one parameter, no buffers, no children
+    scale_calls: set[fx.Node] = field(default_factory=set)
 
     @classmethod
     def from_graph_module(
@@ -138,6 +141,7 @@ def from_symbolic_trace(
     parameter_nodes: set[fx.Node] = set()
     parameter_users: set[fx.Node] = set()
     slot_calls: dict[fx.Node, str] = {}
+    scale_calls: set[fx.Node] = set()
     non_tensor: set[fx.Node] = set()
     for node in graph.nodes:
         stack = node.meta.get("nn_module_stack") or {}
@@ -153,10 +157,13 @@ def from_symbolic_trace(
                 non_tensor.add(node)
         elif node.op == "call_module":
             slot = slot_of_module(node.target)
+            module = root.get_submodule(node.target)
             if slot is not None:
                 slot_calls[node] = slot
-            elif any(True for _ in root.get_submodule(node.target).parameters()):
+            elif any(True for _ in module.parameters()):
                 parameter_users.add(node)
+            if slot is None and _only_scales(module):
+                scale_calls.add(node)
         elif node.op == "placeholder" and node.args and not isinstance(node.args[0], torch.Tensor):
             non_tensor.add(node)  # an optional argument left at its default (timm ViT's attn_mask=None)
         elif _is_shape_node(node, non_tensor):
@@ -166,7 +173,20 @@ def from_symbolic_trace(
         ):
             parameter_users.add(node)
     tensor_nodes = {n for n in graph.nodes if n not in non_tensor and n.op != "output"}
-    return GraphView(graph, module_stack, parameter_users, slot_calls, tensor_nodes, parameter_nodes)
+    return GraphView(graph, module_stack, parameter_users, slot_calls, tensor_nodes, parameter_nodes,
+                     scale_calls=scale_calls)
+
+
+def _only_scales(module: nn.Module) -> bool:
+    """An identity (a layer scale built at init value 0: timm MetaFormer) or a one-parameter scale."""
+    if type(module) is nn.Identity:
+        return True
+    return (
+        not module._modules
+        and not module._buffers
+        and len(module._parameters) == 1
+        and not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding))
+    )
 
 
 def _resolve(root: nn.Module, target: str) -> object:
@@ -267,7 +287,7 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
             continue
         _, _, skip, branch, source_node = best
         block = view.owner(node)
-        slot_call = _slot_on_branch(view, branch)
+        slot_call = _slot_on_branch(view, branch, data)
         found.append(
             ResidualAdd(
                 add=node,
@@ -308,17 +328,19 @@ def _data_flow(view: GraphView) -> tuple[set[fx.Node], set[fx.Node]]:
     return data, users
 
 
-def _slot_on_branch(view: GraphView, branch: fx.Node) -> fx.Node | None:
-    """The slot call the branch passes through just before the add (possibly behind a scale)."""
+def _slot_on_branch(view: GraphView, branch: fx.Node, data: set[fx.Node]) -> fx.Node | None:
+    """The slot call the branch passes through just before the add (possibly behind a scale).
+
+    A scale's factor may be computed from a parameter (timm MetaFormer's ``Scale``:
+    ``x * self.scale.view(shape)``): only the operand that carries data is followed.
+    """
     current = branch
     for _ in range(MAX_SCALE_HOPS + 1):
         if current in view.slot_calls:
             return current
-        if not (_is_scale(current) or _is_slice(current)):
+        if not (_is_scale(current) or _is_slice(current) or current in view.scale_calls):
             return None
-        constants = view.parameter_nodes | view.constant_nodes
-        inputs = [i for i in _node_inputs(current) if i in view.tensor_nodes and i not in constants]
-        inputs = [i for i in inputs if i.op != "get_attr"]
+        inputs = [i for i in _node_inputs(current) if i in view.tensor_nodes and i in data]
         if len(inputs) != 1:
             return None
         current = inputs[0]

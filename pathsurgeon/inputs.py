@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,8 +55,9 @@ def example_inputs(model: nn.Module, given: object = None) -> ExampleInputs:
     shape, keyword = _input_shape(model)
     if shape is None:
         raise PathSurgeonError(
-            f"cannot tell what input {type(model).__name__} takes (no timm pretrained_cfg, no HF config "
-            "image_size); pass example_inputs=torch.randn(2, 3, H, W) or a dict of keyword arguments"
+            f"cannot tell what input {type(model).__name__} takes (no timm pretrained_cfg, no image size or "
+            "channel count in its config, no convolution to read channels from); "
+            "pass example_inputs=torch.randn(2, C, H, W) or a dict of keyword arguments"
         )
     reference = next(iter(model.parameters()), None)
     device = reference.device if reference is not None else torch.device("cpu")
@@ -67,21 +69,67 @@ def example_inputs(model: nn.Module, given: object = None) -> ExampleInputs:
     return ExampleInputs((), {keyword: batch})
 
 
+DEFAULT_IMAGE_SIZE = 224  # ImageNet's; every torchvision classifier and most HF vision configs take it
+
+
 def _input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, str | None]:
+    """(C, H, W) of one image and the keyword it is passed as (None: positionally).
+
+    In order: timm's ``pretrained_cfg`` (the patch embedding's size wins for a model built with another
+    ``img_size``); a Hugging Face config's ``image_size`` / ``num_channels`` (its ``vision_config``'s
+    for a composite model); an ``image_size`` / ``img_size`` the model or its patch embedding keeps
+    (torchvision ViT); else 224 × 224 with the channel count of the first convolution or the config.
+    """
+    keyword = "pixel_values" if _takes_pixel_values(model) else None
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and cfg.get("input_size"):
         channels, height, width = (int(v) for v in cfg["input_size"])
         # a timm model built with img_size=... keeps the pretrained cfg's size; its patch embed knows better
-        size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        if isinstance(size, (tuple, list)) and len(size) == 2:
-            height, width = (int(v) for v in size)
-        return (channels, height, width), None
-    config = getattr(model, "config", None)
-    if config is not None:
-        vision = getattr(config, "vision_config", None) or config
-        size = getattr(vision, "image_size", None)
-        channels = getattr(vision, "num_channels", 3)
+        size = _pair(getattr(getattr(model, "patch_embed", None), "img_size", None))
         if size is not None:
-            height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
-            return (int(channels), int(height), int(width)), "pixel_values"
-    return None, None
+            height, width = size
+        return (channels, height, width), keyword
+    config = getattr(model, "config", None)
+    vision = getattr(config, "vision_config", None) or config
+    channels = getattr(vision, "num_channels", None)
+    size = _pair(getattr(vision, "image_size", None))
+    if size is None:
+        size = _own_image_size(model)
+    if not isinstance(channels, int):
+        channels = _first_convolution_channels(model)
+    if channels is None:
+        return None, None
+    height, width = size if size is not None else (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+    return (channels, height, width), keyword
+
+
+def _pair(size: object) -> tuple[int, int] | None:
+    if isinstance(size, int) and not isinstance(size, bool):
+        return (size, size)
+    if isinstance(size, (tuple, list)) and len(size) >= 2 and all(isinstance(v, int) for v in size[:2]):
+        return (int(size[0]), int(size[1]))
+    return None
+
+
+def _own_image_size(model: nn.Module) -> tuple[int, int] | None:
+    """An input size the model keeps itself: torchvision ViT's ``image_size``, a patch embedding's."""
+    for owner in (model, getattr(model, "patch_embed", None)):
+        for attribute in ("image_size", "img_size"):
+            size = _pair(getattr(owner, attribute, None))
+            if size is not None:
+                return size
+    return None
+
+
+def _first_convolution_channels(model: nn.Module) -> int | None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return int(module.in_channels)
+    return None
+
+
+def _takes_pixel_values(model: nn.Module) -> bool:
+    try:
+        return "pixel_values" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False

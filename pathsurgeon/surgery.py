@@ -38,10 +38,11 @@ from .droppath import DropPath, Gather, validate_mode, validate_rate
 from .errors import AlreadySurgeredError, NoBranchesError, PathSurgeonError, VerificationError
 from .finder import BranchEntry, ResidualAdd, branch_entries, find_residual_adds
 from .inputs import ExampleInputs, example_inputs
-from .plan import Plan, make_plan, recipe_for, validate_schedule
+from .plan import Plan, Recipe, make_plan, recipe_for, validate_schedule
+from .rates import LibraryRates, library_rates
 from .verify import eval_outputs, max_abs_diff, tensor_leaves
 
-__all__ = ["Branch", "Fallback", "Report", "Skipped", "add", "find", "preview", "set_rate", "strip"]
+__all__ = ["Branch", "Fallback", "Preview", "Report", "Skipped", "add", "find", "preview", "set_rate", "strip"]
 
 RECORD_ATTRIBUTE = "_pathsurgeon"
 
@@ -97,8 +98,13 @@ class Fallback:
 class Report:
     """What :func:`add` did. ``max_abs_diff``: eval-output difference against before (0.0: bitwise equal).
 
-    ``skipped``: residual adds left without drop path. ``fallbacks``: branches that compute every
-    sample although ``mode`` is 'skip' or 'batch'.
+    ``skipped``: residual adds left without drop path, and drop-path sites of the library that are not
+    residual branches. ``fallbacks``: branches that compute every sample although ``mode`` is 'skip' or
+    'batch'. ``rates_from``: where the rates came from: 'timm constructor', 'torchvision builder' or
+    'transformers config' (``schedule="auto"``, the library's own numbers, read from a meta-device
+    rebuild), 'recipe' (``recipes/``), 'linear over found units', or the schedule given ('linear
+    schedule', 'uniform schedule', 'explicit list'). ``rates_note``: why the library was not asked,
+    when ``schedule="auto"`` could not use it.
     """
 
     branches: list[Branch]
@@ -109,6 +115,8 @@ class Report:
     skipped: list[Skipped] = field(default_factory=list)
     mode: str = "sample"
     fallbacks: list[Fallback] = field(default_factory=list)
+    rates_from: str = "linear over found units"
+    rates_note: str = ""
 
     @property
     def blocks(self) -> list[str]:
@@ -120,7 +128,7 @@ class Report:
             if self.max_abs_diff is None
             else f"eval check passed with max |Δ| = {self.max_abs_diff:g}"
         )
-        text = f"{len(self.branches)} branches in {len(self.blocks)} blocks; {check}"
+        text = f"{len(self.branches)} branches in {len(self.blocks)} blocks; rates from {self.rates_from}; {check}"
         if self.mode != "sample":
             full = len(self.fallbacks)
             skipping = len(self.branches) - full
@@ -210,6 +218,10 @@ class Record:
     schedule: str | list[float]
     mode: str = "sample"
     fallbacks: list[Fallback] = field(default_factory=list)
+    rates_from: str = "linear over found units"
+    # the library's rates for set_rate(schedule="auto"); asked at most once per surgery
+    library: LibraryRates | None = None
+    library_asked: bool = False
 
 
 def _record(model: nn.Module) -> Record | None:
@@ -249,8 +261,23 @@ def preview(
     captured, selected, inputs = _discover(model, example_inputs)
     if not selected:
         raise _no_branches(model)
-    plan = make_plan(model, _blocks(selected), rate, schedule, recipe_for(model))
-    return [_branch(a, plan, plan.rate_of(a.block), captured, inputs) for a in selected]
+    recipe = recipe_for(model)
+    plan = make_plan(model, _blocks(selected), rate, schedule, recipe)
+    rates = _rates(model, captured, selected, plan, rate, schedule, recipe)
+    return Preview(
+        [_branch(a, plan, r, captured, inputs) for a, r in zip(selected, rates.values, strict=True)],
+        rates.rates_from,
+        rates.note,
+    )
+
+
+class Preview(list):
+    """The branches :func:`preview` returns, with ``rates_from`` and ``rates_note`` as in :class:`Report`."""
+
+    def __init__(self, branches: list[Branch], rates_from: str, rates_note: str = "") -> None:
+        super().__init__(branches)
+        self.rates_from = rates_from
+        self.rates_note = rates_note
 
 
 def _discover(model: nn.Module, example_inputs: Any):
@@ -306,7 +333,14 @@ def add(
     if not selected:
         raise _no_branches(model)
     plan = make_plan(model, _blocks(selected), rate, schedule, recipe)
-    branches = [_branch(a, plan, plan.rate_of(a.block), captured, inputs) for a in selected]
+    rates = _rates(model, captured, selected, plan, rate, schedule, recipe)
+    skipped += [
+        Skipped(slot.rpartition(".")[0], f"the library drops {slot} (rate {value:.4g}) off any residual branch; "
+                                         "left alone")
+        for slot, value in rates.left_alone
+        if not any(f"slot {slot} " in k.reason for k in skipped)  # already listed as off the branch
+    ]
+    branches = [_branch(a, plan, r, captured, inputs) for a, r in zip(selected, rates.values, strict=True)]
     reasons: dict[str, str] = {}  # target -> why that branch computes every sample
     if mode != "sample":
         branches = _with_entries(model, branches, selected, captured, mode, reasons)
@@ -358,8 +392,13 @@ def add(
         schedule=plan.schedule,
         mode=mode,
         fallbacks=fallbacks,
+        rates_from=rates.rates_from,
+        library=rates.library,
+        library_asked=rates.library_asked,
     )
-    return Report(branches, difference, captured.method, plan.schedule, plan.formula, skipped, mode, fallbacks)
+    formula = "library" if rates.library is not None else plan.formula
+    return Report(branches, difference, captured.method, plan.schedule, formula, skipped, mode, fallbacks,
+                  rates.rates_from, rates.note)
 
 
 def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[float] = "auto") -> list[Branch]:
@@ -374,9 +413,15 @@ def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[f
             "model carries no pathsurgeon DropPath; call pathsurgeon.add(model, rate) first"
         )
     plan = make_plan(model, record.blocks, rate, schedule, recipe_for(model))
-    new_rates = [plan.rate_of(change.block) for change in record.changes]
+    library = _record_library(model, record, rate) if schedule == "auto" else None
+    if library is not None:  # the library's own numbers, from fitted rate laws: no rebuild per call
+        by_slot = library(rate)
+        new_rates = [by_slot[change.target] for change in record.changes]
+        branches = [dataclasses.replace(b, rate=by_slot[b.target]) for b in record.branches]
+    else:
+        new_rates = [plan.rate_of(change.block) for change in record.changes]
+        branches = [dataclasses.replace(b, rate=plan.rate_of(b.block)) for b in record.branches]
     old_rates = [change.drop.rate for change in record.changes]
-    branches = [dataclasses.replace(b, rate=plan.rate_of(b.block)) for b in record.branches]
     try:
         for change, new in zip(record.changes, new_rates, strict=True):
             change.drop.rate = new
@@ -386,6 +431,16 @@ def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[f
         raise
     record.branches, record.rate, record.schedule = branches, rate, plan.schedule
     return branches
+
+
+def _record_library(model: nn.Module, record: Record, rate: float) -> LibraryRates | None:
+    """The library rates of a surgered model's slots; asked on the first ``auto`` re-rate if add did not."""
+    if not record.library_asked:
+        slots = [change.target for change in record.changes if change.hooked is None]
+        if len(slots) == len(record.changes):
+            record.library = library_rates(model, rate, slots).rates
+        record.library_asked = True
+    return record.library
 
 
 def strip(model: nn.Module) -> nn.Module:
@@ -452,6 +507,45 @@ def _module_or_none(model: nn.Module, name: str) -> nn.Module | None:
         return model.get_submodule(name)
     except AttributeError:  # a None slot
         return None
+
+
+@dataclass
+class _Rates:
+    """The rates of the selected branches under a schedule, and where they came from."""
+
+    values: list[float]
+    rates_from: str
+    note: str = ""
+    library: LibraryRates | None = None
+    library_asked: bool = False
+    left_alone: list[tuple[str, float]] = field(default_factory=list)  # (slot, rate) the library drops elsewhere
+
+
+def _rates(
+    model: nn.Module,
+    captured: Capture,
+    selected: list[ResidualAdd],
+    plan: Plan,
+    rate: float | None,
+    schedule: str | list[float],
+    recipe: Recipe,
+) -> _Rates:
+    """``auto``: the library's own per-slot rates where it can be asked, else the recipe; others: the plan."""
+    planned = [plan.rate_of(a.block) for a in selected]
+    if schedule != "auto":
+        return _Rates(planned, "explicit list" if isinstance(schedule, list) else f"{schedule} schedule")
+    fallback = "recipe" if recipe.entry else "linear over found units"
+    if any(a.slot is None for a in selected):
+        return _Rates(planned, fallback, "hooked branches: the model has no drop-path slots", library_asked=True)
+    called = list(dict.fromkeys(captured.view.slot_calls.values()))
+    source = library_rates(model, rate, called)
+    if source.rates is None:
+        return _Rates(planned, fallback, source.note, library_asked=True)
+    by_slot = source.rates(rate)
+    chosen = {a.slot for a in selected}
+    left_alone = [(slot, value) for slot, value in by_slot.items() if value > 0 and slot not in chosen]
+    return _Rates([by_slot[a.slot] for a in selected], source.rates.rates_from, library=source.rates,
+                  library_asked=True, left_alone=left_alone)
 
 
 def _blocks(selected: list[ResidualAdd]) -> list[str]:
