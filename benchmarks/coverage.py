@@ -40,7 +40,7 @@ import traceback
 from pathlib import Path
 
 RATE = 0.2
-OTHER_RATE = 0.4567  # set_rate target; not one of the rate-law probes
+OTHER_RATES = (0.4567, 0.0123, 0.8765)  # set_rate targets; none is a rate-law probe
 MAX_PARAMETERS = 1.5e9  # two float32 copies would not leave room on a shared 24 GB machine
 TIMEOUT_S = 900
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,33 +169,40 @@ def _call(model, inputs):
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
-def _site_kind(model, inputs, slot: str) -> str:
-    """What the library does with a drop-path slot's output, judged on the captured graph.
+def _site_kinds(model, inputs, slots) -> dict[str, str]:
+    """What the library does with each drop-path slot's output, judged on the captured graph.
 
-    'add': it reaches an add (through scaling and layout ops) — a residual branch pathsurgeon missed;
+    'add': within the slot's module it reaches an add — a residual branch pathsurgeon missed;
+    'shortcut': it reaches a residual add as the shortcut (timm ResNeSt drops the block input);
     'cat': it is concatenated with other features; 'output': anything else (a whole block output).
     """
     from pathsurgeon.capture import capture
+    from pathsurgeon.finder import find_residual_adds
     from pathsurgeon.inputs import example_inputs
 
+    if not slots:
+        return {}
     view = capture(model, example_inputs(model, inputs)).view
-    parent = slot.rpartition(".")[0]
-    kinds = {_follow(view, node, parent) for node, name in view.slot_calls.items() if name == slot}
-    return "add" if "add" in kinds else "cat" if "cat" in kinds else "output"
+    skips = {(a.add, a.skip) for a in find_residual_adds(view)}
+    kinds: dict[str, set[str]] = {slot: set() for slot in slots}
+    for node, name in view.slot_calls.items():
+        if name in kinds:
+            kinds[name].add(_follow(view, node, name.rpartition(".")[0], skips))
+    return {slot: "add" if "add" in k else "cat" if "cat" in k else "output" for slot, k in kinds.items()}
 
 
-def _follow(view, node, parent: str) -> str:
+def _follow(view, node, parent: str, skips) -> str:
     """Where a slot's output goes within its parent module: into an add, a concatenation, or out."""
     from pathsurgeon import finder
 
     current = node
-    for _ in range(4):
+    for _ in range(finder.MAX_SCALE_HOPS + 2):
         users = list(current.users)
         if len(users) != 1 or parent not in view.module_stack.get(users[0], ("",)) and parent:
             return "output"
         user = users[0]
         if finder._is_add(user):
-            return "add"
+            return "shortcut" if (user, current) in skips else "add"
         if "cat" in str(user.target):
             return "cat"
         current = user
@@ -254,7 +261,8 @@ def _check_timm(name: str) -> dict:
     sizes = [64, 96, 128, 160, 192, 224, 256] if takes_size else [64, 96, 128, 224]
     sizes += [tuple(default)]
     chosen = None
-    for size in sizes:
+    while sizes:
+        size = sizes.pop(0)
         hw = (size, size) if isinstance(size, int) else size
         kwargs = {"img_size": hw} if takes_size and isinstance(size, int) else {}
         x = torch.randn(2, channels, *hw, generator=torch.Generator().manual_seed(1))
@@ -265,6 +273,11 @@ def _check_timm(name: str) -> dict:
             error = f"{type(problem).__name__}: {_line(problem)}"
         if error is not None and "meta" not in error.lower():
             attempts.append(f"{hw}: {error}")
+            continue
+        if kwargs and not _identifiable(probe):
+            # the model keeps no trace of its img_size, so timm cannot be asked; build it at its default
+            attempts.append(f"{hw}: built at this img_size timm cannot rebuild it")
+            sizes = sizes[-1:]
             continue
         torch.manual_seed(0)
         native = build(RATE, **kwargs)
@@ -283,6 +296,16 @@ def _check_timm(name: str) -> dict:
     row["size"] = list(x.shape[-2:])
     row["parameters"] = parameters
     return row
+
+
+def _identifiable(model) -> bool:
+    from pathsurgeon.libraries import RebuildError, identify_constructor
+
+    try:
+        identify_constructor(model)
+        return True
+    except RebuildError:
+        return False
 
 
 def _check_torchvision(name: str) -> dict:
@@ -438,17 +461,28 @@ def _compare(library, name, native, model, x, rebuild, example_inputs, parameter
     if not expected:
         return _row(library, name, "no drop path", "the library calls no drop path at this rate")
 
-    report = pathsurgeon.add(model, RATE, example_inputs=example_inputs)
+    text = {"cat": "concatenated features", "output": "a whole block output", "shortcut": "a shortcut"}
+    try:
+        report = pathsurgeon.add(model, RATE, example_inputs=example_inputs)
+    except pathsurgeon.NoBranchesError:
+        kinds = _site_kinds(native, x, list(expected))
+        if "add" not in kinds.values():
+            shown = ", ".join(text[k] for k in sorted(set(kinds.values())))
+            return _row(library, name, "not residual", f"no residual branch; the library drops {len(kinds)} "
+                        f"sites that are not residual branches ({shown}; e.g. {sorted(kinds)[0]})")
+        raise
     ours = {b.target: b.rate for b in report.branches if b.mechanism == "slot" and b.rate > 0}
+    hooked = [b for b in report.branches if b.mechanism == "hook" and b.rate > 0]
     problems, notes = [], []
     missing = {s: r for s, r in expected.items() if s not in ours}
     extra = {s: r for s, r in ours.items() if s not in expected}
-    not_residual = {}
-    for slot in list(missing):
-        kind = _site_kind(native, x, slot)
-        if kind != "add":
-            not_residual[slot] = kind
-            del missing[slot]
+    kinds = _site_kinds(native, x, list(missing))
+    not_residual = {slot: kind for slot, kind in kinds.items() if kind != "add"}
+    missing = {s: r for s, r in missing.items() if s not in not_residual}
+    if hooked and len(not_residual) < len(expected):
+        problems.append(f"pathsurgeon hooks {len(hooked)} branches of a model whose library drops residual branches")
+    elif hooked:
+        notes.append(f"pathsurgeon drops {len(hooked)} residual branches (hooks) that the library leaves alone")
     if missing:
         problems.append(f"library drops {len(missing)} sites pathsurgeon does not (e.g. {sorted(missing)[0]})")
     if extra:
@@ -466,21 +500,21 @@ def _compare(library, name, native, model, x, rebuild, example_inputs, parameter
     # set_rate to another rate: the library's rates at that rate, bitwise
     record = _record(model)
     slot_targets = [c.target for c in record.changes if c.hooked is None]
-    pathsurgeon.set_rate(model, OTHER_RATE)
-    if slot_targets:
-        want = _slot_values(rebuild(OTHER_RATE), slot_targets)
+    for other in OTHER_RATES if slot_targets else ():
+        pathsurgeon.set_rate(model, other)
+        want = _slot_values(rebuild(other), slot_targets)
         got = {c.target: c.drop.rate for c in record.changes if c.hooked is None}
         if report.rates_from in ("timm constructor", "torchvision builder", "transformers config") and got != want:
             s = next(s for s in slot_targets if got[s] != want[s])
-            problems.append(f"set_rate({OTHER_RATE}) gives {s} {got[s]!r}, the library {want[s]!r}")
+            problems.append(f"set_rate({other}) gives {s} {got[s]!r}, the library {want[s]!r}")
+            break
     pathsurgeon.set_rate(model, RATE)
     laws = record.library.laws if record.library is not None else {}
     if laws and not all(laws.values()):
         notes.append(f"{sum(1 for v in laws.values() if v is None)} slots fit no rate law (set_rate replays)")
     # training outputs under one seed
-    training = "n/a"
-    if library == "transformers" and not _draws_like_timm(native):
-        training = "not compared: HF's DropPath draws its mask with rand + floor, pathsurgeon with bernoulli_"
+    if hooked:
+        training = "not compared: pathsurgeon drops branches the library leaves alone"
     else:
         native.train()
         model.train()
@@ -506,7 +540,6 @@ def _compare(library, name, native, model, x, rebuild, example_inputs, parameter
         problems.append(f"DropPath left after strip at {leftovers[0]}")
     if not_residual:
         kinds = sorted(set(not_residual.values()))
-        text = {"cat": "concatenated features", "output": "a whole block output"}
         notes.insert(0, f"the library also drops {len(not_residual)} sites that are not residual branches "
                         f"({', '.join(text[k] for k in kinds)}; e.g. {sorted(not_residual)[0]})")
     if problems:
@@ -534,13 +567,6 @@ def _rate_zero(model, slots):
     finally:
         for module, attribute, value in saved:
             setattr(module, attribute, value)
-
-
-def _draws_like_timm(model) -> bool:
-    from pathsurgeon import slots as slot_lib
-
-    return not any(type(m).__module__.startswith("transformers.") for m in model.modules()
-                   if slot_lib.is_drop_path_module(m))
 
 
 def _slot_values(rebuilt, slots: list[str]) -> dict[str, float]:

@@ -25,9 +25,13 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["MODES", "DropPath", "Gather", "drop_path", "validate_mode", "validate_rate"]
+__all__ = ["DRAWS", "MODES", "DropPath", "Gather", "drop_path", "validate_mode", "validate_rate"]
 
 MODES = ("sample", "skip", "batch")
+# How the per-sample keep mask is drawn. "bernoulli": timm's and torchvision's ``bernoulli_(keep)``.
+# "uniform_floor": Hugging Face's ``floor(rand + keep)`` (one copy in every HF model file), used for the
+# slots of HF models so that their training outputs stay the library's under one seed.
+DRAWS = ("bernoulli", "uniform_floor")
 
 
 def validate_rate(rate: object, *, what: str = "rate") -> float:
@@ -65,11 +69,13 @@ def drop_path(
     training: bool = False,
     scale_by_keep: bool = True,
     batch_axis: int = 0,
+    draw: str = "bernoulli",
 ) -> torch.Tensor:
     """Zero the whole of ``x`` for a random subset of samples; scale the kept ones by ``1 / (1 - rate)``.
 
     One Bernoulli draw per sample along ``batch_axis``; every other axis is broadcast. Identity (the
-    very same tensor) when ``rate == 0`` or when not training.
+    very same tensor) when ``rate == 0`` or when not training. ``draw``: see :data:`DRAWS` (with
+    "uniform_floor", Hugging Face's code: kept samples are always rescaled).
 
     >>> x = torch.ones(4, 3)
     >>> drop_path(x, 0.5, training=False) is x
@@ -78,6 +84,9 @@ def drop_path(
     if rate == 0.0 or not training:
         return x
     keep = 1.0 - rate
+    if draw == "uniform_floor":
+        mask = torch.floor(torch.rand(_mask_shape(x, batch_axis), dtype=x.dtype, device=x.device) + keep)
+        return x.div(keep) * mask
     mask = x.new_empty(_mask_shape(x, batch_axis)).bernoulli_(keep)
     if keep > 0.0 and scale_by_keep:
         mask.div_(keep)
@@ -110,13 +119,21 @@ class DropPath(nn.Module):
     """
 
     def __init__(
-        self, rate: float = 0.0, scale_by_keep: bool = True, batch_axis: int = 0, mode: str = "sample"
+        self,
+        rate: float = 0.0,
+        scale_by_keep: bool = True,
+        batch_axis: int = 0,
+        mode: str = "sample",
+        draw: str = "bernoulli",
     ) -> None:
         super().__init__()
         self.rate = validate_rate(rate)
         self.scale_by_keep = bool(scale_by_keep)
         self.batch_axis = int(batch_axis)
         self.mode = validate_mode(mode)
+        if draw not in DRAWS:
+            raise ValueError(f"draw must be one of {', '.join(DRAWS)}, got {draw!r}")
+        self.draw = draw
         self._plan: _Plan | None = None  # set by a Gather at the start of the branch, used once
         self._forced_keep: torch.Tensor | None = None  # a fixed 0/1 keep mask, for checks (active in eval too)
         # False for branches that cannot run on an empty batch (a reshape with -1): when no sample is
@@ -137,7 +154,7 @@ class DropPath(nn.Module):
     def apply_to(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         """Drop path on the branch output ``x``; ``training`` is the flag of the module it belongs to."""
         if self.mode == "sample" and self._forced_keep is None:  # the hot path: timm's code, nothing else
-            return drop_path(x, self.rate, training, self.scale_by_keep, self.batch_axis)
+            return drop_path(x, self.rate, training, self.scale_by_keep, self.batch_axis, self.draw)
         plan, self._plan = self._plan, None
         if plan is not None:
             return self._scatter(x, plan)
@@ -146,7 +163,7 @@ class DropPath(nn.Module):
             return x * keep.view(_mask_shape(x, self.batch_axis)) * self._scale()
         if self.mode == "batch" and training and self.rate > 0.0:
             return x * self._scale() if self._batch_kept() else x * 0.0
-        return drop_path(x, self.rate, training, self.scale_by_keep, self.batch_axis)
+        return drop_path(x, self.rate, training, self.scale_by_keep, self.batch_axis, self.draw)
 
     @torch.compiler.disable  # a data-dependent decision: under torch.compile, a graph break here
     def plan(
@@ -164,11 +181,17 @@ class DropPath(nn.Module):
         else:
             # the draw timm's drop_path makes (same count, dtype and generator), so that under one seed
             # the kept samples are those mode 'sample' keeps when the branch itself draws no numbers
-            keep_mask = torch.empty(batch, device=device, dtype=dtype).bernoulli_(1.0 - self.rate).bool()
+            keep_mask = self._draw_keep(batch, device, dtype)
         index = keep_mask.nonzero().flatten()
         if index.numel() == 0:
             return self._none_kept(batch, device)
         return _Plan(None if index.numel() == batch else index, self._scale(), batch)
+
+    def _draw_keep(self, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        keep = 1.0 - self.rate
+        if self.draw == "uniform_floor":
+            return torch.floor(torch.rand(batch, device=device, dtype=dtype) + keep).bool()
+        return torch.empty(batch, device=device, dtype=dtype).bernoulli_(keep).bool()
 
     def _batch_kept(self) -> bool:
         """One draw for the whole batch, as torchvision's ``StochasticDepth(mode="batch")`` makes it.
@@ -200,6 +223,8 @@ class DropPath(nn.Module):
             text += ", scale_by_keep=False"
         if self.batch_axis != 0:
             text += f", batch_axis={self.batch_axis}"
+        if self.draw != "bernoulli":
+            text += f", draw={self.draw!r}"
         return text
 
 

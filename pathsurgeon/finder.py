@@ -48,7 +48,7 @@ _SHAPE_METHODS = {"size", "dim", "numel", "item", "tolist", "type", "get_device"
 _SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad", "training"}
 
 MAX_SKIP_CHAIN = 16  # a projection shortcut is a handful of ops (pool, conv, norm); more is not a skip
-MAX_SCALE_HOPS = 4
+MAX_SCALE_HOPS = 8  # window un-partitioning (timm SAM ViT) is a view, a permute, a reshape, a slice and a copy
 
 
 @dataclass
@@ -248,18 +248,32 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
         return [i for i in _node_inputs(node) if i in view.tensor_nodes and i in data]
 
     def skip_source(skip: fx.Node, branch: fx.Node) -> tuple[fx.Node, int] | None:
-        """Follow ``skip`` back through single-input ops to an ancestor of ``branch``."""
+        """Follow ``skip`` back to the one ancestor of ``branch`` all its data comes from.
+
+        Usually a chain of single-input ops (the identity, a projection); a pooled shortcut may split
+        and join again on the way (timm Hiera: ``cat([amax(view(x)), mean(view(x))])``), as long as
+        every path ends at the same source within :data:`MAX_SKIP_CHAIN` ops.
+        """
         chain_bits = 0
-        current = skip
-        for _ in range(MAX_SKIP_CHAIN + 1):
+        sources: set[fx.Node] = set()
+        seen: set[fx.Node] = set()
+        frontier = [skip]
+        while frontier:
+            current = frontier.pop()
+            if current in seen:
+                continue
+            seen.add(current)
             if ancestors[branch] >> position[current] & 1:
-                return current, chain_bits
+                sources.add(current)
+                continue
             chain_bits |= 1 << position[current]
             inputs = main_inputs(current)
-            if len(inputs) != 1 or current.op in ("placeholder", "get_attr"):
+            if not inputs or current.op in ("placeholder", "get_attr") or chain_bits.bit_count() > MAX_SKIP_CHAIN:
                 return None
-            current = inputs[0]
-        return None
+            frontier.extend(inputs)
+        if len(sources) != 1:
+            return None
+        return sources.pop(), chain_bits
 
     found: list[ResidualAdd] = []
     for node in nodes:

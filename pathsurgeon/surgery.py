@@ -649,7 +649,9 @@ def _change(model: nn.Module, branch: Branch, entries: list[str]) -> _Change:
         parent = model.get_submodule(parent_name)
         original = slot_lib.read_slot(parent, attr)
         scale = getattr(original.value, "scale_by_keep", True)
-        drop = DropPath(branch.rate, scale_by_keep=scale, batch_axis=branch.batch_axis, mode=branch.mode)
+        # a Hugging Face layer would hold HF's own DropPath here, which draws its mask its own way
+        draw = "uniform_floor" if type(parent).__module__.startswith("transformers.") else "bernoulli"
+        drop = DropPath(branch.rate, scale_by_keep=scale, batch_axis=branch.batch_axis, mode=branch.mode, draw=draw)
         drop.train(parent.training)  # a new module defaults to training; follow the model's mode
         change = _Change(branch.block, branch.target, drop, parent=parent, attr=attr, original=original)
     else:
