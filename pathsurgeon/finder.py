@@ -237,7 +237,7 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
     position, ancestors = _ancestor_bits(view.graph)
     data, parameter_users = _data_flow(view)
     parameter_bits = 0
-    for node in parameter_users:
+    for node in parameter_users & data:  # computing with data; a view of a weight is not compute
         parameter_bits |= 1 << position[node]
 
     def parameter_ops(bits: int) -> int:
@@ -284,7 +284,7 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
             continue
         if "alpha" in node.kwargs and node.kwargs["alpha"] != 1:
             continue
-        best: tuple[int, int, fx.Node, fx.Node, fx.Node] | None = None
+        best: tuple[int, int, int, fx.Node, fx.Node, fx.Node, fx.Node | None] | None = None
         for skip, branch in (operands, operands[::-1]):
             source = skip_source(skip, branch)
             if source is None:
@@ -292,16 +292,19 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
             source_node, chain_bits = source
             branch_bits = ancestors[branch] & ~ancestors[source_node]
             branch_params, skip_params = parameter_ops(branch_bits), parameter_ops(chain_bits)
-            if branch_params == 0 or skip_params >= branch_params:
+            slot_call = _slot_on_branch(view, branch, data)
+            # A drop-path slot at the end of one operand says which one the library's author took for
+            # the branch: then a scaled shortcut may carry as many parameters as a light branch
+            # (timm PoolFormerV2: res_scale(x) + layer_scale(drop_path(pool(norm(x)) - norm(x)))).
+            if branch_params == 0 or (slot_call is None and skip_params >= branch_params):
                 continue
-            rank = (skip_params, chain_bits.bit_count())
-            if best is None or rank < best[:2]:
-                best = (*rank, skip, branch, source_node)
+            rank = (slot_call is None, skip_params, chain_bits.bit_count())
+            if best is None or rank < best[:3]:
+                best = (*rank, skip, branch, source_node, slot_call)
         if best is None:
             continue
-        _, _, skip, branch, source_node = best
+        *_, skip, branch, source_node, slot_call = best
         block = view.owner(node)
-        slot_call = _slot_on_branch(view, branch, data)
         found.append(
             ResidualAdd(
                 add=node,

@@ -75,8 +75,8 @@ DEFAULT_IMAGE_SIZE = 224  # ImageNet's; every torchvision classifier and most HF
 def _input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, str | None]:
     """(C, H, W) of one image and the keyword it is passed as (None: positionally).
 
-    In order: timm's ``pretrained_cfg`` (the patch embedding's size wins for a model built with another
-    ``img_size``); a Hugging Face config's ``image_size`` / ``num_channels`` (its ``vision_config``'s
+    In order: timm's ``pretrained_cfg`` (the patch embedding's size and the first convolution's channels
+    win for a model built with another ``img_size`` or ``in_chans``); a Hugging Face config's ``image_size`` / ``num_channels`` (its ``vision_config``'s
     for a composite model); an ``image_size`` / ``img_size`` the model or its patch embedding keeps
     (torchvision ViT); else 224 × 224 with the channel count of the first convolution or the config.
     """
@@ -84,10 +84,12 @@ def _input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, str | None]:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and cfg.get("input_size"):
         channels, height, width = (int(v) for v in cfg["input_size"])
-        # a timm model built with img_size=... keeps the pretrained cfg's size; its patch embed knows better
+        # a timm model built with img_size=... or in_chans=... keeps the pretrained cfg's input size;
+        # its patch embedding and first convolution know better
         size = _pair(getattr(getattr(model, "patch_embed", None), "img_size", None))
         if size is not None:
             height, width = size
+        channels = _first_convolution_channels(model) or channels
         return (channels, height, width), keyword
     config = getattr(model, "config", None)
     vision = getattr(config, "vision_config", None) or config

@@ -223,14 +223,15 @@ def library_rates(model: nn.Module, rate: float, slot_names: list[str]) -> RateS
     library cannot be asked: no adapter knows the model, the rebuilt tree differs (other constructor
     arguments), the constructor takes no rate, or it has no drop-path slot where the model has one.
     """
-    if not slot_names:
-        return RateSource(None, "the model has no drop-path slots to read library rates for")
     try:
         constructor, rebuilt = identify_and_replay(model, rate)
     except RebuildError as error:
         return RateSource(None, str(error))
     if constructor.rate_argument is None:
         return RateSource(None, f"{constructor.rates_from} {constructor.name} takes no drop-path rate")
+    if not slot_names:
+        return RateSource(None, f"{constructor.rates_from} {constructor.name} takes a drop-path rate, but the "
+                                "residual branches found pass through none of its drop-path slots")
     try:
         rates = slot_rates(rebuilt, slot_names)
     except RebuildError as error:

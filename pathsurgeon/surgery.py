@@ -535,8 +535,8 @@ def _rates(
     if schedule != "auto":
         return _Rates(planned, "explicit list" if isinstance(schedule, list) else f"{schedule} schedule")
     fallback = "recipe" if recipe.entry else "linear over found units"
-    if any(a.slot is None for a in selected):
-        return _Rates(planned, fallback, "hooked branches: the model has no drop-path slots", library_asked=True)
+    if any(a.slot is None for a in selected):  # hooked branches: the library has no slot to read
+        return _Rates(planned, fallback, library_rates(model, rate, []).note, library_asked=True)
     called = list(dict.fromkeys(captured.view.slot_calls.values()))
     source = library_rates(model, rate, called)
     if source.rates is None:

@@ -71,7 +71,6 @@ MODELS = {
     "siglip_vision": (T.SiglipVisionConfig, T.SiglipVisionModel, VIT),
 }
 NO_NATIVE_DROP_PATH = {"vit", "deit", "vit_mae", "clip_vision", "siglip_vision"}
-LINEAR_LIKE_HF = {"beit", "data2vec_vision", "convnext", "convnextv2"}  # HF's own schedule is linear
 
 
 def build(name: str, rate: float | None = None):
@@ -98,7 +97,7 @@ def native_call_sites(model, inputs) -> collections.Counter:
     calls = collections.Counter()
     handles = [
         module.register_forward_hook(
-            lambda m, i, o, n=name: calls.update([(n.rpartition(".")[0], round(m.drop_prob, 6))])
+            lambda m, i, o, n=name: calls.update([(n.rpartition(".")[0], m.drop_prob)])
         )
         for name, module in model.named_modules()
         # HF PoolFormer also calls a DropPath *inside* its MLP as a dropout; only residual slots count
@@ -150,9 +149,10 @@ def test_add_verify_strip_keeps_a_transformers_model(name):
         assert {b: our_counts[b] for b in native_counts} == dict(native_counts)
         # HF builds its rate-0 first layer with nn.Identity, so the only extra block is our index 0
         assert {b.index for b in report.branches if b.block not in native_counts} <= {0}
-        if name in LINEAR_LIKE_HF:  # and the same rates
-            ours = collections.Counter((b.block, round(b.rate, 6)) for b in report.branches if b.rate > 0)
-            assert ours == +collections.Counter({k: v for k, v in expected.items() if k[1] > 0})
+        # and HF's own rates, read from a meta-device rebuild with the config's drop_path_rate: bitwise
+        assert report.rates_from == "transformers config"
+        ours = collections.Counter((b.block, b.rate) for b in report.branches if b.rate > 0)
+        assert ours == +collections.Counter({k: v for k, v in expected.items() if k[1] > 0})
 
     pathsurgeon.strip(model)
     assert module_layout(model) == layout and pathsurgeon_leftovers(model) == []
@@ -232,10 +232,38 @@ def test_trainer_fine_tunes_a_surgered_model(tmp_path):
     assert pathsurgeon_leftovers(model) == []
 
 
+@pytest.mark.parametrize("name", sorted(set(MODELS) - NO_NATIVE_DROP_PATH - {"poolformer"}))
+def test_training_outputs_are_hugging_faces_under_one_seed(name):
+    """HF's DropPath draws floor(rand + keep); the DropPath that fills an HF slot draws the same way.
+
+    (PoolFormer is left out: HF also calls its DropPath inside the MLP, which is no residual branch.)
+    """
+    native, model = build(name, 0.2), build(name, 0.0)
+    model.load_state_dict(native.state_dict())
+    inputs = pixels(model, batch=8)
+    pathsurgeon.add(model, 0.2, example_inputs=pixels(model))
+    outputs = []
+    for m in (native, model):
+        m.train()
+        torch.manual_seed(4)
+        with torch.no_grad():
+            outputs.append(first_tensor(m(**inputs)))
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-6, rtol=0)
+
+
 def test_example_inputs_come_from_the_config():
     model = build("convnext", 0.0)
     report = pathsurgeon.add(model, 0.1)  # pixel_values of config.image_size, config.num_channels
     assert report.max_abs_diff == 0.0
+
+
+def test_a_config_without_image_size_gets_224_pixels():
+    config = T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1])
+    assert not hasattr(config, "image_size")
+    model = T.ResNetForImageClassification(config).eval()
+    report = pathsurgeon.add(model, 0.1)  # (2, num_channels, 224, 224) as pixel_values=
+    assert report.max_abs_diff == 0.0 and len(report.branches) == 4
+    assert report.rates_from == "linear over found units"  # HF ResNet has no drop path of its own
 
 
 def test_random_eval_model_is_reported_as_such():

@@ -64,16 +64,9 @@ def _plain_arguments(model: nn.Module, cfg: dict) -> dict[str, Any]:
     if first_conv is not None and input_size and first_conv.in_channels != input_size[0]:
         arguments["in_chans"] = first_conv.in_channels
     size = _image_size(model)
-    if size is not None and len(input_size) == 3 and size != tuple(input_size[1:]) and _takes(model, "img_size"):
+    if size is not None and len(input_size) == 3 and size != tuple(input_size[1:]) and _accepts(type(model), "img_size"):
         arguments["img_size"] = size[0] if size[0] == size[1] else list(size)
     return arguments
-
-
-def _takes(model: nn.Module, argument: str) -> bool:
-    try:
-        return argument in inspect.signature(type(model).__init__).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _image_size(model: nn.Module) -> tuple[int, int] | None:
