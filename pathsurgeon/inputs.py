@@ -75,10 +75,11 @@ DEFAULT_IMAGE_SIZE = 224  # ImageNet's; every torchvision classifier and most HF
 def _input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, str | None]:
     """(C, H, W) of one image and the keyword it is passed as (None: positionally).
 
-    In order: timm's ``pretrained_cfg`` (the patch embedding's size and the first convolution's channels
-    win for a model built with another ``img_size`` or ``in_chans``); a Hugging Face config's ``image_size`` / ``num_channels`` (its ``vision_config``'s
-    for a composite model); an ``image_size`` / ``img_size`` the model or its patch embedding keeps
-    (torchvision ViT); else 224 × 224 with the channel count of the first convolution or the config.
+    In order: timm's ``pretrained_cfg`` (the patch embedding's size and the first convolution's
+    channels win for a model built with another ``img_size`` or ``in_chans``); a Hugging Face config's
+    ``image_size`` / ``num_channels`` (its ``vision_config``'s for a composite model); an
+    ``image_size`` / ``img_size`` the model or its patch embedding keeps (torchvision ViT); else
+    224 × 224 with the channel count of the first convolution or the config.
     """
     keyword = "pixel_values" if _takes_pixel_values(model) else None
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)

@@ -64,7 +64,8 @@ def _plain_arguments(model: nn.Module, cfg: dict) -> dict[str, Any]:
     if first_conv is not None and input_size and first_conv.in_channels != input_size[0]:
         arguments["in_chans"] = first_conv.in_channels
     size = _image_size(model)
-    if size is not None and len(input_size) == 3 and size != tuple(input_size[1:]) and _accepts(type(model), "img_size"):
+    takes_size = _accepts(type(model), "img_size")
+    if size is not None and len(input_size) == 3 and size != tuple(input_size[1:]) and takes_size:
         arguments["img_size"] = size[0] if size[0] == size[1] else list(size)
     return arguments
 
