@@ -172,39 +172,41 @@ def _call(model, inputs):
 def _site_kinds(model, inputs, slots) -> dict[str, str]:
     """What the library does with each drop-path slot's output, judged on the captured graph.
 
-    'add': within the slot's module it reaches an add — a residual branch pathsurgeon missed;
-    'shortcut': it reaches a residual add as the shortcut (timm ResNeSt drops the block input);
-    'cat': it is concatenated with other features; 'output': anything else (a whole block output).
+    See :func:`_follow`; only 'add' is a residual branch (one pathsurgeon missed, if it did).
     """
     from pathsurgeon.capture import capture
-    from pathsurgeon.finder import find_residual_adds
     from pathsurgeon.inputs import example_inputs
 
     if not slots:
         return {}
     view = capture(model, example_inputs(model, inputs)).view
-    skips = {(a.add, a.skip) for a in find_residual_adds(view)}
     kinds: dict[str, set[str]] = {slot: set() for slot in slots}
     for node, name in view.slot_calls.items():
         if name in kinds:
-            kinds[name].add(_follow(view, node, name.rpartition(".")[0], skips))
+            kinds[name].add(_follow(view, node, name.rpartition(".")[0]))
     return {slot: "add" if "add" in k else "cat" if "cat" in k else "output" for slot, k in kinds.items()}
 
 
-def _follow(view, node, parent: str, skips) -> str:
-    """Where a slot's output goes within its parent module: into an add, a concatenation, or out."""
+def _follow(view, node, parent: str) -> str:
+    """Where a slot's output goes within its parent module (judged without the finder's verdict).
+
+    Through scaling and layout ops only, into an add: 'add' (the end of a residual branch);
+    through other compute into an add: 'shortcut' (timm ResNeSt drops the block input, which its
+    downsampling shortcut then reads); into a concatenation: 'cat'; otherwise 'output'.
+    """
     from pathsurgeon import finder
 
-    current = node
-    for _ in range(finder.MAX_SCALE_HOPS + 2):
+    current, light = node, True
+    for _ in range(finder.MAX_SCALE_HOPS + 4):
         users = list(current.users)
-        if len(users) != 1 or parent not in view.module_stack.get(users[0], ("",)) and parent:
+        if len(users) != 1 or (parent and parent not in view.module_stack.get(users[0], ())):
             return "output"
         user = users[0]
         if finder._is_add(user):
-            return "shortcut" if (user, current) in skips else "add"
+            return "add" if light else "shortcut"
         if "cat" in str(user.target):
             return "cat"
+        light = light and (finder._is_scale(user) or finder._is_slice(user) or user in view.scale_calls)
         current = user
     return "output"
 
@@ -345,9 +347,9 @@ HF_CONFIGS = {
     "ConvNextBackbone": {"out_indices": [1, 2, 3, 4]},
     "ConvNextV2Backbone": {"out_indices": [1, 2, 3, 4]},
     "FocalNetBackbone": {"out_indices": [1, 2, 3, 4]},
-    "PerceiverForImageClassificationConvProcessing": {"d_latents": 256, "num_latents": 64},
-    "PerceiverForImageClassificationFourier": {"d_latents": 256, "num_latents": 64},
-    "PerceiverForImageClassificationLearned": {"d_latents": 256, "num_latents": 64},
+    # transformers' defaults give 261 / 322 query channels for 8 cross-attention heads
+    "PerceiverForImageClassificationConvProcessing": {"num_cross_attention_heads": 1},
+    "PerceiverForImageClassificationFourier": {"num_cross_attention_heads": 1},
 }
 HF_SMALL_IMAGE = 64
 
@@ -359,6 +361,9 @@ def _hf_build(key: str, class_name: str, rate: float | None, small: bool):
     cls = getattr(transformers, class_name)
     config_cls = getattr(transformers, configuration_auto.CONFIG_MAPPING_NAMES[key])
     config = config_cls(**HF_CONFIGS.get(class_name, {}))
+    for key_ in ("hidden_sizes", "depths"):  # a tuple default breaks some backbones' list arithmetic
+        if isinstance(getattr(config, key_, None), tuple):
+            setattr(config, key_, list(getattr(config, key_)))
     if small and isinstance(getattr(config, "image_size", None), (int, list, tuple)):
         size = config.image_size
         config.image_size = HF_SMALL_IMAGE if isinstance(size, int) else [HF_SMALL_IMAGE, HF_SMALL_IMAGE]
@@ -373,9 +378,20 @@ def _check_transformers(name: str) -> dict:
     from pathsurgeon.inputs import example_inputs
 
     key, class_name = name.split(":")
-    cls, config = _hf_build(key, class_name, None, small=False)
-    takes_rate = isinstance(getattr(config, "drop_path_rate", None), (int, float))
-    meta = _meta(lambda: cls(config))
+    try:
+        cls, config = _hf_build(key, class_name, None, small=False)
+        meta = _meta(lambda: cls(config))
+    except ImportError as error:  # a model that needs another package (natten for DiNAT)
+        return _row("transformers", name, "skipped", f"needs a package not installed here: {_line(error)[:120]}")
+    except Exception as error:  # noqa: BLE001 - transformers' own default config does not build
+        if "backbone is not set" in str(error):
+            return _row("transformers", name, "skipped", "wraps a timm model named in its config (the timm rows)")
+        return _row("transformers", name, "skipped",
+                    f"its default config does not build in transformers: {type(error).__name__}: {_line(error)}")
+    from pathsurgeon.libraries.transformers import candidates
+
+    constructor = candidates(meta)[0]
+    takes_rate = constructor.rate_argument is not None
     parameters = _parameters(meta)
     if parameters > MAX_PARAMETERS:
         return _row("transformers", name, "skipped",
@@ -396,7 +412,7 @@ def _check_transformers(name: str) -> dict:
     if model is None:
         return _row("transformers", name, "error", f"does not build and run from its default config: {error}")
     if not takes_rate:
-        return _invariants_only("transformers", name, model, "no drop_path_rate in its config: no native drop path")
+        return _invariants_only("transformers", name, model, f"no native drop path ({constructor.why_no_rate})")
 
     def build(rate):
         c = type(config).from_dict(config.to_dict())
@@ -440,8 +456,13 @@ def _invariants_only(library: str, name: str, model, why: str) -> dict:
     pathsurgeon.strip(model)
     if [(n, type(m)) for n, m in model.named_modules()] != layout or list(model.state_dict()) != keys:
         problems.append("strip did not restore the module tree")
-    status = "differs" if problems else "no drop path"
+    held = [s for s in report.skipped if "is also called off the residual branch" in s.reason]
+    status = "differs" if problems else "not residual" if held else "no drop path"
     reason = "; ".join(problems) if problems else f"{why}; pathsurgeon adds it on {len(report.branches)} branches"
+    if held and not problems:
+        reason = (f"the library calls its drop path off the residual branch too ({held[0].reason.split(' (')[0]}, "
+                  f"...): pathsurgeon hooks the {len(report.branches)} residual branches and holds the library's "
+                  f"{len(held)} drop paths at rate 0")
     return _row(library, name, status, reason, rates_from=report.rates_from, branches=len(report.branches))
 
 
@@ -462,7 +483,8 @@ def _compare(library, name, native, model, x, rebuild, example_inputs, parameter
     if not expected:
         return _row(library, name, "no drop path", "the library calls no drop path at this rate")
 
-    text = {"cat": "concatenated features", "output": "a whole block output", "shortcut": "a shortcut"}
+    text = {"cat": "concatenated features", "output": "an output not added to a shortcut",
+            "shortcut": "the input of a shortcut"}
     try:
         report = pathsurgeon.add(model, RATE, example_inputs=example_inputs)
     except pathsurgeon.NoBranchesError:

@@ -28,6 +28,8 @@ _EXPORTS = {
     "Skipped": "surgery",
     "Fallback": "surgery",
     "load": "checkpoint",
+    "constructor_arguments": "libraries",
+    "RebuildError": "libraries",
     "DropPath": "droppath",
     "drop_path": "droppath",
     "register_drop_path_class": "slots",
@@ -53,10 +55,12 @@ __all__ = [
     "InvalidScheduleError",
     "NoBranchesError",
     "PathSurgeonError",
+    "RebuildError",
     "Report",
     "Skipped",
     "VerificationError",
     "add",
+    "constructor_arguments",
     "drop_path",
     "find",
     "is_surgered",
@@ -95,5 +99,6 @@ if TYPE_CHECKING:  # pragma: no cover
         PathSurgeonError,
         VerificationError,
     )
+    from .libraries import RebuildError, constructor_arguments
     from .slots import register_drop_path_class
     from .surgery import Branch, Fallback, Report, Skipped, add, find, is_surgered, preview, set_rate, strip

@@ -95,6 +95,7 @@ class ResidualAdd:
     slot: str | None  # the drop-path slot sitting on the branch, if any
     slot_call: fx.Node | None  # the node calling that slot
     producer: str | None  # the module whose output is the branch (for a forward hook), if any
+    producer_output: fx.Node  # the node the producer returns (the branch, or what the branch scales)
     order: int  # position of the add in execution order
 
 
@@ -305,6 +306,7 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
             continue
         *_, skip, branch, source_node, slot_call = best
         block = view.owner(node)
+        producer, producer_output = _producer(view, branch, node, data)
         found.append(
             ResidualAdd(
                 add=node,
@@ -314,7 +316,8 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
                 block=block,
                 slot=view.slot_calls.get(slot_call) if slot_call is not None else None,
                 slot_call=slot_call,
-                producer=_producer(view, branch, node, block),
+                producer=producer,
+                producer_output=producer_output,
                 order=position[node],
             )
         )
@@ -364,14 +367,32 @@ def _slot_on_branch(view: GraphView, branch: fx.Node, data: set[fx.Node]) -> fx.
     return None
 
 
-def _producer(view: GraphView, branch: fx.Node, add: fx.Node, block: str) -> str | None:
-    """The child module of ``block`` whose call returns the branch, if the branch is a module output."""
-    stack = view.module_stack.get(branch, ())
+def _producer(
+    view: GraphView, branch: fx.Node, add: fx.Node, data: set[fx.Node]
+) -> tuple[str | None, fx.Node]:
+    """The child module of the block whose call returns the branch, and the node it returns.
+
+    Inline scaling and layout code between the module and the add is looked through (HF LW-DETR's
+    ViT: ``attention(x)[0] * gamma``, reshaped): a per-sample mask on the module output is the same.
+    So is a drop-path slot, for a model whose slots cannot be filled (HF CvT).
+    (None, branch) when the branch is computed inline.
+    """
     add_stack = view.module_stack.get(add, ())
     depth = len(add_stack)
-    if len(stack) <= depth or stack[:depth] != add_stack:
-        return None
-    return stack[depth]
+    slots = set(view.slot_calls.values())
+    current = branch
+    for _ in range(MAX_SCALE_HOPS + 1):
+        stack = view.module_stack.get(current, ())
+        in_slot = len(stack) > depth and stack[depth] in slots
+        if not in_slot and len(stack) > depth and stack[:depth] == add_stack:
+            return stack[depth], current
+        if not (_is_scale(current) or _is_slice(current) or in_slot):
+            break
+        inputs = [i for i in _node_inputs(current) if i in view.tensor_nodes and i in data]
+        if len(inputs) != 1:
+            break
+        current = inputs[0]
+    return None, branch
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,9 @@ def example_inputs(model: nn.Module, given: object = None) -> ExampleInputs:
             f"example_inputs must be a tensor, a tuple of arguments or a dict of keyword arguments, "
             f"got {type(given).__name__}; pass e.g. example_inputs=torch.randn(2, 3, 224, 224)"
         )
+    special = _token_inputs(model) or _patch_inputs(model)
+    if special is not None:
+        return special
     shape, keyword = _input_shape(model)
     if shape is None:
         raise PathSurgeonError(
@@ -131,8 +135,54 @@ def _first_convolution_channels(model: nn.Module) -> int | None:
     return None
 
 
-def _takes_pixel_values(model: nn.Module) -> bool:
+def _forward_parameters(model: nn.Module) -> set[str]:
     try:
-        return "pixel_values" in inspect.signature(model.forward).parameters
+        return set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
-        return False
+        return set()
+
+
+def _takes_pixel_values(model: nn.Module) -> bool:
+    return "pixel_values" in _forward_parameters(model)
+
+
+TOKENS = 64  # enough positions to run every layer; far fewer than a whole image's
+
+
+def _token_inputs(model: nn.Module) -> ExampleInputs | None:
+    """Models that read an image as token ids (HF ImageGPT: colour-cluster ids): random ids."""
+    parameters = _forward_parameters(model)
+    config = getattr(model, "config", None)
+    vocabulary = getattr(config, "vocab_size", None)
+    if "pixel_values" in parameters or "input_ids" not in parameters or not isinstance(vocabulary, int):
+        return None
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or TOKENS
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(_SEED)
+    ids = torch.randint(0, vocabulary, (EXAMPLE_BATCH, min(int(positions), TOKENS)), generator=generator)
+    kwargs: dict[str, Any] = {"input_ids": ids.to(device)}
+    if "use_cache" in parameters:
+        kwargs["use_cache"] = False  # a returned key/value cache is no output to compare, nor to trace
+    return ExampleInputs((), kwargs)
+
+
+def _patch_inputs(model: nn.Module) -> ExampleInputs | None:
+    """Models that take images already cut into patches, with their grid (HF SigLIP2's NaFlex)."""
+    if "spatial_shapes" not in _forward_parameters(model):
+        return None
+    config = getattr(model, "config", None)
+    vision = getattr(config, "vision_config", None) or config
+    patches, patch, channels = (getattr(vision, k, None) for k in ("num_patches", "patch_size", "num_channels"))
+    if not all(isinstance(v, int) for v in (patches, patch, channels)):
+        return None
+    side = math.isqrt(patches)
+    reference = next(iter(model.parameters()), None)
+    device = reference.device if reference is not None else torch.device("cpu")
+    dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
+    generator = torch.Generator().manual_seed(_SEED)
+    pixels = torch.randn((EXAMPLE_BATCH, side * side, channels * patch * patch), generator=generator)
+    return ExampleInputs((), {
+        "pixel_values": pixels.to(device=device, dtype=dtype),
+        "pixel_attention_mask": torch.ones(EXAMPLE_BATCH, side * side, dtype=torch.long, device=device),
+        "spatial_shapes": torch.tensor([[side, side]] * EXAMPLE_BATCH, device=device),
+    })

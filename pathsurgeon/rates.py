@@ -228,7 +228,8 @@ def library_rates(model: nn.Module, rate: float, slot_names: list[str]) -> RateS
     except RebuildError as error:
         return RateSource(None, str(error))
     if constructor.rate_argument is None:
-        return RateSource(None, f"{constructor.rates_from} {constructor.name} takes no drop-path rate")
+        why = f": {constructor.why_no_rate}" if constructor.why_no_rate else ""
+        return RateSource(None, f"{constructor.rates_from} {constructor.name} takes no drop-path rate{why}")
     if not slot_names:
         return RateSource(None, f"{constructor.rates_from} {constructor.name} takes a drop-path rate, but the "
                                 "residual branches found pass through none of its drop-path slots")

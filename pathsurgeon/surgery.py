@@ -188,6 +188,7 @@ class _Change:
     # modes 'skip' / 'batch': (module, pre-hook id) of each Gather feeding this drop path; several
     # when one slot serves several branches (timm MLP-Mixer, CaiT)
     gathers: list[tuple[nn.Module, int]] = field(default_factory=list)
+    silenced: bool = False  # a library drop path held at rate 0 (see _silence_slots); not a branch
 
     def undo(self) -> None:
         self.remove_gather()
@@ -349,6 +350,7 @@ def add(
     changes: list[_Change] = []
     try:
         changes = _apply(model, branches)
+        changes += _silence_slots(model, captured, branches, skipped)
         difference = None
         if reference is not None:
             difference = max_abs_diff(reference, eval_outputs(model, inputs))
@@ -416,10 +418,10 @@ def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[f
     library = _record_library(model, record, rate) if schedule == "auto" else None
     if library is not None:  # the library's own numbers, from fitted rate laws: no rebuild per call
         by_slot = library(rate)
-        new_rates = [by_slot[change.target] for change in record.changes]
+        new_rates = [0.0 if change.silenced else by_slot[change.target] for change in record.changes]
         branches = [dataclasses.replace(b, rate=by_slot[b.target]) for b in record.branches]
     else:
-        new_rates = [plan.rate_of(change.block) for change in record.changes]
+        new_rates = [0.0 if change.silenced else plan.rate_of(change.block) for change in record.changes]
         branches = [dataclasses.replace(b, rate=plan.rate_of(b.block)) for b in record.branches]
     old_rates = [change.drop.rate for change in record.changes]
     try:
@@ -573,7 +575,13 @@ def _select(captured: Capture) -> tuple[list[ResidualAdd], list[Skipped]]:
                 skipped.append(Skipped(a.block, f"slot {a.slot} is also called off the residual branch"))
             else:
                 selected.append(a)
-        return selected, skipped
+        if selected:
+            return selected, skipped
+        # Every slot is also called off its branch (HF CvT calls its layer's one drop path on the
+        # attention branch and on the layer output, shortcut included): filling a slot would drop
+        # more than a residual branch, so the branches are hooked like those of a model without slots.
+        skipped = []
+        adds = [dataclasses.replace(a, slot=None, slot_call=None) for a in adds]
     producers_ok = _hookable_producers(view, adds)
     selected = []
     for a in adds:
@@ -591,7 +599,7 @@ def _hookable_producers(view, adds: list[ResidualAdd]) -> set[str]:
     branch_nodes: dict[str, set[fx.Node]] = {}
     for a in adds:
         if a.producer is not None:
-            branch_nodes.setdefault(a.producer, set()).add(a.branch)
+            branch_nodes.setdefault(a.producer, set()).add(a.producer_output)
     ok = set()
     for producer, branches in branch_nodes.items():
         outputs = set()
@@ -616,8 +624,9 @@ def _batch_axis(shapes: list[torch.Size], batch: int | None) -> int:
 def _branch(add_: ResidualAdd, plan: Plan, rate: float, captured: Capture, inputs) -> Branch:
     batch = inputs.batch_size if inputs is not None else None
     if add_.slot is not None:
-        mechanism, target = "slot", add_.slot
-        axis = _batch_axis(captured.probe_shapes.get(add_.slot, []), batch)
+        # the drop path a slot holds masks rows of axis 0 (timm, torchvision, HF alike), even where the
+        # rows are windows of a sample (HF RF-DETR, timm SAM ViT): so does the DropPath that fills it
+        mechanism, target, axis = "slot", add_.slot, 0
     else:
         mechanism, target = "hook", add_.producer
         shape = captured.output_shapes.get(add_.producer) if add_.producer else None
@@ -636,6 +645,39 @@ def _apply(model: nn.Module, branches: list[Branch]) -> list[_Change]:
         for target_branches in by_target.values():
             changes.append(_change(model, target_branches[0], [b.entry for b in target_branches if b.entry]))
             _redo(model, changes[-1])
+    except BaseException:
+        for change in reversed(changes):
+            change.undo()
+        raise
+    return changes
+
+
+def _silence_slots(
+    model: nn.Module, captured: Capture, branches: list[Branch], skipped: list[Skipped]
+) -> list[_Change]:
+    """With hooked branches, the model's own drop paths that run get rate 0, so nothing drops twice.
+
+    Only where a model has drop-path slots but none can be filled (see :func:`_select`). Each is a
+    recorded change: ``strip`` puts the library's module back, ``set_rate`` keeps it at 0.
+    """
+    if not any(b.mechanism == "hook" for b in branches):
+        return []
+    changes: list[_Change] = []
+    try:
+        for slot in dict.fromkeys(captured.view.slot_calls.values()):
+            parent_name, _, attr = slot.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            original = slot_lib.read_slot(parent, attr)
+            rate = slot_lib.existing_rate(original.value)
+            if rate == 0.0:
+                continue
+            drop = DropPath(0.0)
+            drop.train(parent.training)
+            changes.append(_Change(parent_name, slot, drop, parent=parent, attr=attr, original=original,
+                                   silenced=True))
+            _redo(model, changes[-1])
+            skipped.append(Skipped(parent_name, f"slot {slot} (rate {rate:.4g}) is also called off the residual "
+                                                "branch: held at rate 0 while the branches are hooked"))
     except BaseException:
         for change in reversed(changes):
             change.undo()

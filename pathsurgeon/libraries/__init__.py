@@ -64,6 +64,7 @@ class Constructor:
     arguments: Mapping[str, Any]
     rate_argument: str | None
     _build: Callable[[float | None], nn.Module] = field(repr=False, compare=False)
+    why_no_rate: str = ""  # when rate_argument is None and the adapter knows why
 
     @property
     def rates_from(self) -> str:

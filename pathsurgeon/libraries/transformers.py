@@ -25,10 +25,25 @@ def candidates(model: nn.Module) -> list[Constructor]:
     if config is None or not hasattr(config, "to_dict"):
         raise RebuildError(f"{cls.__name__} has no Hugging Face config to rebuild it from")
     rate = getattr(config, RATE_ARGUMENT, None)
-    takes_rate = isinstance(rate, (int, float)) and not isinstance(rate, bool)
+    if isinstance(rate, (list, tuple)):
+        why = f"its config's {RATE_ARGUMENT} is a per-stage list, not one rate"
+    elif not isinstance(rate, (int, float)) or isinstance(rate, bool):
+        why = f"its config has no {RATE_ARGUMENT}"
+    elif not _takes_a_float(config):
+        why = f"its config's {RATE_ARGUMENT} takes no fraction (declared an int)"
+    else:
+        why = ""
     arguments: dict[str, Any] = {"config": config.to_dict()}
-    return [Constructor("transformers", cls.__name__, arguments, RATE_ARGUMENT if takes_rate else None,
-                        lambda r: _build(cls, config, r))]
+    return [Constructor("transformers", cls.__name__, arguments, None if why else RATE_ARGUMENT,
+                        lambda r: _build(cls, config, r), why_no_rate=why)]
+
+
+def _takes_a_float(config) -> bool:
+    try:
+        setattr(copy.deepcopy(config), RATE_ARGUMENT, 0.5)
+    except Exception:  # noqa: BLE001 - transformers 5 validates config fields (HF LeViT declares an int)
+        return False
+    return True
 
 
 def _build(cls: type, config, rate: float | None) -> nn.Module:
