@@ -227,6 +227,8 @@ def library_rates(model: nn.Module, rate: float, slot_names: list[str]) -> RateS
         constructor, rebuilt = identify_and_replay(model, rate)
     except RebuildError as error:
         return RateSource(None, str(error))
+    except Exception as error:  # noqa: BLE001 - asking the library must never break add: say why, use the recipe
+        return RateSource(None, f"asking the model's library failed ({type(error).__name__}: {error}"[:300] + ")")
     if constructor.rate_argument is None:
         why = f": {constructor.why_no_rate}" if constructor.why_no_rate else ""
         return RateSource(None, f"{constructor.rates_from} {constructor.name} takes no drop-path rate{why}")

@@ -213,13 +213,7 @@ def identify_and_replay(model: nn.Module, rate: float | None) -> tuple[Construct
     for adapter in _adapters():
         for candidate in adapter.candidates(model):
             try:
-                rebuilt = replay(candidate, rate if candidate.rate_argument else None)
-            except TypeError as error:
-                if candidate.rate_argument is None or candidate.rate_argument not in str(error):
-                    reasons.append(f"{candidate.name}: {type(error).__name__}: {_first_line(error)}")
-                    continue
-                candidate = replace(candidate, rate_argument=None)  # noqa: PLW2901 - it takes no rate after all
-                rebuilt = replay(candidate, None)
+                candidate, rebuilt = _replay_candidate(candidate, rate)
             except Exception as error:  # noqa: BLE001 - a constructor that fails is simply not the one
                 reasons.append(f"{candidate.name}: {type(error).__name__}: {_first_line(error)}")
                 continue
@@ -232,6 +226,19 @@ def identify_and_replay(model: nn.Module, rate: float | None) -> tuple[Construct
             f"{type(model).__name__} is not a timm, torchvision or transformers model pathsurgeon can rebuild"
         )
     raise RebuildError(f"no library constructor rebuilds this {type(model).__name__} ({reasons[0]})")
+
+
+def _replay_candidate(candidate: Constructor, rate: float | None) -> tuple[Constructor, nn.Module]:
+    """Replay at ``rate``; a constructor that turns out to refuse its rate argument loses it."""
+    if candidate.rate_argument is None:
+        return candidate, replay(candidate, None)
+    try:
+        return candidate, replay(candidate, rate)
+    except TypeError as error:
+        if candidate.rate_argument not in str(error):
+            raise
+    candidate = replace(candidate, rate_argument=None, why_no_rate=f"it refuses {candidate.rate_argument}")
+    return candidate, replay(candidate, None)
 
 
 def _call(constructor: Constructor) -> str:
