@@ -320,3 +320,52 @@ def test_skip_mode_equals_sample_mode(name):
             assert a is None and b is None or (a if a is not None else b).abs().max() == 0
         else:
             torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_slots_on_windows_of_a_sample_mask_rows_as_hugging_face_does():
+    """HF RF-DETR's DINOv2 puts an image's windows on the batch axis; its DropPath masks those rows."""
+    # 2 x 2 patches in 2 x 2 windows: rows of (8, 2 tokens, 32) for 2 images, so a batch axis read from
+    # shapes would wrongly be axis 1
+    config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8,
+                  num_windows=2, window_block_indexes=[0], out_indices=[2])
+    torch.manual_seed(0)
+    native = T.RfDetrDinov2Backbone(T.RfDetrDinov2Config(**config, drop_path_rate=0.3)).eval()
+    model = T.RfDetrDinov2Backbone(T.RfDetrDinov2Config(**config)).eval()
+    model.load_state_dict(native.state_dict())
+    inputs = pixels(model, batch=4)
+    report = pathsurgeon.add(model, 0.3)
+    assert report.rates_from == "transformers config" and {b.batch_axis for b in report.branches} == {0}
+    outputs = []
+    for m in (native, model):
+        m.train()
+        torch.manual_seed(9)
+        with torch.no_grad():
+            outputs.append(m(**inputs).feature_maps[0])
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-6, rtol=0)
+
+
+def test_a_drop_path_also_called_off_the_branch_is_held_at_zero_not_stacked():
+    """HF CvT calls one DropPath on the attention branch and on the layer output (shortcut included)."""
+    config = T.CvtConfig(embed_dim=[16, 32, 64], num_heads=[1, 2, 2], depth=[1, 2, 3],
+                         drop_path_rate=[0.0, 0.1, 0.2])  # HF indexes its per-stage rates by stage
+    model = T.CvtForImageClassification(config).eval()
+    layout = module_layout(model)
+    library = {n for n, m in model.named_modules() if type(m).__name__ == "CvtDropPath"}
+    assert library
+    report = pathsurgeon.add(model, 0.1)
+    assert {b.mechanism for b in report.branches} == {"hook"} and len(report.branches) == 12
+    held = {n for n, m in model.named_modules() if isinstance(m, pathsurgeon.DropPath)}
+    assert held == library and all(model.get_submodule(n).rate == 0.0 for n in held)
+    assert sum("held at rate 0" in s.reason for s in report.skipped) == len(library)
+    pathsurgeon.set_rate(model, 0.4)
+    assert all(model.get_submodule(n).rate == 0.0 for n in held)  # set_rate leaves them at 0
+    pathsurgeon.strip(model)
+    assert module_layout(model) == layout and pathsurgeon_leftovers(model) == []
+
+
+def test_default_inputs_for_token_id_and_pre_patchified_models():
+    imagegpt = T.ImageGPTForImageClassification(T.ImageGPTConfig(n_layer=2, n_embd=32, n_head=2)).eval()
+    assert pathsurgeon.add(imagegpt, 0.1).max_abs_diff == 0.0  # input_ids below its vocabulary
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_patches=16)
+    siglip2 = T.Siglip2ForImageClassification(T.Siglip2Config(vision_config=vision)).eval()
+    assert pathsurgeon.add(siglip2, 0.1).max_abs_diff == 0.0  # patches, their mask and a 4 x 4 grid
