@@ -83,7 +83,8 @@ def _input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, str | None]:
     channels win for a model built with another ``img_size`` or ``in_chans``); a Hugging Face config's
     ``image_size`` / ``num_channels`` (its ``vision_config``'s for a composite model); an
     ``image_size`` / ``img_size`` the model or its patch embedding keeps (torchvision ViT); else
-    224 × 224 with the channel count of the first convolution or the config.
+    224 × 224 with the channel count of the first convolution or the config (3 when only a size is
+    known).
     """
     keyword = "pixel_values" if _takes_pixel_values(model) else None
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
@@ -104,6 +105,8 @@ def _input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, str | None]:
         size = _own_image_size(model)
     if not isinstance(channels, int):
         channels = _first_convolution_channels(model)
+    if channels is None and size is not None:
+        channels = 3  # it states an image size but nothing about channels (HF Perceiver's Fourier features)
     if channels is None:
         return None, None
     height, width = size if size is not None else (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
