@@ -643,6 +643,16 @@ class Worker:
             self.process.join(10)
 
 
+def _commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def results_file(library: str, shard: tuple[int, int]) -> Path:
     return RESULTS / f"{library}-{shard[0]}of{shard[1]}.jsonl"
 
@@ -673,7 +683,8 @@ def run_shard(library: str, shard: tuple[int, int], only: str | None, timeout: f
     try:
         with path.open("a") as out:
             if path.stat().st_size == 0:
-                out.write(json.dumps({"shard": list(shard), "library": library, "models": len(names)}) + "\n")
+                out.write(json.dumps({"shard": list(shard), "library": library, "models": len(names),
+                                      "commit": _commit()}) + "\n")
             for number, name in enumerate(todo, 1):
                 row = worker.run(library, name, timeout)
                 out.write(json.dumps(row) + "\n")
@@ -691,7 +702,7 @@ STATUS_ORDER = ("agrees", "not residual", "no drop path", "differs", "error", "s
 
 def write_doc() -> None:
     rows: dict[str, dict[str, dict]] = {lib: {} for lib in LIBRARIES}
-    shards: dict[str, dict[tuple[int, int], tuple[int, int]]] = {lib: {} for lib in LIBRARIES}
+    shards: dict[str, dict[tuple[int, int], tuple[int, int, str]]] = {lib: {} for lib in LIBRARIES}
     for path in sorted(RESULTS.glob("*.jsonl")):
         header, count = None, 0
         for line in path.read_text().splitlines():
@@ -702,7 +713,8 @@ def write_doc() -> None:
             rows[record["library"]][record["model"]] = record
             count += 1
         if header is not None:
-            shards[header["library"]][tuple(header["shard"])] = (count, header["models"])
+            shards[header["library"]][tuple(header["shard"])] = (count, header["models"],
+                                                                 header.get("commit", "not recorded"))
     lines = [
         "# Coverage: pathsurgeon against each library's own stochastic depth",
         "",
@@ -716,13 +728,14 @@ def write_doc() -> None:
     ]
     for library in LIBRARIES:
         total = len(model_names(library))
-        ran = sum(done for done, _ in shards[library].values())
+        ran = sum(done for done, _, _ in shards[library].values())
         if not shards[library]:
             lines.append(f"- **{library}**: not run ({total} models).")
             continue
         parts = []
-        for (index, count), (done, size) in sorted(shards[library].items()):
-            parts.append(f"shard {index}/{count}: {done} of {size}" + ("" if done >= size else " (incomplete)"))
+        for (index, count), (done, size, commit) in sorted(shards[library].items()):
+            parts.append(f"shard {index}/{count}: {done} of {size}" + ("" if done >= size else " (incomplete)")
+                         + f", commit {commit}")
         complete = ran >= total
         lines.append(f"- **{library}**: {ran} of {total} models{'' if complete else ' — NOT COMPLETE'}; "
                      + "; ".join(parts) + ".")
