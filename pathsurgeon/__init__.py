@@ -33,6 +33,8 @@ _EXPORTS = {
     "published_rate": "published",
     "published_rates": "published",
     "PublishedRate": "published",
+    "constructor_arguments": "libraries",
+    "RebuildError": "libraries",
     "DropPath": "droppath",
     "drop_path": "droppath",
     "register_drop_path_class": "slots",
@@ -72,12 +74,14 @@ __all__ = [
     "PathSurgeonError",
     "PublishedRate",
     "RateScheduler",
+    "RebuildError",
     "Report",
     "Skipped",
     "UntrustedCodeError",
     "VerificationError",
     "WrappedModelError",
     "add",
+    "constructor_arguments",
     "drop_path",
     "find",
     "is_surgered",
@@ -125,6 +129,7 @@ if TYPE_CHECKING:  # pragma: no cover
         VerificationError,
         WrappedModelError,
     )
+    from .libraries import RebuildError, constructor_arguments
     from .published import PublishedRate, published_rate, published_rates
     from .schedulers import RateScheduler
     from .slots import register_drop_path_class

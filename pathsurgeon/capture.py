@@ -141,6 +141,8 @@ def capture(model: nn.Module, inputs: ExampleInputs | None) -> Capture:
             else:
                 view = from_symbolic_trace(graph, model, lambda target: target if target in probes else None)
                 method = "torch.fx"
+                if inputs is not None and not inputs.kwargs:
+                    _learn_tensor_nodes(view, model, inputs)
         except Exception as error:  # tracing fails in many ways (TraceError, TypeError, ...)
             failures.append(f"torch.fx: {type(error).__name__}: {_first_line(error)}")
         if inputs is not None:
@@ -163,6 +165,31 @@ def capture(model: nn.Module, inputs: ExampleInputs | None) -> Capture:
             f"could not capture a graph of {type(model).__name__} ({'; '.join(failures)}){hint}"
         )
     return Capture(view=view, method=method, probe_shapes=shapes, output_shapes=output_shapes)
+
+
+def _learn_tensor_nodes(view: GraphView, model: nn.Module, inputs: ExampleInputs) -> None:
+    """Which nodes of a symbolic trace hold tensors, learned by running it once on the example inputs.
+
+    Tracing cannot see inside functions it treats as opaque: timm MViTv2's ``reshape_post_pool``
+    returns ``(x, feat_size)``, and without running it the sizes would pass for tensors that carry data.
+    Keeps the guess from tracing if the traced graph does not run on the inputs.
+    """
+    values: dict[fx.Node, bool] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            values[node] = isinstance(result, torch.Tensor) or (
+                isinstance(result, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in result)
+            )
+            return result
+
+    try:
+        with torch.no_grad():
+            Recorder(fx.GraphModule(model, view.graph)).run(*inputs.args)
+    except Exception:  # noqa: BLE001 - e.g. control flow the trace froze differently; keep tracing's guess
+        return
+    view.tensor_nodes = {node for node in view.tensor_nodes if values.get(node, True)}
 
 
 def _record_output_shape(shapes: dict[str, torch.Size], name: str, module, args, output) -> None:

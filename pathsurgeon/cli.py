@@ -274,6 +274,7 @@ def _add(args) -> int:
                 "model": args.model, "rate": rate, "schedule": args.schedule, "mode": args.mode,
                 "branches": _branch_rows(report.branches), "max_abs_diff": report.max_abs_diff,
                 "method": report.method, "pretrained": loaded.pretrained,
+                "rates_from": report.rates_from, "rates_note": report.rates_note,
                 "skipped": [{"block": s.block, "reason": s.reason} for s in report.skipped],
                 "computed_in_full": [{"block": f.block, "target": f.target, "reason": f.reason}
                                      for f in report.fallbacks],
@@ -311,7 +312,12 @@ def _inspect(args) -> int:
     print(f"{heading}:")
     print(format_branches(branches))
     blocks = len({b.block for b in branches})
-    print(f"{len(branches)} branches in {blocks} blocks; nothing was changed")
+    source = ""
+    if rate is not None:
+        source = f"; rates from {branches.rates_from}"
+        if branches.rates_note:
+            source += f" ({branches.rates_note})"
+    print(f"{len(branches)} branches in {blocks} blocks{source}; nothing was changed")
     published = published_rates(model)
     names = " / ".join(model_names(model)) or type(model).__name__
     if not published:

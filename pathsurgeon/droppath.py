@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "DRAWS",
     "MODES",
     "DropPath",
     "Gather",
@@ -45,6 +46,10 @@ __all__ = [
 ]
 
 MODES = ("sample", "skip", "batch")
+# How the per-sample keep mask is drawn. "bernoulli": timm's and torchvision's ``bernoulli_(keep)``.
+# "uniform_floor": Hugging Face's ``floor(rand + keep)`` (one copy in every HF model file), used for the
+# slots of HF models so that their training outputs stay the library's under one seed.
+DRAWS = ("bernoulli", "uniform_floor")
 
 
 def real_number(value: object) -> float | None:
@@ -107,11 +112,13 @@ def drop_path(
     training: bool = False,
     scale_by_keep: bool = True,
     batch_axis: int = 0,
+    draw: str = "bernoulli",
 ) -> torch.Tensor:
     """Zero the whole of ``x`` for a random subset of samples; scale the kept ones by ``1 / (1 - rate)``.
 
     One Bernoulli draw per sample along ``batch_axis``; every other axis is broadcast. Identity (the
-    very same tensor) when ``rate == 0`` or when not training.
+    very same tensor) when ``rate == 0`` or when not training. ``draw``: see :data:`DRAWS` (with
+    "uniform_floor", Hugging Face's code: kept samples are always rescaled).
 
     >>> x = torch.ones(4, 3)
     >>> drop_path(x, 0.5, training=False) is x
@@ -120,6 +127,9 @@ def drop_path(
     if rate == 0.0 or not training:
         return x
     keep = 1.0 - rate
+    if draw == "uniform_floor":
+        mask = torch.floor(torch.rand(_mask_shape(x, batch_axis), dtype=x.dtype, device=x.device) + keep)
+        return x.div(keep) * mask
     mask = x.new_empty(_mask_shape(x, batch_axis)).bernoulli_(keep)
     if keep > 0.0 and scale_by_keep:
         mask.div_(keep)
@@ -138,18 +148,26 @@ _RANDOM_OP = (
 
 @torch.library.custom_op("pathsurgeon::drop_path_mask", mutates_args=(), **_RANDOM_OP)
 def drop_path_mask(
-    rate: torch.Tensor, shape: list[int], dtype: torch.dtype, device: torch.device, scale_by_keep: bool
+    rate: torch.Tensor,
+    shape: list[int],
+    dtype: torch.dtype,
+    device: torch.device,
+    scale_by_keep: bool,
+    draw: str = "bernoulli",
 ) -> torch.Tensor:
     """The mask :func:`drop_path` multiplies by, with the rate read from a 0-d CPU tensor when it runs.
 
     What a compiled :class:`DropPath` calls. Opaque to torch.compile, so the graph does not depend on
-    the rate (no recompilation when it changes) and the draw is timm's own ``bernoulli_`` on the default
-    generator, compiled or not. Rate 0 gives ones and draws nothing, as timm's drop path skips its draw.
+    the rate (no recompilation when it changes) and the draw is the library's own (``draw``, see
+    :data:`DRAWS`) on the default generator, compiled or not. Rate 0 gives ones and draws nothing, as
+    the libraries' drop paths skip their draw.
     """
     value = float(rate)
     if value == 0.0:
         return torch.ones(shape, dtype=dtype, device=device)
     keep = 1.0 - value
+    if draw == "uniform_floor":  # Hugging Face: always rescaled
+        return torch.floor(torch.rand(shape, dtype=dtype, device=device) + keep).div_(keep)
     mask = torch.empty(shape, dtype=dtype, device=device).bernoulli_(keep)
     if keep > 0.0 and scale_by_keep:
         mask.div_(keep)
@@ -157,7 +175,7 @@ def drop_path_mask(
 
 
 @drop_path_mask.register_fake
-def _(rate, shape, dtype, device, scale_by_keep):
+def _(rate, shape, dtype, device, scale_by_keep, draw="bernoulli"):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -190,7 +208,12 @@ class DropPath(nn.Module):
     """
 
     def __init__(
-        self, rate: float = 0.0, scale_by_keep: bool = True, batch_axis: int = 0, mode: str = "sample"
+        self,
+        rate: float = 0.0,
+        scale_by_keep: bool = True,
+        batch_axis: int = 0,
+        mode: str = "sample",
+        draw: str = "bernoulli",
     ) -> None:
         super().__init__()
         # The rate twice: a float for eager code (timm's drop_path takes one) and a 0-d float64 CPU tensor
@@ -201,6 +224,9 @@ class DropPath(nn.Module):
         self.scale_by_keep = bool(scale_by_keep)
         self.batch_axis = int(batch_axis)
         self.mode = validate_mode(mode)
+        if draw not in DRAWS:
+            raise ValueError(f"draw must be one of {', '.join(DRAWS)}, got {draw!r}")
+        self.draw = draw
         self._plan: _Plan | None = None  # set by a Gather at the start of the branch, used once
         self._forced_keep: torch.Tensor | None = None  # a fixed 0/1 keep mask, for checks (active in eval too)
         # False for branches that cannot run on an empty batch (a reshape with -1): when no sample is
@@ -248,11 +274,10 @@ class DropPath(nn.Module):
         if not training:
             return x
         if torch.compiler.is_compiling():  # the same draw, but the graph must not depend on the rate
-            mask = drop_path_mask(
-                self._rate_tensor, _mask_shape(x, self.batch_axis), x.dtype, x.device, self.scale_by_keep
-            )
+            shape = _mask_shape(x, self.batch_axis)
+            mask = drop_path_mask(self._rate_tensor, shape, x.dtype, x.device, self.scale_by_keep, self.draw)
             return x * mask
-        return drop_path(x, self.rate, training, self.scale_by_keep, self.batch_axis)
+        return drop_path(x, self.rate, training, self.scale_by_keep, self.batch_axis, self.draw)
 
     @torch.compiler.disable  # a data-dependent decision: under torch.compile, a graph break here
     def plan(
@@ -270,7 +295,7 @@ class DropPath(nn.Module):
         else:
             # the draw timm's drop_path makes (same count, dtype and generator), so that under one seed
             # the kept samples are those mode 'sample' keeps when the branch itself draws no numbers
-            keep_mask = torch.empty(batch, device=device, dtype=dtype).bernoulli_(1.0 - self.rate).bool()
+            keep_mask = self._draw_keep(batch, device, dtype)
         index = keep_mask.nonzero().flatten()
         if index.numel() == 0:
             return self._none_kept(batch, device)
@@ -282,6 +307,12 @@ class DropPath(nn.Module):
         if self.rate == 0.0:
             return torch.ones((), dtype=torch.float64)
         return self._scale_tensor() if self._batch_kept() else torch.zeros((), dtype=torch.float64)
+
+    def _draw_keep(self, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        keep = 1.0 - self.rate
+        if self.draw == "uniform_floor":
+            return torch.floor(torch.rand(batch, device=device, dtype=dtype) + keep).bool()
+        return torch.empty(batch, device=device, dtype=dtype).bernoulli_(keep).bool()
 
     def _batch_kept(self) -> bool:
         """One draw for the whole batch, as torchvision's ``StochasticDepth(mode="batch")`` makes it.
@@ -318,6 +349,8 @@ class DropPath(nn.Module):
             text += ", scale_by_keep=False"
         if self.batch_axis != 0:
             text += f", batch_axis={self.batch_axis}"
+        if self.draw != "bernoulli":
+            text += f", draw={self.draw!r}"
         return text
 
 

@@ -48,7 +48,7 @@ _SHAPE_METHODS = {"size", "dim", "numel", "item", "tolist", "type", "get_device"
 _SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad", "training"}
 
 MAX_SKIP_CHAIN = 16  # a projection shortcut is a handful of ops (pool, conv, norm); more is not a skip
-MAX_SCALE_HOPS = 4
+MAX_SCALE_HOPS = 8  # window un-partitioning (timm SAM ViT) is a view, a permute, a reshape, a slice and a copy
 
 
 @dataclass
@@ -67,6 +67,9 @@ class GraphView:
     tensor_nodes: set[fx.Node] = field(default_factory=set)
     parameter_nodes: set[fx.Node] = field(default_factory=set)
     constant_nodes: set[fx.Node] = field(default_factory=set)  # buffers and constants lifted to inputs
+    # calls of leaf modules that only scale their input (timm MetaFormer's Scale, or nn.Identity where
+    # no scale was built): at most one parameter, no buffers, no children
+    scale_calls: set[fx.Node] = field(default_factory=set)
 
     @classmethod
     def from_graph_module(
@@ -92,6 +95,7 @@ class ResidualAdd:
     slot: str | None  # the drop-path slot sitting on the branch, if any
     slot_call: fx.Node | None  # the node calling that slot
     producer: str | None  # the module whose output is the branch (for a forward hook), if any
+    producer_output: fx.Node  # the node the producer returns (the branch, or what the branch scales)
     order: int  # position of the add in execution order
 
 
@@ -138,6 +142,7 @@ def from_symbolic_trace(
     parameter_nodes: set[fx.Node] = set()
     parameter_users: set[fx.Node] = set()
     slot_calls: dict[fx.Node, str] = {}
+    scale_calls: set[fx.Node] = set()
     non_tensor: set[fx.Node] = set()
     for node in graph.nodes:
         stack = node.meta.get("nn_module_stack") or {}
@@ -153,10 +158,13 @@ def from_symbolic_trace(
                 non_tensor.add(node)
         elif node.op == "call_module":
             slot = slot_of_module(node.target)
+            module = root.get_submodule(node.target)
             if slot is not None:
                 slot_calls[node] = slot
-            elif any(True for _ in root.get_submodule(node.target).parameters()):
+            elif any(True for _ in module.parameters()):
                 parameter_users.add(node)
+            if slot is None and _only_scales(module):
+                scale_calls.add(node)
         elif node.op == "placeholder" and node.args and not isinstance(node.args[0], torch.Tensor):
             non_tensor.add(node)  # an optional argument left at its default (timm ViT's attn_mask=None)
         elif _is_shape_node(node, non_tensor):
@@ -166,7 +174,20 @@ def from_symbolic_trace(
         ):
             parameter_users.add(node)
     tensor_nodes = {n for n in graph.nodes if n not in non_tensor and n.op != "output"}
-    return GraphView(graph, module_stack, parameter_users, slot_calls, tensor_nodes, parameter_nodes)
+    return GraphView(graph, module_stack, parameter_users, slot_calls, tensor_nodes, parameter_nodes,
+                     scale_calls=scale_calls)
+
+
+def _only_scales(module: nn.Module) -> bool:
+    """An identity (a layer scale built at init value 0: timm MetaFormer) or a one-parameter scale."""
+    if type(module) is nn.Identity:
+        return True
+    return (
+        not module._modules
+        and not module._buffers
+        and len(module._parameters) == 1
+        and not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding))
+    )
 
 
 def _resolve(root: nn.Module, target: str) -> object:
@@ -217,7 +238,7 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
     position, ancestors = _ancestor_bits(view.graph)
     data, parameter_users = _data_flow(view)
     parameter_bits = 0
-    for node in parameter_users:
+    for node in parameter_users & data:  # computing with data; a view of a weight is not compute
         parameter_bits |= 1 << position[node]
 
     def parameter_ops(bits: int) -> int:
@@ -228,18 +249,32 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
         return [i for i in _node_inputs(node) if i in view.tensor_nodes and i in data]
 
     def skip_source(skip: fx.Node, branch: fx.Node) -> tuple[fx.Node, int] | None:
-        """Follow ``skip`` back through single-input ops to an ancestor of ``branch``."""
+        """Follow ``skip`` back to the one ancestor of ``branch`` all its data comes from.
+
+        Usually a chain of single-input ops (the identity, a projection); a pooled shortcut may split
+        and join again on the way (timm Hiera: ``cat([amax(view(x)), mean(view(x))])``), as long as
+        every path ends at the same source within :data:`MAX_SKIP_CHAIN` ops.
+        """
         chain_bits = 0
-        current = skip
-        for _ in range(MAX_SKIP_CHAIN + 1):
+        sources: set[fx.Node] = set()
+        seen: set[fx.Node] = set()
+        frontier = [skip]
+        while frontier:
+            current = frontier.pop()
+            if current in seen:
+                continue
+            seen.add(current)
             if ancestors[branch] >> position[current] & 1:
-                return current, chain_bits
+                sources.add(current)
+                continue
             chain_bits |= 1 << position[current]
             inputs = main_inputs(current)
-            if len(inputs) != 1 or current.op in ("placeholder", "get_attr"):
+            if not inputs or current.op in ("placeholder", "get_attr") or chain_bits.bit_count() > MAX_SKIP_CHAIN:
                 return None
-            current = inputs[0]
-        return None
+            frontier.extend(inputs)
+        if len(sources) != 1:
+            return None
+        return sources.pop(), chain_bits
 
     found: list[ResidualAdd] = []
     for node in nodes:
@@ -250,7 +285,7 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
             continue
         if "alpha" in node.kwargs and node.kwargs["alpha"] != 1:
             continue
-        best: tuple[int, int, fx.Node, fx.Node, fx.Node] | None = None
+        best: tuple[int, int, int, fx.Node, fx.Node, fx.Node, fx.Node | None] | None = None
         for skip, branch in (operands, operands[::-1]):
             source = skip_source(skip, branch)
             if source is None:
@@ -258,16 +293,20 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
             source_node, chain_bits = source
             branch_bits = ancestors[branch] & ~ancestors[source_node]
             branch_params, skip_params = parameter_ops(branch_bits), parameter_ops(chain_bits)
-            if branch_params == 0 or skip_params >= branch_params:
+            slot_call = _slot_on_branch(view, branch, data)
+            # A drop-path slot at the end of one operand says which one the library's author took for
+            # the branch: then a scaled shortcut may carry as many parameters as a light branch
+            # (timm PoolFormerV2: res_scale(x) + layer_scale(drop_path(pool(norm(x)) - norm(x)))).
+            if branch_params == 0 or (slot_call is None and skip_params >= branch_params):
                 continue
-            rank = (skip_params, chain_bits.bit_count())
-            if best is None or rank < best[:2]:
-                best = (*rank, skip, branch, source_node)
+            rank = (slot_call is None, skip_params, chain_bits.bit_count())
+            if best is None or rank < best[:3]:
+                best = (*rank, skip, branch, source_node, slot_call)
         if best is None:
             continue
-        _, _, skip, branch, source_node = best
+        *_, skip, branch, source_node, slot_call = best
         block = view.owner(node)
-        slot_call = _slot_on_branch(view, branch)
+        producer, producer_output = _producer(view, branch, node, data)
         found.append(
             ResidualAdd(
                 add=node,
@@ -277,7 +316,8 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
                 block=block,
                 slot=view.slot_calls.get(slot_call) if slot_call is not None else None,
                 slot_call=slot_call,
-                producer=_producer(view, branch, node, block),
+                producer=producer,
+                producer_output=producer_output,
                 order=position[node],
             )
         )
@@ -308,31 +348,51 @@ def _data_flow(view: GraphView) -> tuple[set[fx.Node], set[fx.Node]]:
     return data, users
 
 
-def _slot_on_branch(view: GraphView, branch: fx.Node) -> fx.Node | None:
-    """The slot call the branch passes through just before the add (possibly behind a scale)."""
+def _slot_on_branch(view: GraphView, branch: fx.Node, data: set[fx.Node]) -> fx.Node | None:
+    """The slot call the branch passes through just before the add (possibly behind a scale).
+
+    A scale's factor may be computed from a parameter (timm MetaFormer's ``Scale``:
+    ``x * self.scale.view(shape)``): only the operand that carries data is followed.
+    """
     current = branch
     for _ in range(MAX_SCALE_HOPS + 1):
         if current in view.slot_calls:
             return current
-        if not (_is_scale(current) or _is_slice(current)):
+        if not (_is_scale(current) or _is_slice(current) or current in view.scale_calls):
             return None
-        constants = view.parameter_nodes | view.constant_nodes
-        inputs = [i for i in _node_inputs(current) if i in view.tensor_nodes and i not in constants]
-        inputs = [i for i in inputs if i.op != "get_attr"]
+        inputs = [i for i in _node_inputs(current) if i in view.tensor_nodes and i in data]
         if len(inputs) != 1:
             return None
         current = inputs[0]
     return None
 
 
-def _producer(view: GraphView, branch: fx.Node, add: fx.Node, block: str) -> str | None:
-    """The child module of ``block`` whose call returns the branch, if the branch is a module output."""
-    stack = view.module_stack.get(branch, ())
+def _producer(
+    view: GraphView, branch: fx.Node, add: fx.Node, data: set[fx.Node]
+) -> tuple[str | None, fx.Node]:
+    """The child module of the block whose call returns the branch, and the node it returns.
+
+    Inline scaling and layout code between the module and the add is looked through (HF LW-DETR's
+    ViT: ``attention(x)[0] * gamma``, reshaped): a per-sample mask on the module output is the same.
+    So is a drop-path slot, for a model whose slots cannot be filled (HF CvT).
+    (None, branch) when the branch is computed inline.
+    """
     add_stack = view.module_stack.get(add, ())
     depth = len(add_stack)
-    if len(stack) <= depth or stack[:depth] != add_stack:
-        return None
-    return stack[depth]
+    slots = set(view.slot_calls.values())
+    current = branch
+    for _ in range(MAX_SCALE_HOPS + 1):
+        stack = view.module_stack.get(current, ())
+        in_slot = len(stack) > depth and stack[depth] in slots
+        if not in_slot and len(stack) > depth and stack[:depth] == add_stack:
+            return stack[depth], current
+        if not (_is_scale(current) or _is_slice(current) or in_slot):
+            break
+        inputs = [i for i in _node_inputs(current) if i in view.tensor_nodes and i in data]
+        if len(inputs) != 1:
+            break
+        current = inputs[0]
+    return None, branch
 
 
 @dataclass(frozen=True)

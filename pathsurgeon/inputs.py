@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,11 +53,15 @@ def example_inputs(model: nn.Module, given: object = None) -> ExampleInputs:
             f"example_inputs must be a tensor, a tuple of arguments or a dict of keyword arguments, "
             f"got {type(given).__name__}; pass e.g. example_inputs=torch.randn(2, 3, 224, 224)"
         )
+    special = _token_inputs(model) or _patch_inputs(model)
+    if special is not None:
+        return special
     shape, keyword = _input_shape(model)
     if shape is None:
         raise PathSurgeonError(
-            f"cannot tell what input {type(model).__name__} takes (no timm pretrained_cfg, no HF config "
-            "image_size); pass example_inputs=torch.randn(2, 3, H, W) or a dict of keyword arguments"
+            f"cannot tell what input {type(model).__name__} takes (no timm pretrained_cfg, no image size or "
+            "channel count in its config, no convolution to read channels from); "
+            "pass example_inputs=torch.randn(2, C, H, W) or a dict of keyword arguments"
         )
     reference = next(iter(model.parameters()), None)
     device = reference.device if reference is not None else torch.device("cpu")
@@ -67,21 +73,119 @@ def example_inputs(model: nn.Module, given: object = None) -> ExampleInputs:
     return ExampleInputs((), {keyword: batch})
 
 
+DEFAULT_IMAGE_SIZE = 224  # ImageNet's; every torchvision classifier and most HF vision configs take it
+
+
 def _input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, str | None]:
+    """(C, H, W) of one image and the keyword it is passed as (None: positionally).
+
+    In order: timm's ``pretrained_cfg`` (the patch embedding's size and the first convolution's
+    channels win for a model built with another ``img_size`` or ``in_chans``); a Hugging Face config's
+    ``image_size`` / ``num_channels`` (its ``vision_config``'s for a composite model); an
+    ``image_size`` / ``img_size`` the model or its patch embedding keeps (torchvision ViT); else
+    224 × 224 with the channel count of the first convolution or the config (3 when only a size is
+    known).
+    """
+    keyword = "pixel_values" if _takes_pixel_values(model) else None
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and cfg.get("input_size"):
         channels, height, width = (int(v) for v in cfg["input_size"])
-        # a timm model built with img_size=... keeps the pretrained cfg's size; its patch embed knows better
-        size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        if isinstance(size, (tuple, list)) and len(size) == 2:
-            height, width = (int(v) for v in size)
-        return (channels, height, width), None
-    config = getattr(model, "config", None)
-    if config is not None:
-        vision = getattr(config, "vision_config", None) or config
-        size = getattr(vision, "image_size", None)
-        channels = getattr(vision, "num_channels", 3)
+        # a timm model built with img_size=... or in_chans=... keeps the pretrained cfg's input size;
+        # its patch embedding and first convolution know better
+        size = _pair(getattr(getattr(model, "patch_embed", None), "img_size", None))
         if size is not None:
-            height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
-            return (int(channels), int(height), int(width)), "pixel_values"
-    return None, None
+            height, width = size
+        channels = _first_convolution_channels(model) or channels
+        return (channels, height, width), keyword
+    config = getattr(model, "config", None)
+    vision = getattr(config, "vision_config", None) or config
+    channels = getattr(vision, "num_channels", None)
+    size = _pair(getattr(vision, "image_size", None))
+    if size is None:
+        size = _own_image_size(model)
+    if not isinstance(channels, int):
+        channels = _first_convolution_channels(model)
+    if channels is None and size is not None:
+        channels = 3  # it states an image size but nothing about channels (HF Perceiver's Fourier features)
+    if channels is None:
+        return None, None
+    height, width = size if size is not None else (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+    return (channels, height, width), keyword
+
+
+def _pair(size: object) -> tuple[int, int] | None:
+    if isinstance(size, int) and not isinstance(size, bool):
+        return (size, size)
+    if isinstance(size, (tuple, list)) and len(size) >= 2 and all(isinstance(v, int) for v in size[:2]):
+        return (int(size[0]), int(size[1]))
+    return None
+
+
+def _own_image_size(model: nn.Module) -> tuple[int, int] | None:
+    """An input size the model keeps itself: torchvision ViT's ``image_size``, a patch embedding's."""
+    for owner in (model, getattr(model, "patch_embed", None)):
+        for attribute in ("image_size", "img_size"):
+            size = _pair(getattr(owner, attribute, None))
+            if size is not None:
+                return size
+    return None
+
+
+def _first_convolution_channels(model: nn.Module) -> int | None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return int(module.in_channels)
+    return None
+
+
+def _forward_parameters(model: nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _takes_pixel_values(model: nn.Module) -> bool:
+    return "pixel_values" in _forward_parameters(model)
+
+
+TOKENS = 64  # enough positions to run every layer; far fewer than a whole image's
+
+
+def _token_inputs(model: nn.Module) -> ExampleInputs | None:
+    """Models that read an image as token ids (HF ImageGPT: colour-cluster ids): random ids."""
+    parameters = _forward_parameters(model)
+    config = getattr(model, "config", None)
+    vocabulary = getattr(config, "vocab_size", None)
+    if "pixel_values" in parameters or "input_ids" not in parameters or not isinstance(vocabulary, int):
+        return None
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or TOKENS
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(_SEED)
+    ids = torch.randint(0, vocabulary, (EXAMPLE_BATCH, min(int(positions), TOKENS)), generator=generator)
+    kwargs: dict[str, Any] = {"input_ids": ids.to(device)}
+    if "use_cache" in parameters:
+        kwargs["use_cache"] = False  # a returned key/value cache is no output to compare, nor to trace
+    return ExampleInputs((), kwargs)
+
+
+def _patch_inputs(model: nn.Module) -> ExampleInputs | None:
+    """Models that take images already cut into patches, with their grid (HF SigLIP2's NaFlex)."""
+    if "spatial_shapes" not in _forward_parameters(model):
+        return None
+    config = getattr(model, "config", None)
+    vision = getattr(config, "vision_config", None) or config
+    patches, patch, channels = (getattr(vision, k, None) for k in ("num_patches", "patch_size", "num_channels"))
+    if not all(isinstance(v, int) for v in (patches, patch, channels)):
+        return None
+    side = math.isqrt(patches)
+    reference = next(iter(model.parameters()), None)
+    device = reference.device if reference is not None else torch.device("cpu")
+    dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
+    generator = torch.Generator().manual_seed(_SEED)
+    pixels = torch.randn((EXAMPLE_BATCH, side * side, channels * patch * patch), generator=generator)
+    return ExampleInputs((), {
+        "pixel_values": pixels.to(device=device, dtype=dtype),
+        "pixel_attention_mask": torch.ones(EXAMPLE_BATCH, side * side, dtype=torch.long, device=device),
+        "spatial_shapes": torch.tensor([[side, side]] * EXAMPLE_BATCH, device=device),
+    })

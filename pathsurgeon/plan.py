@@ -35,6 +35,7 @@ class Recipe:
     unit_type: str | None = None
     zero: tuple[str, ...] = ()
     counted_zero: tuple[str, ...] = ()
+    entry: bool = False  # the family has its own entry in the recipe file (not just the defaults)
 
 
 @dataclass
@@ -85,6 +86,7 @@ def recipe_for(model: nn.Module) -> Recipe:
         unit_type=entry.get("unit_type"),
         zero=tuple(entry.get("zero", ())),
         counted_zero=tuple(entry.get("counted_zero", ())),
+        entry=bool(family) and family in data.get("family", {}),
     )
 
 

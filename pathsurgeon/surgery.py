@@ -39,11 +39,12 @@ from .droppath import DropPath, Gather, brief, real_number, validate_mode, valid
 from .errors import AlreadySurgeredError, NoBranchesError, PathSurgeonError, VerificationError
 from .finder import BranchEntry, ResidualAdd, branch_entries, find_residual_adds
 from .inputs import ExampleInputs, example_inputs
-from .plan import Plan, make_plan, recipe_for, validate_schedule
+from .plan import Plan, Recipe, make_plan, recipe_for, validate_schedule
+from .rates import LibraryRates, library_rates
 from .verify import eval_outputs, max_abs_diff, tensor_leaves
 from .wrappers import check_not_sharded, check_not_wrapped
 
-__all__ = ["Branch", "Fallback", "Report", "Skipped", "add", "find", "preview", "set_rate", "strip"]
+__all__ = ["Branch", "Fallback", "Preview", "Report", "Skipped", "add", "find", "preview", "set_rate", "strip"]
 
 RECORD_ATTRIBUTE = "_pathsurgeon"
 
@@ -99,8 +100,13 @@ class Fallback:
 class Report:
     """What :func:`add` did. ``max_abs_diff``: eval-output difference against before (0.0: bitwise equal).
 
-    ``skipped``: residual adds left without drop path. ``fallbacks``: branches that compute every
-    sample although ``mode`` is 'skip' or 'batch'.
+    ``skipped``: residual adds left without drop path, and drop-path sites of the library that are not
+    residual branches. ``fallbacks``: branches that compute every sample although ``mode`` is 'skip' or
+    'batch'. ``rates_from``: where the rates came from: 'timm constructor', 'torchvision builder' or
+    'transformers config' (``schedule="auto"``, the library's own numbers, read from a meta-device
+    rebuild), 'recipe' (``recipes/``), 'linear over found units', or the schedule given ('linear
+    schedule', 'uniform schedule', 'explicit list'). ``rates_note``: why the library was not asked,
+    when ``schedule="auto"`` could not use it.
     """
 
     branches: list[Branch]
@@ -111,6 +117,8 @@ class Report:
     skipped: list[Skipped] = field(default_factory=list)
     mode: str = "sample"
     fallbacks: list[Fallback] = field(default_factory=list)
+    rates_from: str = "linear over found units"
+    rates_note: str = ""
 
     @property
     def blocks(self) -> list[str]:
@@ -122,7 +130,7 @@ class Report:
             if self.max_abs_diff is None
             else f"eval check passed with max |Δ| = {self.max_abs_diff:g}"
         )
-        text = f"{len(self.branches)} branches in {len(self.blocks)} blocks; {check}"
+        text = f"{len(self.branches)} branches in {len(self.blocks)} blocks; rates from {self.rates_from}; {check}"
         if self.mode != "sample":
             full = len(self.fallbacks)
             skipping = len(self.branches) - full
@@ -182,6 +190,7 @@ class _Change:
     # modes 'skip' / 'batch': (module, pre-hook id) of each Gather feeding this drop path; several
     # when one slot serves several branches (timm MLP-Mixer, CaiT)
     gathers: list[tuple[nn.Module, int]] = field(default_factory=list)
+    silenced: bool = False  # a library drop path held at rate 0 (see _silencing_changes); not a branch
 
     def undo(self) -> None:
         self.remove_gather()
@@ -212,6 +221,10 @@ class Record:
     schedule: str | list[float]
     mode: str = "sample"
     fallbacks: list[Fallback] = field(default_factory=list)
+    rates_from: str = "linear over found units"
+    # the library's rates for set_rate(schedule="auto"); asked at most once per surgery
+    library: LibraryRates | None = None
+    library_asked: bool = False
 
 
 def _record(model: nn.Module) -> Record | None:
@@ -251,8 +264,23 @@ def preview(
     captured, selected, inputs = _discover(model, example_inputs)
     if not selected:
         raise _no_branches(model)
-    plan = make_plan(model, _blocks(selected), rate, schedule, recipe_for(model))
-    return [_branch(a, plan, plan.rate_of(a.block), captured, inputs) for a in selected]
+    recipe = recipe_for(model)
+    plan = make_plan(model, _blocks(selected), rate, schedule, recipe)
+    rates = _rates(model, captured, selected, plan, rate, schedule, recipe)
+    return Preview(
+        [_branch(a, plan, r, captured, inputs) for a, r in zip(selected, rates.values, strict=True)],
+        rates.rates_from,
+        rates.note,
+    )
+
+
+class Preview(list):
+    """The branches :func:`preview` returns, with ``rates_from`` and ``rates_note`` as in :class:`Report`."""
+
+    def __init__(self, branches: list[Branch], rates_from: str, rates_note: str = "") -> None:
+        super().__init__(branches)
+        self.rates_from = rates_from
+        self.rates_note = rates_note
 
 
 def _discover(model: nn.Module, example_inputs: Any):
@@ -307,20 +335,28 @@ def add(
     if not selected:
         raise _no_branches(model)
     plan = make_plan(model, _blocks(selected), rate, schedule, recipe)
-    branches = [_branch(a, plan, plan.rate_of(a.block), captured, inputs) for a in selected]
+    rates = _rates(model, captured, selected, plan, rate, schedule, recipe)
+    skipped += [
+        Skipped(slot.rpartition(".")[0], f"the library drops {slot} (rate {value:.4g}) off any residual branch; "
+                                         "left alone")
+        for slot, value in rates.left_alone
+        if not any(f"slot {slot} " in k.reason for k in skipped)  # already listed as off the branch
+    ]
+    branches = [_branch(a, plan, r, captured, inputs) for a, r in zip(selected, rates.values, strict=True)]
     reasons: dict[str, str] = {}  # target -> why that branch computes every sample
     if mode != "sample":
         branches = _with_entries(model, branches, selected, captured, mode, reasons)
     reference = eval_outputs(model, inputs) if tolerance is not None else None
 
     record = Record(changes=[], branches=branches, blocks=_blocks(selected), method=captured.method, rate=rate,
-                    schedule=plan.schedule, mode=mode)
+                    schedule=plan.schedule, mode=mode, rates_from=rates.rates_from, library=rates.library,
+                    library_asked=rates.library_asked)
     difference = None
     with _Transaction() as transaction:
         # the record is the first change, so that an interrupt at any later point is undone with the rest
         transaction.do(lambda: vars(model).__setitem__(RECORD_ATTRIBUTE, record),
                        lambda: vars(model).pop(RECORD_ATTRIBUTE, None))
-        for change in _changes(model, branches):
+        for change in _changes(model, branches) + _silencing_changes(model, captured, branches, skipped):
             record.changes.append(change)
             transaction.do(functools.partial(_redo, model, change), change.undo)
         if reference is not None:
@@ -341,8 +377,9 @@ def add(
         record.fallbacks = list(dict.fromkeys(
             Fallback(b.block, b.target, reasons[b.target]) for b in branches if b.target in reasons
         ))
-    return Report(record.branches, difference, captured.method, plan.schedule, plan.formula, skipped, mode,
-                  record.fallbacks)
+    formula = "library" if rates.library is not None else plan.formula
+    return Report(record.branches, difference, captured.method, plan.schedule, formula, skipped, mode,
+                  record.fallbacks, rates.rates_from, rates.note)
 
 
 class _Transaction:
@@ -401,8 +438,14 @@ def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[f
             f"model carries no pathsurgeon DropPath{where or '; call pathsurgeon.add(model, rate) first'}"
         )
     plan = make_plan(model, record.blocks, rate, schedule, recipe_for(model))
-    new_rates = [plan.rate_of(change.block) for change in record.changes]
-    branches = [dataclasses.replace(b, rate=plan.rate_of(b.block)) for b in record.branches]
+    library = _record_library(model, record, rate) if schedule == "auto" else None
+    if library is not None:  # the library's own numbers, from fitted rate laws: no rebuild per call
+        by_slot = library(rate)
+        new_rates = [0.0 if change.silenced else by_slot[change.target] for change in record.changes]
+        branches = [dataclasses.replace(b, rate=by_slot[b.target]) for b in record.branches]
+    else:
+        new_rates = [0.0 if change.silenced else plan.rate_of(change.block) for change in record.changes]
+        branches = [dataclasses.replace(b, rate=plan.rate_of(b.block)) for b in record.branches]
     with _Transaction() as transaction:
         for change, new in zip(record.changes, new_rates, strict=True):
             transaction.do(functools.partial(setattr, change.drop, "rate", new),
@@ -415,6 +458,16 @@ def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[f
 
 def _set_record_rates(record: Record, branches: list[Branch], rate: float | None, schedule) -> None:
     record.branches, record.rate, record.schedule = branches, rate, schedule
+
+
+def _record_library(model: nn.Module, record: Record, rate: float) -> LibraryRates | None:
+    """The library rates of a surgered model's slots; asked on the first ``auto`` re-rate if add did not."""
+    if not record.library_asked:
+        slots = [change.target for change in record.changes if change.hooked is None]
+        if len(slots) == len(record.changes):
+            record.library = library_rates(model, rate, slots).rates
+        record.library_asked = True
+    return record.library
 
 
 def strip(model: nn.Module) -> nn.Module:
@@ -537,6 +590,45 @@ def _module_or_none(model: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
+@dataclass
+class _Rates:
+    """The rates of the selected branches under a schedule, and where they came from."""
+
+    values: list[float]
+    rates_from: str
+    note: str = ""
+    library: LibraryRates | None = None
+    library_asked: bool = False
+    left_alone: list[tuple[str, float]] = field(default_factory=list)  # (slot, rate) the library drops elsewhere
+
+
+def _rates(
+    model: nn.Module,
+    captured: Capture,
+    selected: list[ResidualAdd],
+    plan: Plan,
+    rate: float | None,
+    schedule: str | list[float],
+    recipe: Recipe,
+) -> _Rates:
+    """``auto``: the library's own per-slot rates where it can be asked, else the recipe; others: the plan."""
+    planned = [plan.rate_of(a.block) for a in selected]
+    if schedule != "auto":
+        return _Rates(planned, "explicit list" if isinstance(schedule, list) else f"{schedule} schedule")
+    fallback = "recipe" if recipe.entry else "linear over found units"
+    if any(a.slot is None for a in selected):  # hooked branches: the library has no slot to read
+        return _Rates(planned, fallback, library_rates(model, rate, []).note, library_asked=True)
+    called = list(dict.fromkeys(captured.view.slot_calls.values()))
+    source = library_rates(model, rate, called)
+    if source.rates is None:
+        return _Rates(planned, fallback, source.note, library_asked=True)
+    by_slot = source.rates(rate)
+    chosen = {a.slot for a in selected}
+    left_alone = [(slot, value) for slot, value in by_slot.items() if value > 0 and slot not in chosen]
+    return _Rates([by_slot[a.slot] for a in selected], source.rates.rates_from, library=source.rates,
+                  library_asked=True, left_alone=left_alone)
+
+
 def _blocks(selected: list[ResidualAdd]) -> list[str]:
     return list(dict.fromkeys(a.block for a in selected))
 
@@ -562,7 +654,13 @@ def _select(captured: Capture) -> tuple[list[ResidualAdd], list[Skipped]]:
                 skipped.append(Skipped(a.block, f"slot {a.slot} is also called off the residual branch"))
             else:
                 selected.append(a)
-        return selected, skipped
+        if selected:
+            return selected, skipped
+        # Every slot is also called off its branch (HF CvT calls its layer's one drop path on the
+        # attention branch and on the layer output, shortcut included): filling a slot would drop
+        # more than a residual branch, so the branches are hooked like those of a model without slots.
+        skipped = []
+        adds = [dataclasses.replace(a, slot=None, slot_call=None) for a in adds]
     producers_ok = _hookable_producers(view, adds)
     selected = []
     for a in adds:
@@ -580,7 +678,7 @@ def _hookable_producers(view, adds: list[ResidualAdd]) -> set[str]:
     branch_nodes: dict[str, set[fx.Node]] = {}
     for a in adds:
         if a.producer is not None:
-            branch_nodes.setdefault(a.producer, set()).add(a.branch)
+            branch_nodes.setdefault(a.producer, set()).add(a.producer_output)
     ok = set()
     for producer, branches in branch_nodes.items():
         outputs = set()
@@ -605,8 +703,9 @@ def _batch_axis(shapes: list[torch.Size], batch: int | None) -> int:
 def _branch(add_: ResidualAdd, plan: Plan, rate: float, captured: Capture, inputs) -> Branch:
     batch = inputs.batch_size if inputs is not None else None
     if add_.slot is not None:
-        mechanism, target = "slot", add_.slot
-        axis = _batch_axis(captured.probe_shapes.get(add_.slot, []), batch)
+        # the drop path a slot holds masks rows of axis 0 (timm, torchvision, HF alike), even where the
+        # rows are windows of a sample (HF RF-DETR, timm SAM ViT): so does the DropPath that fills it
+        mechanism, target, axis = "slot", add_.slot, 0
     else:
         mechanism, target = "hook", add_.producer
         shape = captured.output_shapes.get(add_.producer) if add_.producer else None
@@ -623,13 +722,43 @@ def _changes(model: nn.Module, branches: list[Branch]) -> list[_Change]:
     return [_change(model, mine[0], [b.entry for b in mine if b.entry]) for mine in by_target.values()]
 
 
+def _silencing_changes(
+    model: nn.Module, captured: Capture, branches: list[Branch], skipped: list[Skipped]
+) -> list[_Change]:
+    """With hooked branches, the model's own drop paths that run get rate 0, so nothing drops twice.
+
+    Only where a model has drop-path slots but none can be filled (see :func:`_select`). Each is a
+    change like any other (built here, applied by the caller's transaction): ``strip`` puts the
+    library's module back, ``set_rate`` keeps it at 0.
+    """
+    if not any(b.mechanism == "hook" for b in branches):
+        return []
+    changes: list[_Change] = []
+    for slot in dict.fromkeys(captured.view.slot_calls.values()):
+        parent_name, _, attr = slot.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        original = slot_lib.read_slot(parent, attr)
+        rate = slot_lib.existing_rate(original.value)
+        if rate == 0.0:
+            continue
+        drop = DropPath(0.0)
+        drop.inserted = True
+        drop.train(parent.training)
+        changes.append(_Change(parent_name, slot, drop, parent=parent, attr=attr, original=original, silenced=True))
+        skipped.append(Skipped(parent_name, f"slot {slot} (rate {rate:.4g}) is also called off the residual "
+                                            "branch: held at rate 0 while the branches are hooked"))
+    return changes
+
+
 def _change(model: nn.Module, branch: Branch, entries: list[str]) -> _Change:
     if branch.mechanism == "slot":
         parent_name, _, attr = branch.target.rpartition(".")
         parent = model.get_submodule(parent_name)
         original = slot_lib.read_slot(parent, attr)
         scale = getattr(original.value, "scale_by_keep", True)
-        drop = DropPath(branch.rate, scale_by_keep=scale, batch_axis=branch.batch_axis, mode=branch.mode)
+        # a Hugging Face layer would hold HF's own DropPath here, which draws its mask its own way
+        draw = "uniform_floor" if type(parent).__module__.startswith("transformers.") else "bernoulli"
+        drop = DropPath(branch.rate, scale_by_keep=scale, batch_axis=branch.batch_axis, mode=branch.mode, draw=draw)
         drop.inserted = True
         drop.train(parent.training)  # a new module defaults to training; follow the model's mode
         change = _Change(branch.block, branch.target, drop, parent=parent, attr=attr, original=original)

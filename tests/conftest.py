@@ -8,7 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread per xdist worker: `pytest -n 2` on 2 cores with 2 threads each oversubscribes the CPU, and
+# OpenMP's waiting threads then make a forward pass 100x slower whenever anything else runs.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 def called_drop_paths(model: nn.Module, inputs: torch.Tensor) -> dict[str, float]:

@@ -45,11 +45,12 @@ def test_add_end_to_end_in_a_subprocess(tmp_path):
         capture_output=True, text=True, env=env,
     )
     assert result.returncode == 0, result.stderr
-    assert "8 branches in 8 blocks; eval check passed with max |Δ| = 0" in result.stdout
+    assert "8 branches in 8 blocks; rates from timm constructor; eval check passed with max |Δ| = 0" in result.stdout
     assert "continuing with random initialisation" in result.stderr  # offline, no cache
     data = json.loads(report.read_text())
     assert {"model", "rate", "schedule", "branches", "max_abs_diff"} <= data.keys()
     assert data["max_abs_diff"] == 0.0
+    assert data["rates_from"] == "timm constructor"  # timm's own numbers, read from a meta-device rebuild
     assert [b["block"] for b in data["branches"]][:2] == ["layer1.0", "layer1.1"]
     assert {"block", "index", "rate"} <= data["branches"][0].keys()
     # the weights are a plain safetensors file with the original model's keys
@@ -78,7 +79,9 @@ def test_inspect_changes_nothing_and_shows_planned_rates(tmp_path, capsys, monke
     assert code == 0
     assert "rates for --rate 0.7 --schedule uniform" in out
     assert out.count("0.7000") == 8
-    assert "nothing was changed" in out
+    assert "rates from uniform schedule; nothing was changed" in out
+    code, out, _ = run(capsys, "inspect", "--model", MODEL, "--rate", "0.2")
+    assert "rates from timm constructor; nothing was changed" in out
     assert list(tmp_path.iterdir()) == []
 
 

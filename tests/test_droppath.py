@@ -40,6 +40,20 @@ def test_same_values_and_rng_order_as_timm(rate, shape, seed):
 
 
 @settings(max_examples=40, deadline=None)
+@given(rate=rates, shape=shapes, seed=st.integers(0, 2**31 - 1))
+def test_uniform_floor_draw_is_hugging_faces(rate, shape, seed):
+    """The DropPath that fills a Hugging Face slot draws as HF's own XxxDropPath does."""
+    transformers = pytest.importorskip("transformers")
+    x = torch.randn(shape)
+    torch.manual_seed(seed)
+    expected = transformers.models.beit.modeling_beit.BeitDropPath(rate).train()(x)
+    after_hf = torch.rand(1)
+    torch.manual_seed(seed)
+    got = DropPath(rate, draw="uniform_floor").train()(x)
+    assert torch.equal(got, expected) and torch.equal(torch.rand(1), after_hf)
+
+
+@settings(max_examples=40, deadline=None)
 @given(rate=st.floats(min_value=0.05, max_value=0.95), batch_axis=st.integers(0, 2), seed=st.integers(0, 10**6))
 def test_each_sample_kept_or_dropped_whole(rate, batch_axis, seed):
     torch.manual_seed(seed)

@@ -71,7 +71,6 @@ MODELS = {
     "siglip_vision": (T.SiglipVisionConfig, T.SiglipVisionModel, VIT),
 }
 NO_NATIVE_DROP_PATH = {"vit", "deit", "vit_mae", "clip_vision", "siglip_vision"}
-LINEAR_LIKE_HF = {"beit", "data2vec_vision", "convnext", "convnextv2"}  # HF's own schedule is linear
 
 
 def build(name: str, rate: float | None = None):
@@ -98,7 +97,7 @@ def native_call_sites(model, inputs) -> collections.Counter:
     calls = collections.Counter()
     handles = [
         module.register_forward_hook(
-            lambda m, i, o, n=name: calls.update([(n.rpartition(".")[0], round(m.drop_prob, 6))])
+            lambda m, i, o, n=name: calls.update([(n.rpartition(".")[0], m.drop_prob)])
         )
         for name, module in model.named_modules()
         # HF PoolFormer also calls a DropPath *inside* its MLP as a dropout; only residual slots count
@@ -150,9 +149,10 @@ def test_add_verify_strip_keeps_a_transformers_model(name):
         assert {b: our_counts[b] for b in native_counts} == dict(native_counts)
         # HF builds its rate-0 first layer with nn.Identity, so the only extra block is our index 0
         assert {b.index for b in report.branches if b.block not in native_counts} <= {0}
-        if name in LINEAR_LIKE_HF:  # and the same rates
-            ours = collections.Counter((b.block, round(b.rate, 6)) for b in report.branches if b.rate > 0)
-            assert ours == +collections.Counter({k: v for k, v in expected.items() if k[1] > 0})
+        # and HF's own rates, read from a meta-device rebuild with the config's drop_path_rate: bitwise
+        assert report.rates_from == "transformers config"
+        ours = collections.Counter((b.block, b.rate) for b in report.branches if b.rate > 0)
+        assert ours == +collections.Counter({k: v for k, v in expected.items() if k[1] > 0})
 
     pathsurgeon.strip(model)
     assert module_layout(model) == layout and pathsurgeon_leftovers(model) == []
@@ -232,10 +232,38 @@ def test_trainer_fine_tunes_a_surgered_model(tmp_path):
     assert pathsurgeon_leftovers(model) == []
 
 
+@pytest.mark.parametrize("name", sorted(set(MODELS) - NO_NATIVE_DROP_PATH - {"poolformer"}))
+def test_training_outputs_are_hugging_faces_under_one_seed(name):
+    """HF's DropPath draws floor(rand + keep); the DropPath that fills an HF slot draws the same way.
+
+    (PoolFormer is left out: HF also calls its DropPath inside the MLP, which is no residual branch.)
+    """
+    native, model = build(name, 0.2), build(name, 0.0)
+    model.load_state_dict(native.state_dict())
+    inputs = pixels(model, batch=8)
+    pathsurgeon.add(model, 0.2, example_inputs=pixels(model))
+    outputs = []
+    for m in (native, model):
+        m.train()
+        torch.manual_seed(4)
+        with torch.no_grad():
+            outputs.append(first_tensor(m(**inputs)))
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-6, rtol=0)
+
+
 def test_example_inputs_come_from_the_config():
     model = build("convnext", 0.0)
     report = pathsurgeon.add(model, 0.1)  # pixel_values of config.image_size, config.num_channels
     assert report.max_abs_diff == 0.0
+
+
+def test_a_config_without_image_size_gets_224_pixels():
+    config = T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1])
+    assert not hasattr(config, "image_size")
+    model = T.ResNetForImageClassification(config).eval()
+    report = pathsurgeon.add(model, 0.1)  # (2, num_channels, 224, 224) as pixel_values=
+    assert report.max_abs_diff == 0.0 and len(report.branches) == 4
+    assert report.rates_from == "linear over found units"  # HF ResNet has no drop path of its own
 
 
 def test_random_eval_model_verifies_without_fixed_noise():
@@ -310,7 +338,7 @@ class MaskTape:
         return self.real_rand(tuple(shape), generator=self.generator).to(dtype=dtype, device=device)
 
 
-@pytest.mark.parametrize("name", sorted(LINEAR_LIKE_HF))
+@pytest.mark.parametrize("name", sorted(set(MODELS) - NO_NATIVE_DROP_PATH - {"poolformer"}))
 def test_training_equals_hf_own_drop_path_under_the_same_masks(name, monkeypatch):
     """The oracle is HF's own model built with drop_path_rate: its XxxDropPath modules, call sites and rates.
 
@@ -324,15 +352,16 @@ def test_training_equals_hf_own_drop_path_under_the_same_masks(name, monkeypatch
     native, model = build(name, rate), build(name, 0.0)
     model.load_state_dict(native.state_dict())
     pathsurgeon.add(model, rate, example_inputs=pixels(model))
-    inputs, labels = pixels(model, batch=8), torch.arange(8) % 2
+    inputs = pixels(model, batch=8)
     real_rand = torch.rand
 
     def step(m, tape: MaskTape):
         m.train()
         m.zero_grad(set_to_none=True)
-        logits = m(**inputs).logits
-        torch.nn.functional.cross_entropy(logits, labels).backward()
-        return logits.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+        torch.manual_seed(0)  # other training-time randomness (DINOv3's RoPE jitter) from one state too
+        out = first_tensor(m(**inputs))
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
 
     hf_tape, our_tape = MaskTape(5, real_rand), MaskTape(5, real_rand)
 
@@ -344,7 +373,7 @@ def test_training_equals_hf_own_drop_path_under_the_same_masks(name, monkeypatch
         shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
         return hf_tape.uniform(shape, dtype, device, rate=hf_tape.rate)
 
-    def our_drop_path(x, rate=0.0, training=False, scale_by_keep=True, batch_axis=0):
+    def our_drop_path(x, rate=0.0, training=False, scale_by_keep=True, batch_axis=0, draw="bernoulli"):
         if rate == 0.0 or not training:
             return x
         keep = 1 - rate
@@ -363,3 +392,52 @@ def test_training_equals_hf_own_drop_path_under_the_same_masks(name, monkeypatch
     assert grads.keys() == expected_grads.keys()
     for key, grad in expected_grads.items():
         torch.testing.assert_close(grads[key], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_slots_on_windows_of_a_sample_mask_rows_as_hugging_face_does():
+    """HF RF-DETR's DINOv2 puts an image's windows on the batch axis; its DropPath masks those rows."""
+    # 2 x 2 patches in 2 x 2 windows: rows of (8, 2 tokens, 32) for 2 images, so a batch axis read from
+    # shapes would wrongly be axis 1
+    config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8,
+                  num_windows=2, window_block_indexes=[0], out_indices=[2])
+    torch.manual_seed(0)
+    native = T.RfDetrDinov2Backbone(T.RfDetrDinov2Config(**config, drop_path_rate=0.3)).eval()
+    model = T.RfDetrDinov2Backbone(T.RfDetrDinov2Config(**config)).eval()
+    model.load_state_dict(native.state_dict())
+    inputs = pixels(model, batch=4)
+    report = pathsurgeon.add(model, 0.3)
+    assert report.rates_from == "transformers config" and {b.batch_axis for b in report.branches} == {0}
+    outputs = []
+    for m in (native, model):
+        m.train()
+        torch.manual_seed(9)
+        with torch.no_grad():
+            outputs.append(m(**inputs).feature_maps[0])
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-6, rtol=0)
+
+
+def test_a_drop_path_also_called_off_the_branch_is_held_at_zero_not_stacked():
+    """HF CvT calls one DropPath on the attention branch and on the layer output (shortcut included)."""
+    config = T.CvtConfig(embed_dim=[16, 32, 64], num_heads=[1, 2, 2], depth=[1, 2, 3],
+                         drop_path_rate=[0.0, 0.1, 0.2])  # HF indexes its per-stage rates by stage
+    model = T.CvtForImageClassification(config).eval()
+    layout = module_layout(model)
+    library = {n for n, m in model.named_modules() if type(m).__name__ == "CvtDropPath"}
+    assert library
+    report = pathsurgeon.add(model, 0.1)
+    assert {b.mechanism for b in report.branches} == {"hook"} and len(report.branches) == 12
+    held = {n for n, m in model.named_modules() if isinstance(m, pathsurgeon.DropPath)}
+    assert held == library and all(model.get_submodule(n).rate == 0.0 for n in held)
+    assert sum("held at rate 0" in s.reason for s in report.skipped) == len(library)
+    pathsurgeon.set_rate(model, 0.4)
+    assert all(model.get_submodule(n).rate == 0.0 for n in held)  # set_rate leaves them at 0
+    pathsurgeon.strip(model)
+    assert module_layout(model) == layout and pathsurgeon_leftovers(model) == []
+
+
+def test_default_inputs_for_token_id_and_pre_patchified_models():
+    imagegpt = T.ImageGPTForImageClassification(T.ImageGPTConfig(n_layer=2, n_embd=32, n_head=2)).eval()
+    assert pathsurgeon.add(imagegpt, 0.1).max_abs_diff == 0.0  # input_ids below its vocabulary
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_patches=16)
+    siglip2 = T.Siglip2ForImageClassification(T.Siglip2Config(vision_config=vision)).eval()
+    assert pathsurgeon.add(siglip2, 0.1).max_abs_diff == 0.0  # patches, their mask and a 4 x 4 grid

@@ -1,0 +1,285 @@
+"""Library adapters: which constructor built a model, rebuilt on the meta device at any drop-path rate.
+
+The library that built a model is the ground truth for where its stochastic depth goes and at what
+rate. Rather than re-deriving each family's schedule, pathsurgeon asks the library: it identifies the
+constructor (timm: ``pretrained_cfg["architecture"]``; torchvision: the builder whose model matches;
+Hugging Face: the model class with its config), replays it on the meta device (no memory, no
+weights, tens of milliseconds) at the requested rate, checks that the replayed module tree is the
+user's (state_dict names and shapes, module classes), and reads each drop-path slot's rate by name.
+
+Each adapter (``timm.py``, ``torchvision.py``, ``transformers.py``) has one function,
+``candidates(model) -> list[Constructor]``: empty when the model is not from that library, several
+when the library has several builders of the same class (torchvision); it raises
+:class:`RebuildError` when the model is from the library but cannot be rebuilt by it.
+
+>>> import timm
+>>> model = timm.create_model("resnet18", num_classes=10)
+>>> identify_constructor(model).to_dict()
+{'library': 'timm', 'name': 'resnet18.a1_in1k', 'arguments': {'num_classes': 10}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import slots as slot_lib
+from ..errors import PathSurgeonError
+
+__all__ = [
+    "Constructor",
+    "RebuildError",
+    "constructor_arguments",
+    "identify_constructor",
+    "meta_build",
+    "replay",
+    "slot_rates",
+    "tree_difference",
+]
+
+
+class RebuildError(PathSurgeonError):
+    """The model's library cannot rebuild it (unknown constructor, or the rebuilt tree differs)."""
+
+
+@dataclass(frozen=True)
+class Constructor:
+    """How a library builds a model: ``library``, constructor ``name``, plain ``arguments``.
+
+    ``arguments`` holds only JSON-serialisable values (``num_classes``, ``in_chans``, ``img_size``,
+    a Hugging Face config as a dict): enough to rebuild the architecture with random weights.
+    ``rate_argument``: the constructor's drop-path rate argument, None where it has none (then the
+    library never builds stochastic depth into this model).
+    """
+
+    library: str
+    name: str
+    arguments: Mapping[str, Any]
+    rate_argument: str | None
+    _build: Callable[[float | None], nn.Module] = field(repr=False, compare=False)
+    why_no_rate: str = ""  # when rate_argument is None and the adapter knows why
+
+    @property
+    def rates_from(self) -> str:
+        """How a report names rates read from this constructor."""
+        return {
+            "timm": "timm constructor",
+            "torchvision": "torchvision builder",
+            "transformers": "transformers config",
+        }[self.library]
+
+    def build(self, rate: float | None = None) -> nn.Module:
+        """The model with random weights, at drop-path ``rate`` (None: the constructor's default).
+
+        Builds where the current default device says; :func:`replay` builds on the meta device.
+        """
+        if rate is not None and self.rate_argument is None:
+            raise RebuildError(f"{self.name} takes no drop-path rate; build it with rate=None")
+        return self._build(rate)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"library": self.library, "name": self.name, "arguments": dict(self.arguments)}
+
+
+def _adapters():
+    from . import timm, torchvision, transformers
+
+    return (timm, torchvision, transformers)
+
+
+@contextlib.contextmanager
+def _random_state_kept() -> Iterator[None]:
+    """Constructors draw initial weights; a replay must not move the user's random streams."""
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Parameters and buffers go to the meta device as modules register them; other tensors stay on CPU.
+
+    For constructors that compute with tensors on the way (torchvision RegNet's block widths), which
+    fail when every tensor is on the meta device.
+    """
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter_on_meta(module, name, parameter):
+        if parameter is not None:
+            parameter = nn.Parameter(parameter.to("meta"), requires_grad=parameter.requires_grad)
+        register_parameter(module, name, parameter)
+
+    def buffer_on_meta(module, name, tensor, persistent=True):
+        register_buffer(module, name, tensor.to("meta") if tensor is not None else None, persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter_on_meta, buffer_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+
+
+def meta_build(build: Callable[[], nn.Module]) -> nn.Module:
+    """Run ``build`` with every tensor on the meta device; random streams and warnings untouched.
+
+    Falls back to putting only parameters and buffers on meta when a constructor needs real tensors.
+    """
+    with _random_state_kept(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constructors warn about deprecated names, meta init, ...
+        try:
+            with torch.device("meta"):
+                return build()
+        except (NotImplementedError, RuntimeError) as error:
+            if "meta" not in str(error):
+                raise
+        with _parameters_on_meta():
+            return build()
+
+
+def replay(constructor: Constructor, rate: float | None) -> nn.Module:
+    """``constructor`` built on the meta device at ``rate``."""
+    return meta_build(lambda: constructor.build(rate))
+
+
+# --- comparing the replayed tree with the user's model ----------------------------------------------
+
+def _is_no_op(module: nn.Module | None) -> bool:
+    """Modules a drop-path rate or a dropout rate put in or take out: never part of the architecture."""
+    return (
+        module is None
+        or type(module) is nn.Identity
+        or isinstance(module, nn.modules.dropout._DropoutNd)
+        or slot_lib.is_drop_path_module(module)
+        or isinstance(module, slot_lib.SlotProbe)
+    )
+
+
+def tree_difference(model: nn.Module, rebuilt: nn.Module) -> str | None:
+    """The first difference between two module trees (None: the same architecture).
+
+    Compared: state_dict names and shapes in order, and the class of every module, except modules
+    that only a rate decides (DropPath or nn.Identity, Dropout or nn.Identity).
+    """
+    ours = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    theirs = [(k, tuple(v.shape)) for k, v in rebuilt.state_dict().items()]
+    if ours != theirs:
+        their_shapes, our_shapes = dict(theirs), dict(ours)
+        for key, shape in ours:
+            if key not in their_shapes:
+                return f"the rebuilt model has no {key}"
+            if their_shapes[key] != shape:
+                return f"{key} has shape {list(shape)}, the rebuilt model's {list(their_shapes[key])}"
+        for key, _ in theirs:
+            if key not in our_shapes:
+                return f"the model has no {key}, the rebuilt one has"
+        return "the state_dict entries come in another order"
+    our_modules = {n: m for n, m in model.named_modules() if not _is_no_op(m)}
+    their_modules = {n: m for n, m in rebuilt.named_modules() if not _is_no_op(m)}
+    for name in our_modules.keys() | their_modules.keys():
+        mine, theirs_ = our_modules.get(name), their_modules.get(name)
+        if mine is None or theirs_ is None or type(mine) is not type(theirs_):
+            where = name or "the model"
+            return (
+                f"{where} is {type(mine).__name__ if mine is not None else 'missing'} here, "
+                f"{type(theirs_).__name__ if theirs_ is not None else 'missing'} in the rebuilt model"
+            )
+    return None
+
+
+def identify_constructor(model: nn.Module, rate: float | None = None) -> Constructor:
+    """The constructor that rebuilds ``model``'s architecture, checked on a meta-device replay.
+
+    Raises :class:`RebuildError` with the reason when no library adapter knows the model or no
+    candidate's replay matches its module tree.
+    """
+    constructor, _ = identify_and_replay(model, rate)
+    return constructor
+
+
+def identify_and_replay(model: nn.Module, rate: float | None) -> tuple[Constructor, nn.Module]:
+    """:func:`identify_constructor`, and the matching replay at ``rate`` (the constructor's default
+    when ``rate`` is None or the constructor takes no rate)."""
+    reasons: list[str] = []
+    for adapter in _adapters():
+        for candidate in adapter.candidates(model):
+            try:
+                candidate, rebuilt = _replay_candidate(candidate, rate)
+            except Exception as error:  # noqa: BLE001 - a constructor that fails is simply not the one
+                reasons.append(f"{candidate.name}: {type(error).__name__}: {_first_line(error)}")
+                continue
+            difference = tree_difference(model, rebuilt)
+            if difference is None:
+                return candidate, rebuilt
+            reasons.append(f"{_call(candidate)}: {difference}")
+    if not reasons:
+        raise RebuildError(
+            f"{type(model).__name__} is not a timm, torchvision or transformers model pathsurgeon can rebuild"
+        )
+    raise RebuildError(f"no library constructor rebuilds this {type(model).__name__} ({reasons[0]})")
+
+
+def _replay_candidate(candidate: Constructor, rate: float | None) -> tuple[Constructor, nn.Module]:
+    """Replay at ``rate``; a constructor that turns out to refuse its rate argument loses it."""
+    if candidate.rate_argument is None:
+        return candidate, replay(candidate, None)
+    try:
+        return candidate, replay(candidate, rate)
+    except TypeError as error:
+        if candidate.rate_argument not in str(error):
+            raise
+    candidate = replace(candidate, rate_argument=None, why_no_rate=f"it refuses {candidate.rate_argument}")
+    return candidate, replay(candidate, None)
+
+
+def _call(constructor: Constructor) -> str:
+    shown = ", ".join(f"{k}={v!r}" for k, v in constructor.arguments.items() if k != "config")
+    return f"{constructor.name}({shown})"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:160] if lines else ""
+
+
+def constructor_arguments(model: nn.Module) -> dict[str, Any]:
+    """``{"library", "name", "arguments"}`` to rebuild ``model``'s architecture, all plain values.
+
+    Validated: the constructor, replayed on the meta device with these arguments, gives the model's
+    state_dict names and shapes and module classes. Raises :class:`RebuildError` otherwise.
+    """
+    return identify_constructor(model).to_dict()
+
+
+def slot_rates(rebuilt: nn.Module, slot_names: list[str]) -> dict[str, float]:
+    """The drop rate the rebuilt model has at each slot name (0.0 for nn.Identity / None).
+
+    Raises :class:`RebuildError` naming the first slot the rebuilt model has no drop-path slot at.
+    """
+    rates: dict[str, float] = {}
+    for name in slot_names:
+        parent_name, _, attr = name.rpartition(".")
+        try:
+            parent = rebuilt.get_submodule(parent_name)
+        except AttributeError:
+            raise RebuildError(f"the rebuilt model has no module {parent_name!r}") from None
+        if attr not in parent._modules and attr not in vars(parent):
+            raise RebuildError(f"the rebuilt model has no slot {name}")
+        value = slot_lib.read_slot(parent, attr).value
+        if value is None or type(value) is nn.Identity:
+            rates[name] = 0.0
+        elif slot_lib.is_drop_path_module(value):
+            rates[name] = slot_lib.existing_rate(value)
+        else:
+            raise RebuildError(f"the rebuilt model has a {type(value).__name__} at {name}, not a drop path")
+    return rates
+

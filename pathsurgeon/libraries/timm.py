@@ -1,0 +1,80 @@
+"""timm: ``timm.create_model(pretrained_cfg architecture.tag, drop_path_rate=r, **plain arguments)``.
+
+The plain arguments are those fine-tuners change and a built model still shows: ``num_classes``
+(``model.num_classes``), ``in_chans`` (the first convolution), ``img_size`` (the patch embedding's).
+Only values that differ from the pretrained tag's defaults are passed, so the arguments read as the
+user's own call. Anything else (``depth=4``, ``window_size=4``) shows up as a tree difference and the
+model is not rebuilt.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from . import Constructor, RebuildError
+
+RATE_ARGUMENT = "drop_path_rate"
+
+
+def candidates(model: nn.Module) -> list[Constructor]:
+    if not type(model).__module__.startswith("timm."):
+        return []
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    architecture = cfg.get("architecture") if isinstance(cfg, dict) else None
+    if not architecture:
+        raise RebuildError(
+            f"{type(model).__name__} has no pretrained_cfg['architecture'] (not built by timm.create_model)"
+        )
+    tag = cfg.get("tag")
+    name = f"{architecture}.{tag}" if tag else architecture
+    arguments = _plain_arguments(model, cfg)
+    takes_rate = _accepts(type(model), RATE_ARGUMENT)
+    return [Constructor("timm", name, arguments, RATE_ARGUMENT if takes_rate else None,
+                        lambda rate: _create(name, arguments, rate))]
+
+
+def _create(name: str, arguments: dict[str, Any], rate: float | None) -> nn.Module:
+    import timm
+
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in arguments.items()}
+    if rate is not None:
+        kwargs[RATE_ARGUMENT] = rate
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _accepts(cls: type, argument: str) -> bool:
+    """True when the class takes ``argument``, or may through ``**kwargs`` (then a build decides)."""
+    try:
+        parameters = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return True
+    return argument in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def _plain_arguments(model: nn.Module, cfg: dict) -> dict[str, Any]:
+    arguments: dict[str, Any] = {}
+    input_size = tuple(cfg.get("input_size") or ())
+    num_classes = getattr(model, "num_classes", None)
+    if isinstance(num_classes, int) and num_classes != cfg.get("num_classes"):
+        arguments["num_classes"] = num_classes
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if first_conv is not None and input_size and first_conv.in_channels != input_size[0]:
+        arguments["in_chans"] = first_conv.in_channels
+    size = _image_size(model)
+    takes_size = _accepts(type(model), "img_size")
+    if size is not None and len(input_size) == 3 and size != tuple(input_size[1:]) and takes_size:
+        arguments["img_size"] = size[0] if size[0] == size[1] else list(size)
+    return arguments
+
+
+def _image_size(model: nn.Module) -> tuple[int, int] | None:
+    for owner in (getattr(model, "patch_embed", None), model):
+        size = getattr(owner, "img_size", None)
+        if isinstance(size, int):
+            return (size, size)
+        if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+            return (int(size[0]), int(size[1]))
+    return None

@@ -1,0 +1,242 @@
+"""Library rates: each drop-path slot's rate as the model's own library builds it, at any rate.
+
+:func:`library_rates` identifies the constructor (see :mod:`pathsurgeon.libraries`), replays it on the
+meta device at the requested rate and reads every slot's rate by name. ``schedule="auto"`` uses those
+numbers; where the library cannot be asked, the recipe in ``recipes/`` decides.
+
+Re-rating must stay cheap (a rate scheduler calls :func:`pathsurgeon.set_rate` every training step)
+while a replay costs 30 to 150 ms. So on the first rate it has not seen, :class:`LibraryRates` fits
+each slot's *rate law*: the exact expression the library evaluates, out of the few libraries use —
+
+- ``zero`` (never dropped); the rate itself is ``ratio(1, 1)``;
+- ``linspace32(n, k)``: ``torch.linspace(0, r, n)[k].item()`` in float32 (timm's
+  ``calculate_drop_path_rates``, HF BEiT, ConvNeXt);
+- ``linspace64(n, k)``: ``numpy.linspace(0, r, n)[k]`` (torchvision MaxViT);
+- ``ratio(k, n)``: ``r * k / n`` with Python floats (timm's EfficientNet builder, torchvision Swin,
+  ConvNeXt and EfficientNet, HF Swin), and the orders ``k / n * r``, ``r * (k / n)`` and ``r / n * k``;
+- any of these times a simple fraction (timm NextViT splits a block's rate by its mix ratio).
+
+A law is accepted only if it gives the replayed rate bitwise at every probe rate (and at the rates
+already replayed); then every rate is computed from the laws, with no replay. Where some slot fits
+no law, each new rate is replayed once and remembered. Either way ``set_rate(model, r)`` gives the
+numbers a replay at ``r`` gives.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .libraries import Constructor, RebuildError, identify_and_replay, replay, slot_rates
+
+__all__ = ["LibraryRates", "RateLaw", "fit_laws", "library_rates"]
+
+# Rates a law must reproduce bitwise before it is trusted; mostly not round numbers, so that
+# expressions that agree by accident on a few rates (r*k/n against r/n*k) are told apart.
+PROBE_RATES = (0.1, 0.3713, 0.7841, 0.2219, 0.5557, 0.9032)
+_CACHE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class RateLaw:
+    """One slot's rate as a function of the constructor's rate argument (see the module docstring)."""
+
+    kind: str  # "zero" | "linspace32" | "linspace64" | "ratio" | "ratio_k_first" | "ratio_of_fraction" | "step"
+    k: int = 0
+    n: int = 0
+    factor: float | None = None  # then the value is multiplied by it (NextViT: rate * mix_block_ratio)
+
+    def __call__(self, rate: float, memo: dict | None = None) -> float:
+        value = self._base(rate, memo)
+        return value if self.factor is None else value * self.factor
+
+    def _base(self, rate: float, memo: dict | None) -> float:
+        if self.kind == "zero":
+            return 0.0
+        if self.kind in ("linspace32", "linspace64"):
+            memo = {} if memo is None else memo
+            key = (self.kind, rate, self.n)
+            if key not in memo:
+                memo[key] = _linspace(self.kind, rate, self.n)
+            return memo[key][self.k]
+        if self.kind == "ratio":
+            return rate * self.k / self.n
+        if self.kind == "ratio_k_first":
+            return self.k / self.n * rate
+        if self.kind == "step":
+            return rate / self.n * self.k
+        return rate * (self.k / self.n)
+
+
+def _linspace(kind: str, rate: float, n: int) -> list[float]:
+    if kind == "linspace32":
+        return torch.linspace(0, rate, n, device="cpu").tolist()
+    import numpy
+
+    return numpy.linspace(0, rate, n).tolist()
+
+
+_KINDS: tuple[tuple[str, int], ...] = (
+    # (kind, offset): the law's denominator is n - offset; k is looked for near value / rate * denominator
+    ("linspace32", 1),
+    ("linspace64", 1),
+    ("ratio", 0),
+    ("ratio_k_first", 0),
+    ("ratio_of_fraction", 0),
+    ("step", 0),
+)
+
+
+def fit_laws(values: dict[str, dict[float, float]], max_span: int) -> dict[str, RateLaw | None]:
+    """Each slot's law: the expression that gives ``values[slot][r]`` bitwise at every rate ``r``.
+
+    Slots of one model share their library's expression and its count of depth units (timm's
+    ``linspace(0, r, N)`` with one N for the whole network), and laws with a smaller N can agree
+    with the right one on a handful of rates by accident. So laws are chosen jointly: the
+    (expression, N) that explains the most slots wins (the smaller N on a tie), then the next for the
+    slots left, and so on.
+    """
+    laws: dict[str, RateLaw | None] = {}
+    left: dict[str, dict[float, float]] = {}
+    for slot, by_rate in values.items():
+        if all(v == 0.0 for v in by_rate.values()):
+            laws[slot] = RateLaw("zero")
+        else:  # even a slot at the full rate: r * 17 / 17 is not always r, so it is fitted with the rest
+            left[slot] = by_rate
+    memo: dict = {}
+    while left:
+        best: dict[str, RateLaw] = {}
+        for span in range(1, max_span + 1):
+            for kind, offset in _KINDS:
+                fitted = {}
+                for slot, by_rate in left.items():
+                    probe = max(by_rate)
+                    k = round(by_rate[probe] / probe * span)
+                    if not 0 < k <= span:
+                        continue
+                    law = RateLaw(kind, k, span + offset)
+                    if all(law(r, memo) == v for r, v in by_rate.items()):
+                        fitted[slot] = law
+                if len(fitted) > len(best):
+                    best = fitted
+            if len(best) == len(left):
+                break  # every slot left is explained; a larger N cannot explain more
+        if not best:
+            break
+        laws.update(best)
+        left = {slot: v for slot, v in left.items() if slot not in best}
+        # before another expression is looked for: the slots left may be the one found times a
+        # fraction, which a larger N can mimic on the probe rates by accident
+        found = [key for key, _ in Counter(
+            (law.kind, law.n) for law in laws.values() if law is not None and law.kind != "zero"
+        ).most_common()]
+        for slot, by_rate in list(left.items()):
+            law = _scaled_law(by_rate, found, memo)
+            if law is not None:
+                laws[slot] = law
+                del left[slot]
+    laws.update({slot: None for slot in left})
+    return laws
+
+
+def _scaled_law(by_rate: dict[float, float], found: list[tuple[str, int]], memo: dict) -> RateLaw | None:
+    """A law of the model's own (expression, N), times a simple fraction (NextViT's mix_block_ratio)."""
+    from fractions import Fraction
+
+    probe = max(by_rate)
+    for kind, n in found:
+        offset = dict(_KINDS)[kind]
+        for k in range(1, n - offset + 1):
+            base = RateLaw(kind, k, n)(probe, memo)
+            if base == 0.0:
+                continue
+            factor = float(Fraction(by_rate[probe] / base).limit_denominator(16))
+            law = RateLaw(kind, k, n, factor)
+            if 0.0 < factor < 1.0 and all(law(r, memo) == v for r, v in by_rate.items()):
+                return law
+    return None
+
+
+class LibraryRates:
+    """Per-slot rates from the model's library at any rate; laws where they fit, replays where not."""
+
+    def __init__(self, constructor: Constructor, slots: list[str], known: dict[float, dict[str, float]]) -> None:
+        self.constructor = constructor
+        self.slots = list(slots)
+        self._replayed: OrderedDict[float, dict[str, float]] = OrderedDict(known)
+        self._laws: dict[str, RateLaw | None] | None = None  # None: not fitted yet
+
+    @property
+    def rates_from(self) -> str:
+        return self.constructor.rates_from
+
+    def __call__(self, rate: float) -> dict[str, float]:
+        """``{slot: rate}`` as the library builds them at ``rate``."""
+        if rate in self._replayed:
+            self._replayed.move_to_end(rate)
+            return dict(self._replayed[rate])
+        if self._laws is None:
+            self._laws = self._fit()
+        if all(law is not None for law in self._laws.values()):
+            memo: dict = {}
+            return {slot: law(rate, memo) for slot, law in self._laws.items()}
+        rates = self._replay(rate)
+        self._replayed[rate] = rates
+        while len(self._replayed) > _CACHE_SIZE:
+            self._replayed.popitem(last=False)
+        return dict(rates)
+
+    @property
+    def laws(self) -> dict[str, RateLaw | None]:
+        """Each slot's fitted law (None where none fits); fits them on first use."""
+        if self._laws is None:
+            self._laws = self._fit()
+        return dict(self._laws)
+
+    def _replay(self, rate: float) -> dict[str, float]:
+        return slot_rates(replay(self.constructor, rate), self.slots)
+
+    def _fit(self) -> dict[str, RateLaw | None]:
+        for probe in PROBE_RATES:
+            if probe not in self._replayed:
+                self._replayed[probe] = self._replay(probe)
+        samples = {r: v for r, v in self._replayed.items() if r > 0}
+        return fit_laws({slot: {r: v[slot] for r, v in samples.items()} for slot in self.slots},
+                        max_span=4 * len(self.slots) + 64)
+
+
+@dataclass
+class RateSource:
+    """Where ``schedule="auto"`` takes its rates from: the library (``rates``), or why not (``note``)."""
+
+    rates: LibraryRates | None
+    note: str = ""
+
+
+def library_rates(model: nn.Module, rate: float, slot_names: list[str]) -> RateSource:
+    """Ask ``model``'s library for the rates of ``slot_names`` at ``rate``.
+
+    Returns a :class:`RateSource` whose ``rates`` is None (with the reason in ``note``) when the
+    library cannot be asked: no adapter knows the model, the rebuilt tree differs (other constructor
+    arguments), the constructor takes no rate, or it has no drop-path slot where the model has one.
+    """
+    try:
+        constructor, rebuilt = identify_and_replay(model, rate)
+    except RebuildError as error:
+        return RateSource(None, str(error))
+    except Exception as error:  # noqa: BLE001 - asking the library must never break add: say why, use the recipe
+        return RateSource(None, f"asking the model's library failed ({type(error).__name__}: {error}"[:300] + ")")
+    if constructor.rate_argument is None:
+        why = f": {constructor.why_no_rate}" if constructor.why_no_rate else ""
+        return RateSource(None, f"{constructor.rates_from} {constructor.name} takes no drop-path rate{why}")
+    if not slot_names:
+        return RateSource(None, f"{constructor.rates_from} {constructor.name} takes a drop-path rate, but the "
+                                "residual branches found pass through none of its drop-path slots")
+    try:
+        rates = slot_rates(rebuilt, slot_names)
+    except RebuildError as error:
+        return RateSource(None, f"{constructor.rates_from} {constructor.name}: {error}")
+    return RateSource(LibraryRates(constructor, slot_names, {rate: rates}))
