@@ -456,7 +456,7 @@ def _invariants_only(library: str, name: str, model, why: str) -> dict:
     pathsurgeon.strip(model)
     if [(n, type(m)) for n, m in model.named_modules()] != layout or list(model.state_dict()) != keys:
         problems.append("strip did not restore the module tree")
-    held = [s for s in report.skipped if "is also called off the residual branch" in s.reason]
+    held = [s for s in report.left_alone if "is also called off the residual branch" in s.reason]
     status = "differs" if problems else "not residual" if held else "no drop path"
     reason = "; ".join(problems) if problems else f"{why}; pathsurgeon adds it on {len(report.branches)} branches"
     if held and not problems:
@@ -471,7 +471,7 @@ def _compare(library, name, native, model, x, rebuild, example_inputs, parameter
     import torch
 
     import pathsurgeon
-    from pathsurgeon.surgery import _record
+    from pathsurgeon.changes import record_of as _record
 
     native.eval()
     model.eval()

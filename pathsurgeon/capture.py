@@ -6,17 +6,16 @@ opaque (timm's ``TinyVitBlock``, ``NormFreeBlock``), ``torch.export`` (non-stric
 mode, which traces through everything and specialises shape-dependent control flow on the example
 inputs. Both give FX graphs whose nodes know their owning module (``nn_module_stack``).
 
-The model is captured in eval mode with :class:`~pathsurgeon.slots.SlotProbe` in every slot; the
-training flags and the slots are restored before this returns, whatever happens.
+The model is captured in eval mode with :class:`~pathsurgeon.slots.SlotProbe` in every slot, on a
+*shadow* (the module tree copied, every parameter and buffer shared), so models that write caches
+during forward never see proxies or fake tensors; the user's model is only read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import itertools
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from torch import fx, nn
 
 from . import slots as slot_lib
 from .errors import CaptureError
-from .finder import GraphView, from_symbolic_trace
+from .graph import GraphView, from_export, from_symbolic_trace
 from .inputs import ExampleInputs
 
 __all__ = ["Capture", "capture", "private_rng", "register_leaf_module", "training_flags_kept"]
@@ -61,12 +60,10 @@ class _Tracer(fx.Tracer):
 
 @dataclass
 class Capture:
-    """A graph view of the model, how it was obtained, and the shapes seen on the example inputs."""
+    """A graph view of the model and how it was obtained ("torch.fx" or "torch.export")."""
 
     view: GraphView
-    method: str  # "torch.fx" or "torch.export"
-    probe_shapes: dict[str, list[torch.Size]]  # input shapes each slot saw on the example inputs
-    output_shapes: dict[str, torch.Size]  # first output shape of every module on the example inputs
+    method: str
 
 
 @contextlib.contextmanager
@@ -123,13 +120,12 @@ def _shadow(model: nn.Module) -> nn.Module:
 
 
 def capture(model: nn.Module, inputs: ExampleInputs | None) -> Capture:
-    """Capture ``model``'s graph; record the shapes each slot sees when ``inputs`` are given."""
+    """Capture ``model``'s graph (torch.fx; torch.export on ``inputs`` where that fails). Reads the model only."""
     model = _shadow(model)
     slots = slot_lib.find_slots(model)
     leaf_types, autowrap = _timm_notrace()
     leaf_types = leaf_types + tuple(_LEAF_MODULES) + (slot_lib.SlotProbe,)
     failures: list[str] = []
-    output_shapes: dict[str, torch.Size] = {}
     with training_flags_kept(model, training=False), slot_lib.install(model, slots) as probes, private_rng(model):
         view = None
         method = ""
@@ -141,30 +137,29 @@ def capture(model: nn.Module, inputs: ExampleInputs | None) -> Capture:
             else:
                 view = from_symbolic_trace(graph, model, lambda target: target if target in probes else None)
                 method = "torch.fx"
-                if inputs is not None and not inputs.kwargs:
+                if inputs is not None and not inputs.kwargs and _calls_opaque_functions(graph, autowrap):
                     _learn_tensor_nodes(view, model, inputs)
         except Exception as error:  # tracing fails in many ways (TraceError, TypeError, ...)
             failures.append(f"torch.fx: {type(error).__name__}: {_first_line(error)}")
-        if inputs is not None:
-            if view is None:
-                try:
-                    view = _export_view(model, inputs, probes)
-                    method = "torch.export"
-                except Exception as error:
-                    failures.append(f"torch.export: {type(error).__name__}: {_first_line(error)}")
-            for probe in probes.values():
-                probe.shapes.clear()
-            for name, module in model.named_modules():  # the shadow's: these hooks die with it
-                module.register_forward_hook(functools.partial(_record_output_shape, output_shapes, name))
-            with torch.no_grad():
-                inputs.call(model)
-        shapes = {name: list(probe.shapes) for name, probe in probes.items()}
+        if view is None and inputs is not None:
+            try:
+                slot_of_probe = {probe.slot_id: name for name, probe in probes.items()}
+                view = from_export(model, inputs, slot_of_probe, torch.ops.pathsurgeon.slot_probe.default)
+                method = "torch.export"
+            except Exception as error:
+                failures.append(f"torch.export: {type(error).__name__}: {_first_line(error)}")
     if view is None:
         hint = "" if inputs is not None else "; pass example_inputs= so torch.export can be tried"
         raise CaptureError(
             f"could not capture a graph of {type(model).__name__} ({'; '.join(failures)}){hint}"
         )
-    return Capture(view=view, method=method, probe_shapes=shapes, output_shapes=output_shapes)
+    return Capture(view=view, method=method)
+
+
+def _calls_opaque_functions(graph: fx.Graph, autowrap: tuple) -> bool:
+    """Whether the trace calls functions it could not look into (whose results may be tuples of sizes)."""
+    opaque = set(autowrap)
+    return any(node.op == "call_function" and node.target in opaque for node in graph.nodes)
 
 
 def _learn_tensor_nodes(view: GraphView, model: nn.Module, inputs: ExampleInputs) -> None:
@@ -192,11 +187,6 @@ def _learn_tensor_nodes(view: GraphView, model: nn.Module, inputs: ExampleInputs
     view.tensor_nodes = {node for node in view.tensor_nodes if values.get(node, True)}
 
 
-def _record_output_shape(shapes: dict[str, torch.Size], name: str, module, args, output) -> None:
-    if isinstance(output, torch.Tensor) and name not in shapes:
-        shapes[name] = output.shape
-
-
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0][:200] if text else ""
@@ -205,43 +195,3 @@ def _first_line(error: BaseException) -> str:
 def _slots_hidden_in_leaves(graph: fx.Graph, probes: dict[str, slot_lib.SlotProbe]) -> list[str]:
     leaves = {node.target for node in graph.nodes if node.op == "call_module" and node.target not in probes}
     return [name for name in probes if any(name.startswith(leaf + ".") for leaf in leaves)]
-
-
-def _export_view(
-    model: nn.Module, inputs: ExampleInputs, probes: dict[str, slot_lib.SlotProbe]
-) -> GraphView:
-    with warnings.catch_warnings():
-        # export complains about attributes the shadow's forward assigns (caches); the shadow is thrown away
-        warnings.simplefilter("ignore")
-        program = torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
-    graph = program.graph
-    signature = program.graph_signature
-    parameter_names = set(signature.inputs_to_parameters)
-    constant_names = set(signature.inputs_to_buffers) | set(getattr(signature, "inputs_to_lifted_tensor_constants", {}))
-    slot_by_id = {probe.slot_id: name for name, probe in probes.items()}
-    probe_op = torch.ops.pathsurgeon.slot_probe.default
-    module_stack: dict[fx.Node, tuple[str, ...]] = {}
-    parameter_nodes: set[fx.Node] = set()
-    parameter_users: set[fx.Node] = set()
-    slot_calls: dict[fx.Node, str] = {}
-    tensor_nodes: set[fx.Node] = set()
-    constant_nodes: set[fx.Node] = set()
-    for node in graph.nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        module_stack[node] = tuple(path for path, _ in stack.values() if path)
-        value = node.meta.get("val")
-        # ops with several outputs (max(dim) -> values, indices) count too; getitem takes them apart
-        if isinstance(value, torch.Tensor) or (
-            isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)
-        ):
-            tensor_nodes.add(node)
-        if node.op == "placeholder" and node.name in parameter_names:
-            parameter_nodes.add(node)
-        elif node.op == "placeholder" and node.name in constant_names:
-            constant_nodes.add(node)
-        elif node.op == "call_function":
-            if node.target is probe_op:
-                slot_calls[node] = slot_by_id[node.args[1]]
-            elif any(inp in parameter_nodes for inp in node.all_input_nodes):
-                parameter_users.add(node)
-    return GraphView(graph, module_stack, parameter_users, slot_calls, tensor_nodes, parameter_nodes, constant_nodes)

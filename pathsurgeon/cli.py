@@ -234,7 +234,7 @@ def _add(args) -> int:
     from pathlib import Path
 
     from .checkpoint import write_checkpoint
-    from .droppath import validate_rate
+    from .config import validate_rate
     from .files import check_outputs, staged
     from .surgery import add
 
@@ -298,9 +298,10 @@ def _published_by_name(spec: str):
 
 
 def _inspect(args) -> int:
-    from .droppath import validate_rate
+    from .config import validate_rate
     from .published import model_names, published_rates
-    from .surgery import find, format_branches, preview
+    from .report import format_branches
+    from .surgery import find, preview
 
     rate = validate_rate(args.rate) if args.rate is not None else None
     args.schedule = args.schedule or "auto"

@@ -16,6 +16,7 @@ __all__ = [
     "NoBranchesError",
     "NoPublishedRateError",
     "PathSurgeonError",
+    "SavedBranchesMovedError",
     "VerificationError",
     "WrappedModelError",
 ]
@@ -79,3 +80,7 @@ class UntrustedCodeError(PathSurgeonError, ValueError):
 
 class OutputPathError(PathSurgeonError, ValueError):
     """An output path that cannot or must not be written (exists, is an input, is not writable)."""
+
+
+class SavedBranchesMovedError(PathSurgeonError):
+    """``pathsurgeon.load`` found other branches in the rebuilt model than the checkpoint saved."""

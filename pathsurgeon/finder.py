@@ -1,11 +1,14 @@
-"""Find residual branches on a captured graph: pure functions of a graph, no model needed.
+"""Find residual branches on a captured graph, and pick the ones to change: pure functions of a graph.
 
-A residual add is an add of two tensors that share a source ``s``, where one operand (the *skip*)
-reaches ``s`` through a short chain of single-input ops (the identity, or a light projection shortcut
-such as conv + norm) and the other (the *branch*) carries more parameterised compute than the skip.
-Position-embedding and bias adds (operands with no common source), adds inside attention (the skip
-side is not a single-input chain) and elementwise formulas such as tanh-GELU (no parameters on the
-branch) are not residual.
+A residual add is an add of two tensors that share a source ``s``, where one operand (the *shortcut*)
+reaches ``s`` through a short chain of ops (the identity, or a light projection such as conv + norm)
+and the other (the *branch*) carries more parameterised compute than the shortcut. Position-embedding
+and bias adds (operands with no common source), adds inside attention (the shortcut side is not a
+short chain) and elementwise formulas such as tanh-GELU (no parameters on the branch) are not residual.
+
+Which residual adds get stochastic depth (:func:`select`): where the model has drop-path slots, those
+on slots — the library's authors decided where stochastic depth goes; elsewhere, those whose branch is
+the output of a module a forward hook can wrap.
 
 Example on a hand-written module::
 
@@ -23,15 +26,17 @@ Example on a hand-written module::
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import operator
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from torch import fx, nn
+from torch import fx
 
-__all__ = ["BranchEntry", "GraphView", "ResidualAdd", "branch_entries", "find_residual_adds"]
+from .graph import GraphView
+from .report import LeftAlone
+
+__all__ = ["BranchEntry", "GraphView", "ResidualAdd", "Selection", "branch_entries", "find_residual_adds", "select"]
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_}
 _ADD_METHODS = {"add", "add_"}
@@ -43,52 +48,16 @@ _SCALE_FUNCTIONS = {operator.mul, operator.imul, operator.truediv, operator.itru
 _SCALE_METHODS = {"mul", "mul_", "div", "div_"}
 _ATEN_SCALES = {"aten.mul.Tensor", "aten.mul_.Tensor", "aten.div.Tensor", "aten.mul.Scalar", "aten.div.Scalar"}
 
-# torch.fx nodes that produce shapes or other non-tensor values.
-_SHAPE_METHODS = {"size", "dim", "numel", "item", "tolist", "type", "get_device", "stride"}
-_SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad", "training"}
-
-MAX_SKIP_CHAIN = 16  # a projection shortcut is a handful of ops (pool, conv, norm); more is not a skip
+MAX_SKIP_CHAIN = 16  # a projection shortcut is a handful of ops (pool, conv, norm); more is not a shortcut
 MAX_SCALE_HOPS = 8  # window un-partitioning (timm SAM ViT) is a view, a permute, a reshape, a slice and a copy
-
-
-@dataclass
-class GraphView:
-    """A captured graph and what the finder needs to know about its nodes.
-
-    ``module_stack[node]``: qualified names of the modules executing ``node``, outermost first ('' is the
-    root). ``parameter_users``: nodes that compute with a parameter. ``slot_calls[node]``: the drop-path
-    slot a node calls. ``tensor_nodes``: nodes whose value is a tensor (not a shape or a number).
-    """
-
-    graph: fx.Graph
-    module_stack: dict[fx.Node, tuple[str, ...]]
-    parameter_users: set[fx.Node]
-    slot_calls: dict[fx.Node, str] = field(default_factory=dict)
-    tensor_nodes: set[fx.Node] = field(default_factory=set)
-    parameter_nodes: set[fx.Node] = field(default_factory=set)
-    constant_nodes: set[fx.Node] = field(default_factory=set)  # buffers and constants lifted to inputs
-    # calls of leaf modules that only scale their input (timm MetaFormer's Scale, or nn.Identity where
-    # no scale was built): at most one parameter, no buffers, no children
-    scale_calls: set[fx.Node] = field(default_factory=set)
-
-    @classmethod
-    def from_graph_module(
-        cls, graph_module: fx.GraphModule, slot_of_module: Callable[[str], str | None] = lambda _: None
-    ) -> GraphView:
-        """Describe a torch.fx symbolic trace; ``slot_of_module`` maps a call_module target to its slot."""
-        return from_symbolic_trace(graph_module.graph, graph_module, slot_of_module)
-
-    def owner(self, node: fx.Node) -> str:
-        stack = self.module_stack.get(node, ())
-        return stack[-1] if stack else ""
 
 
 @dataclass
 class ResidualAdd:
     """One residual add. ``block``: the module whose forward performs it (innermost owner of the add)."""
 
-    add: fx.Node
-    skip: fx.Node
+    node: fx.Node  # the add
+    shortcut: fx.Node
     branch: fx.Node
     source: fx.Node  # the tensor both operands are computed from (the block input, for most blocks)
     block: str
@@ -96,7 +65,6 @@ class ResidualAdd:
     slot_call: fx.Node | None  # the node calling that slot
     producer: str | None  # the module whose output is the branch (for a forward hook), if any
     producer_output: fx.Node  # the node the producer returns (the branch, or what the branch scales)
-    order: int  # position of the add in execution order
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -130,115 +98,11 @@ def _is_slice(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _LAYOUT_METHODS
 
 
-def _node_inputs(node: fx.Node) -> list[fx.Node]:
-    return list(node.all_input_nodes)
-
-
-def from_symbolic_trace(
-    graph: fx.Graph, root: nn.Module, slot_of_module: Callable[[str], str | None]
-) -> GraphView:
-    """Build a :class:`GraphView` from a torch.fx symbolic trace of ``root``."""
-    module_stack: dict[fx.Node, tuple[str, ...]] = {}
-    parameter_nodes: set[fx.Node] = set()
-    parameter_users: set[fx.Node] = set()
-    slot_calls: dict[fx.Node, str] = {}
-    scale_calls: set[fx.Node] = set()
-    non_tensor: set[fx.Node] = set()
-    for node in graph.nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        names = tuple(path for path, _ in stack.values() if path)
-        if node.op == "call_module":
-            names = names + (node.target,) if not names or names[-1] != node.target else names
-        module_stack[node] = names
-        if node.op == "get_attr":
-            value = _resolve(root, node.target)
-            if isinstance(value, nn.Parameter):
-                parameter_nodes.add(node)
-            elif not isinstance(value, torch.Tensor):
-                non_tensor.add(node)
-        elif node.op == "call_module":
-            slot = slot_of_module(node.target)
-            module = root.get_submodule(node.target)
-            if slot is not None:
-                slot_calls[node] = slot
-            elif any(True for _ in module.parameters()):
-                parameter_users.add(node)
-            if slot is None and _only_scales(module):
-                scale_calls.add(node)
-        elif node.op == "placeholder" and node.args and not isinstance(node.args[0], torch.Tensor):
-            non_tensor.add(node)  # an optional argument left at its default (timm ViT's attn_mask=None)
-        elif _is_shape_node(node, non_tensor):
-            non_tensor.add(node)
-        if node.op in ("call_function", "call_method") and any(
-            inp in parameter_nodes for inp in _node_inputs(node)
-        ):
-            parameter_users.add(node)
-    tensor_nodes = {n for n in graph.nodes if n not in non_tensor and n.op != "output"}
-    return GraphView(graph, module_stack, parameter_users, slot_calls, tensor_nodes, parameter_nodes,
-                     scale_calls=scale_calls)
-
-
-def _only_scales(module: nn.Module) -> bool:
-    """An identity (a layer scale built at init value 0: timm MetaFormer) or a one-parameter scale."""
-    if type(module) is nn.Identity:
-        return True
-    return (
-        not module._modules
-        and not module._buffers
-        and len(module._parameters) == 1
-        and not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding))
-    )
-
-
-def _resolve(root: nn.Module, target: str) -> object:
-    value: object = root
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return value
-
-
-def _is_shape_node(node: fx.Node, non_tensor: set[fx.Node]) -> bool:
-    if node.op == "call_method" and node.target in _SHAPE_METHODS:
-        return True
-    if node.op == "call_function":
-        if node.target is getattr and len(node.args) > 1 and node.args[1] in _SHAPE_ATTRIBUTES:
-            return True
-        if node.target in (len, int, float, math.sqrt, math.ceil, math.floor):
-            return True
-    inputs = _node_inputs(node)
-    if node.op in ("call_function", "call_method") and inputs and all(i in non_tensor for i in inputs):
-        # arithmetic on shapes (H // 2, B * N, shape[0]) stays a shape
-        return True
-    return False
-
-
-def _ancestor_bits(graph: fx.Graph) -> tuple[dict[fx.Node, int], dict[fx.Node, int]]:
-    """Each node's ancestors (itself included) as an integer bitset over topological positions."""
-    position: dict[fx.Node, int] = {}
-    ancestors: dict[fx.Node, int] = {}
-    for index, node in enumerate(graph.nodes):
-        position[node] = index
-        bits = 1 << index
-        for inp in node.all_input_nodes:
-            bits |= ancestors[inp]
-        ancestors[node] = bits
-    return position, ancestors
-
-
-def _bits_to_nodes(bits: int, nodes: list[fx.Node]) -> Iterable[fx.Node]:
-    while bits:
-        low = bits & -bits
-        yield nodes[low.bit_length() - 1]
-        bits ^= low
-
-
 def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
     """Every residual add of the graph, in execution order."""
-    nodes = list(view.graph.nodes)
-    position, ancestors = _ancestor_bits(view.graph)
-    data, parameter_users = _data_flow(view)
+    position, ancestors, data = view.position, view.ancestors, view.data
     parameter_bits = 0
-    for node in parameter_users & data:  # computing with data; a view of a weight is not compute
+    for node in view.data_users & data:  # computing with data; a view of a weight is not compute
         parameter_bits |= 1 << position[node]
 
     def parameter_ops(bits: int) -> int:
@@ -246,10 +110,10 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
 
     def main_inputs(node: fx.Node) -> list[fx.Node]:
         """Tensor inputs that carry data (not parameters, buffers or shapes)."""
-        return [i for i in _node_inputs(node) if i in view.tensor_nodes and i in data]
+        return [i for i in list(node.all_input_nodes) if i in view.tensor_nodes and i in data]
 
-    def skip_source(skip: fx.Node, branch: fx.Node) -> tuple[fx.Node, int] | None:
-        """Follow ``skip`` back to the one ancestor of ``branch`` all its data comes from.
+    def shortcut_source(shortcut: fx.Node, branch: fx.Node) -> tuple[fx.Node, int] | None:
+        """Follow ``shortcut`` back to the one ancestor of ``branch`` all its data comes from.
 
         Usually a chain of single-input ops (the identity, a projection); a pooled shortcut may split
         and join again on the way (timm Hiera: ``cat([amax(view(x)), mean(view(x))])``), as long as
@@ -258,7 +122,7 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
         chain_bits = 0
         sources: set[fx.Node] = set()
         seen: set[fx.Node] = set()
-        frontier = [skip]
+        frontier = [shortcut]
         while frontier:
             current = frontier.pop()
             if current in seen:
@@ -277,7 +141,7 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
         return sources.pop(), chain_bits
 
     found: list[ResidualAdd] = []
-    for node in nodes:
+    for node in view.nodes:
         if not _is_add(node) or node not in view.tensor_nodes:
             continue
         operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
@@ -286,31 +150,31 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
         if "alpha" in node.kwargs and node.kwargs["alpha"] != 1:
             continue
         best: tuple[int, int, int, fx.Node, fx.Node, fx.Node, fx.Node | None] | None = None
-        for skip, branch in (operands, operands[::-1]):
-            source = skip_source(skip, branch)
+        for shortcut, branch in (operands, operands[::-1]):
+            source = shortcut_source(shortcut, branch)
             if source is None:
                 continue
             source_node, chain_bits = source
             branch_bits = ancestors[branch] & ~ancestors[source_node]
-            branch_params, skip_params = parameter_ops(branch_bits), parameter_ops(chain_bits)
+            branch_params, shortcut_params = parameter_ops(branch_bits), parameter_ops(chain_bits)
             slot_call = _slot_on_branch(view, branch, data)
             # A drop-path slot at the end of one operand says which one the library's author took for
             # the branch: then a scaled shortcut may carry as many parameters as a light branch
             # (timm PoolFormerV2: res_scale(x) + layer_scale(drop_path(pool(norm(x)) - norm(x)))).
-            if branch_params == 0 or (slot_call is None and skip_params >= branch_params):
+            if branch_params == 0 or (slot_call is None and shortcut_params >= branch_params):
                 continue
-            rank = (slot_call is None, skip_params, chain_bits.bit_count())
+            rank = (slot_call is None, shortcut_params, chain_bits.bit_count())
             if best is None or rank < best[:3]:
-                best = (*rank, skip, branch, source_node, slot_call)
+                best = (*rank, shortcut, branch, source_node, slot_call)
         if best is None:
             continue
-        *_, skip, branch, source_node, slot_call = best
+        *_, shortcut, branch, source_node, slot_call = best
         block = view.owner(node)
         producer, producer_output = _producer(view, branch, node, data)
         found.append(
             ResidualAdd(
-                add=node,
-                skip=skip,
+                node=node,
+                shortcut=shortcut,
                 branch=branch,
                 source=source_node,
                 block=block,
@@ -318,34 +182,9 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
                 slot_call=slot_call,
                 producer=producer,
                 producer_output=producer_output,
-                order=position[node],
             )
         )
     return found
-
-
-def _data_flow(view: GraphView) -> tuple[set[fx.Node], set[fx.Node]]:
-    """Nodes that depend on the model's inputs, and those that compute with a parameter.
-
-    A weight computed from parameters alone (timm's ScaledStdConv2d standardises its weight in forward)
-    is not data: the conv that uses it has one data input and counts as parameterised compute.
-    """
-    data: set[fx.Node] = set()
-    parameter_derived: set[fx.Node] = set(view.parameter_nodes)
-    users = set(view.parameter_users)
-    for node in view.graph.nodes:
-        inputs = _node_inputs(node)
-        if node.op == "placeholder":
-            if node not in view.parameter_nodes and node not in view.constant_nodes:
-                data.add(node)
-            continue
-        if any(i in data for i in inputs):
-            data.add(node)
-            if any(i in parameter_derived for i in inputs):
-                users.add(node)
-        elif any(i in parameter_derived for i in inputs):
-            parameter_derived.add(node)
-    return data, users
 
 
 def _slot_on_branch(view: GraphView, branch: fx.Node, data: set[fx.Node]) -> fx.Node | None:
@@ -360,7 +199,7 @@ def _slot_on_branch(view: GraphView, branch: fx.Node, data: set[fx.Node]) -> fx.
             return current
         if not (_is_scale(current) or _is_slice(current) or current in view.scale_calls):
             return None
-        inputs = [i for i in _node_inputs(current) if i in view.tensor_nodes and i in data]
+        inputs = [i for i in list(current.all_input_nodes) if i in view.tensor_nodes and i in data]
         if len(inputs) != 1:
             return None
         current = inputs[0]
@@ -388,7 +227,7 @@ def _producer(
             return stack[depth], current
         if not (_is_scale(current) or _is_slice(current) or in_slot):
             break
-        inputs = [i for i in _node_inputs(current) if i in view.tensor_nodes and i in data]
+        inputs = [i for i in list(current.all_input_nodes) if i in view.tensor_nodes and i in data]
         if len(inputs) != 1:
             break
         current = inputs[0]
@@ -412,18 +251,14 @@ class BranchEntry:
 
 def branch_entries(view: GraphView, adds: list[ResidualAdd]) -> dict[fx.Node, BranchEntry]:
     """The :class:`BranchEntry` of each residual add, keyed by its add node."""
-    nodes = list(view.graph.nodes)
-    _, ancestors = _ancestor_bits(view.graph)
-    data, _ = _data_flow(view)
-    return {a.add: _branch_entry(view, a, nodes, ancestors, data) for a in adds}
+    return {a.node: _branch_entry(view, a) for a in adds}
 
 
-def _branch_entry(
-    view: GraphView, add: ResidualAdd, nodes: list[fx.Node], ancestors: dict[fx.Node, int], data: set[fx.Node]
-) -> BranchEntry:
-    block_stack = view.module_stack.get(add.add, ())
+def _branch_entry(view: GraphView, add: ResidualAdd) -> BranchEntry:
+    block_stack = view.module_stack.get(add.node, ())
     depth = len(block_stack)
-    exclusive = set(_bits_to_nodes(ancestors[add.branch] & ~ancestors[add.skip] & ~ancestors[add.source], nodes))
+    ancestors, data = view.ancestors, view.data
+    exclusive = set(view.nodes_of(ancestors[add.branch] & ~ancestors[add.shortcut] & ~ancestors[add.source]))
     modules = frozenset(
         name
         for node in exclusive
@@ -432,7 +267,7 @@ def _branch_entry(
     entering = {
         i
         for node in exclusive
-        for i in _node_inputs(node)
+        for i in list(node.all_input_nodes)
         if i not in exclusive and i in data and i in view.tensor_nodes
     }
     if entering != {add.source}:
@@ -448,8 +283,76 @@ def _branch_entry(
     if len(common) <= depth or common[:depth] != block_stack:
         return BranchEntry(None, modules, "the branch starts with inline code, not with a module call")
     entry = common[depth]
-    if any(entry in view.module_stack.get(n, ()) and n not in exclusive for n in nodes):
+    if any(entry in view.module_stack.get(n, ()) and n not in exclusive for n in view.nodes):
         return BranchEntry(None, modules, f"{entry} also runs off the branch")
     if add.slot_call is not None and entry in view.module_stack.get(add.slot_call, ()):
         return BranchEntry(None, modules, f"the drop-path slot sits inside {entry}")
     return BranchEntry(entry, modules)
+
+
+@dataclass
+class Selection:
+    """The residual adds to change, and those left alone with the reason."""
+
+    chosen: list[ResidualAdd]
+    left_alone: list[LeftAlone]
+
+    @property
+    def blocks(self) -> list[str]:
+        """The blocks of the chosen adds, in execution order."""
+        return list(dict.fromkeys(a.block for a in self.chosen))
+
+
+def select(view: GraphView, adds: list[ResidualAdd]) -> Selection:
+    """Pick the residual adds to change: those on drop-path slots if the model has any, else hookable ones."""
+    left_alone: list[LeftAlone] = []
+    if any(a.slot is not None for a in adds):
+        branch_slot_calls: dict[str, set[fx.Node]] = {}
+        for a in adds:
+            if a.slot is not None:
+                branch_slot_calls.setdefault(a.slot, set()).add(a.slot_call)
+        off_branch = {
+            slot for node, slot in view.slot_calls.items() if node not in branch_slot_calls.get(slot, set())
+        }
+        chosen = []
+        for a in adds:
+            if a.slot is None:
+                left_alone.append(LeftAlone(a.block, "no drop-path slot on this branch; its library never drops it"))
+            elif a.slot in off_branch:
+                left_alone.append(LeftAlone(a.block, f"slot {a.slot} is also called off the residual branch"))
+            else:
+                chosen.append(a)
+        if chosen:
+            return Selection(chosen, left_alone)
+        # Every slot is also called off its branch (HF CvT calls its layer's one drop path on the
+        # attention branch and on the layer output, shortcut included): filling a slot would drop
+        # more than a residual branch, so the branches are hooked like those of a model without slots.
+        left_alone = []
+        adds = [dataclasses.replace(a, slot=None, slot_call=None) for a in adds]
+    hookable = _hookable_producers(view, adds)
+    chosen = []
+    for a in adds:
+        if a.producer is None:
+            left_alone.append(LeftAlone(a.block, "branch is computed inline in the block; no module to hook"))
+        elif a.producer not in hookable:
+            left_alone.append(LeftAlone(a.block, f"{a.producer} output is also used off the residual branch"))
+        else:
+            chosen.append(a)
+    return Selection(chosen, left_alone)
+
+
+def _hookable_producers(view: GraphView, adds: list[ResidualAdd]) -> set[str]:
+    """Producers whose every output leaving the module is the branch operand of a residual add."""
+    branch_nodes: dict[str, set[fx.Node]] = {}
+    for a in adds:
+        if a.producer is not None:
+            branch_nodes.setdefault(a.producer, set()).add(a.producer_output)
+    hookable = set()
+    for producer, branches in branch_nodes.items():
+        outputs = set()
+        for node, stack in view.module_stack.items():
+            if producer in stack and any(producer not in view.module_stack.get(u, ()) for u in node.users):
+                outputs.add(node)
+        if outputs <= branches:
+            hookable.add(producer)
+    return hookable

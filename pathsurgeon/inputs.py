@@ -33,6 +33,19 @@ class ExampleInputs:
     def call(self, model: nn.Module) -> Any:
         return model(*self.args, **self.kwargs)
 
+    def first_samples(self, count: int) -> ExampleInputs:
+        """The same inputs cut to their first ``count`` samples (every tensor with the batch's length)."""
+        batch = self.batch_size
+        if batch is None or batch <= count:
+            return self
+
+        def cut(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+                return value[:count]
+            return value
+
+        return ExampleInputs(tuple(cut(v) for v in self.args), {k: cut(v) for k, v in self.kwargs.items()})
+
 
 def example_inputs(model: nn.Module, given: object = None) -> ExampleInputs:
     """Normalise user-given inputs, or make a random image batch of the size the model expects.

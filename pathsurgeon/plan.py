@@ -1,6 +1,8 @@
-"""Plan: which depth unit each block belongs to, and the rate of every unit under a schedule.
+"""Plan: which depth unit each block belongs to, the rate of every unit under a schedule, and the
+:class:`~pathsurgeon.report.Branch` each chosen residual add becomes.
 
 Per-family rules live in ``recipes/*.toml`` (data, not code); see ``recipes/timm.toml`` for the format.
+They are the fallback: ``schedule="auto"`` first asks the model's library (:mod:`pathsurgeon.rates`).
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import tomllib
 import torch
 from torch import nn
 
-from .droppath import validate_rate
+from .config import validate_schedule
 from .errors import InvalidScheduleError
+from .finder import ResidualAdd
+from .report import Branch
 
-__all__ = ["Plan", "Recipe", "make_plan", "recipe_for", "schedule_rates"]
+__all__ = ["Plan", "Recipe", "batch_axis", "make_branch", "make_plan", "recipe_for", "schedule_rates"]
 
-SCHEDULES = ("auto", "linear", "uniform")
 _FORMULAS = ("linear", "linear_open", "uniform")
 
 
@@ -28,8 +31,6 @@ _FORMULAS = ("linear", "linear_open", "uniform")
 class Recipe:
     """How a model family spreads a rate over depth (see recipes/timm.toml)."""
 
-    library: str | None = None
-    family: str | None = None
     schedule: str = "linear"
     unit: str | None = None
     unit_type: str | None = None
@@ -79,8 +80,6 @@ def recipe_for(model: nn.Module) -> Recipe:
     if schedule not in _FORMULAS:  # a broken recipe file is our bug, say where
         raise RuntimeError(f"recipes/{library}.toml: family {family!r} has unknown schedule {schedule!r}")
     return Recipe(
-        library=library if family else None,
-        family=family,
         schedule=schedule,
         unit=entry.get("unit"),
         unit_type=entry.get("unit_type"),
@@ -171,25 +170,29 @@ def make_plan(
     return Plan(units, rates, unit_of_block, zero_blocks, schedule, formula)
 
 
-def validate_schedule(schedule: object, rate: float | None) -> str | list[float]:
-    """Check a schedule (and that ``rate`` fits it) without looking at a model."""
-    if isinstance(schedule, str):
-        if schedule not in SCHEDULES:
-            raise InvalidScheduleError(
-                f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)} or a list of per-unit rates"
-            )
-        if rate is None:
-            raise InvalidScheduleError(f"schedule={schedule!r} needs a rate; pass e.g. rate=0.1")
-        return schedule
-    if not isinstance(schedule, (list, tuple)) and not (
-        isinstance(schedule, torch.Tensor) and schedule.ndim == 1
-    ):
-        raise InvalidScheduleError(
-            f"schedule must be 'auto', 'linear', 'uniform' or a list of rates, got {type(schedule).__name__}"
-        )
-    if rate is not None:
-        raise InvalidScheduleError(
-            "pass either rate= or a list schedule, not both; the list already gives every unit's rate"
-        )
-    values = schedule.tolist() if isinstance(schedule, torch.Tensor) else list(schedule)
-    return [validate_rate(r, what=f"schedule[{i}]") for i, r in enumerate(values)]
+def batch_axis(shape: torch.Size | None, batch: int | None) -> int:
+    """The axis of ``shape`` that holds the batch: 0, unless exactly one other axis has the batch's size."""
+    if shape is None or batch is None:
+        return 0
+    if len(shape) and shape[0] == batch:
+        return 0
+    matches = [axis for axis, size in enumerate(shape) if size == batch]
+    return matches[0] if len(matches) == 1 else 0
+
+
+def make_branch(
+    residual: ResidualAdd, plan: Plan, rate: float, output_shapes: dict[str, torch.Size], batch: int | None
+) -> Branch:
+    """The :class:`Branch` a chosen residual add becomes, at ``rate``.
+
+    A slot's drop path masks rows of axis 0, as the module it replaces does (timm, torchvision and HF
+    alike), even where the rows are windows of a sample (HF RF-DETR, timm SAM ViT). A hooked module's
+    output has its batch axis where the example batch shows it (``output_shapes``, from one forward).
+    """
+    if residual.slot is not None:
+        mechanism, target, axis = "slot", residual.slot, 0
+    else:
+        mechanism, target = "hook", residual.producer
+        axis = batch_axis(output_shapes.get(residual.producer), batch)
+    return Branch(residual.block, plan.index_of(residual.block), rate, mechanism, target, axis,
+                  plan.unit_of_block.get(residual.block))

@@ -19,7 +19,7 @@ from importlib import resources
 import tomllib
 from torch import nn
 
-from .droppath import validate_rate
+from .config import validate_rate
 from .errors import NoPublishedRateError
 
 __all__ = ["PublishedRate", "model_names", "published_rate", "published_rates"]

@@ -25,14 +25,16 @@ numbers a replay at ``r`` gives.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .finder import ResidualAdd
 from .libraries import Constructor, RebuildError, identify_and_replay, replay, slot_rates
+from .plan import Plan, Recipe
 
-__all__ = ["LibraryRates", "RateLaw", "fit_laws", "library_rates"]
+__all__ = ["BranchRates", "LibraryRates", "RateLaw", "fit_laws", "library_rates", "rates_for"]
 
 # Rates a law must reproduce bitwise before it is trusted; mostly not round numbers, so that
 # expressions that agree by accident on a few rates (r*k/n against r/n*k) are told apart.
@@ -240,3 +242,45 @@ def library_rates(model: nn.Module, rate: float, slot_names: list[str]) -> RateS
     except RebuildError as error:
         return RateSource(None, f"{constructor.rates_from} {constructor.name}: {error}")
     return RateSource(LibraryRates(constructor, slot_names, {rate: rates}))
+
+
+@dataclass
+class BranchRates:
+    """The rates of the chosen branches under a schedule, and where they came from."""
+
+    values: list[float]
+    rates_from: str
+    note: str = ""
+    library: LibraryRates | None = None
+    library_asked: bool = False
+    left_alone: list[tuple[str, float]] = field(default_factory=list)  # (slot, rate) the library drops elsewhere
+
+
+def rates_for(
+    model: nn.Module,
+    slot_calls: list[str],
+    chosen: list[ResidualAdd],
+    plan: Plan,
+    rate: float | None,
+    schedule: str | list[float],
+    recipe: Recipe,
+) -> BranchRates:
+    """``auto``: the library's own per-slot rates where it can be asked, else the recipe; others: the plan.
+
+    ``slot_calls``: the drop-path slots the model calls (the library is asked about each of them).
+    """
+    planned = [plan.rate_of(a.block) for a in chosen]
+    if schedule != "auto":
+        return BranchRates(planned, "explicit list" if isinstance(schedule, list) else f"{schedule} schedule")
+    fallback = "recipe" if recipe.entry else "linear over found units"
+    if any(a.slot is None for a in chosen):  # hooked branches: the library has no slot to read
+        return BranchRates(planned, fallback, library_rates(model, rate, []).note, library_asked=True)
+    called = list(dict.fromkeys(slot_calls))
+    source = library_rates(model, rate, called)
+    if source.rates is None:
+        return BranchRates(planned, fallback, source.note, library_asked=True)
+    by_slot = source.rates(rate)
+    mine = {a.slot for a in chosen}
+    left_alone = [(slot, value) for slot, value in by_slot.items() if value > 0 and slot not in mine]
+    return BranchRates([by_slot[a.slot] for a in chosen], source.rates.rates_from, library=source.rates,
+                       library_asked=True, left_alone=left_alone)

@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from .droppath import validate_rate
+from .config import validate_rate
 from .errors import InvalidRateError, InvalidScheduleError, PathSurgeonError
 
 __all__ = ["Early", "Late", "RateScheduler", "Warmup"]
@@ -94,25 +94,26 @@ class RateScheduler:
     def __init__(
         self, model: nn.Module, fn: Callable[[int], float], *, schedule: str | Sequence[float] | None = None
     ) -> None:
-        from .surgery import _check_model, _record
+        from .changes import record_of
+        from .wrappers import check_model
 
-        _check_model(model)
+        check_model(model)
         if not callable(fn):
             raise PathSurgeonError(
                 f"fn must be a function of the step returning a rate, got {type(fn).__name__}; "
                 "pass e.g. lambda step: 0.1 * min(step, 1000) / 1000"
             )
-        record = _record(model)
+        record = record_of(model)
         if record is None:
             raise PathSurgeonError(
                 "model carries no pathsurgeon DropPath; call pathsurgeon.add(model, rate) before RateScheduler"
             )
         if schedule is None:
-            schedule = record.schedule
+            schedule = record.config.schedule_argument  # the schedule over depth add was given
         if isinstance(schedule, str):
             self._shape: list[float] | None = None
         else:
-            from .plan import validate_schedule
+            from .config import validate_schedule
 
             self._shape = validate_schedule(schedule, None)
             if not self._shape or max(self._shape) == 0.0:
@@ -159,11 +160,12 @@ class RateScheduler:
 
         The rate is checked before anything changes: a bad ``fn(step)`` leaves model and scheduler as they were.
         """
-        from .surgery import _record, set_rate
+        from .changes import record_of
+        from .surgery import set_rate
 
         step = _count(step, "step", minimum=0)
         rate = self.rate_at(step)
-        record = _record(self.model)
+        record = record_of(self.model)
         if record is None:
             raise PathSurgeonError(
                 "the model was stripped (pathsurgeon.strip) while a RateScheduler still steps it; "

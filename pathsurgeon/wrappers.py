@@ -17,9 +17,9 @@ import sys
 
 from torch import nn
 
-from .errors import WrappedModelError
+from .errors import PathSurgeonError, WrappedModelError
 
-__all__ = ["check_not_sharded", "check_not_wrapped"]
+__all__ = ["check_model", "check_not_sharded", "check_not_wrapped"]
 
 
 def _wrappers() -> list[tuple[type, str]]:
@@ -32,6 +32,15 @@ def _wrappers() -> list[tuple[type, str]]:
     if dynamo is not None and hasattr(dynamo, "OptimizedModule"):
         found.append((dynamo.OptimizedModule, "_orig_mod"))
     return found
+
+
+def check_model(model: object) -> None:
+    """Raise a one-line :class:`~pathsurgeon.errors.PathSurgeonError` unless ``model`` is a model itself."""
+    if not isinstance(model, nn.Module):
+        raise PathSurgeonError(
+            f"expected a torch.nn.Module, got {type(model).__name__}; pass the model object itself"
+        )
+    check_not_wrapped(model)
 
 
 def check_not_wrapped(model: nn.Module) -> None:

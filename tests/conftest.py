@@ -48,15 +48,15 @@ def module_layout(model: nn.Module) -> list[tuple[str, type]]:
 def pathsurgeon_leftovers(model: nn.Module) -> list[str]:
     """Names of pathsurgeon modules, hooks or records still on the model."""
     import pathsurgeon
-    from pathsurgeon import surgery
+    from pathsurgeon import changes, skipping
 
     found = [n for n, m in model.named_modules() if isinstance(m, pathsurgeon.DropPath)]
     for name, module in model.named_modules():
-        if any(isinstance(h, surgery._BranchHook) for h in module._forward_hooks.values()):
+        if any(isinstance(h, changes.BranchHook) for h in module._forward_hooks.values()):
             found.append(f"hook on {name}")
-        if any(isinstance(h, surgery.Gather) for h in module._forward_pre_hooks.values()):
+        if any(isinstance(h, skipping.Gather) for h in module._forward_pre_hooks.values()):
             found.append(f"pre-hook on {name}")
-    if surgery.RECORD_ATTRIBUTE in vars(model):
+    if changes.RECORD_ATTRIBUTE in vars(model):
         found.append("record")
     return found
 

@@ -186,4 +186,4 @@ def test_add_in_skip_mode_reports_fallbacks_and_round_trips(tmp_path, capsys):
     assert data["mode"] == "skip" and len(data["computed_in_full"]) == 8
     model = pathsurgeon.load(out)
     assert [b.mode for b in pathsurgeon.find(model)] == ["sample"] * 8  # what the BatchNorm branches run in
-    assert pathsurgeon.surgery._record(model).mode == "skip"
+    assert pathsurgeon.changes.record_of(model).mode == "skip"

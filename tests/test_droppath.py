@@ -106,7 +106,7 @@ def test_repr_and_timm_alias():
 @given(rate=rates, batch=st.integers(1, 9), seed=st.integers(0, 2**31 - 1), mode=st.sampled_from(["skip", "batch"]))
 def test_gather_then_scatter_equals_masking_the_full_branch(rate, batch, seed, mode):
     """A Gather on a per-sample branch f plus the DropPath at its end: f only on kept rows, same result."""
-    from pathsurgeon.droppath import Gather
+    from pathsurgeon.skipping import Gather
 
     weight = torch.randn(3, 3)
     x = torch.randn(batch, 3)

@@ -31,7 +31,7 @@ def test_plain_residual_with_slot():
     [add] = residual_adds(PreNormBlock(), slots={"drop_path"})
     assert add.block == ""
     assert add.slot == "drop_path"
-    assert add.skip.op == "placeholder"
+    assert add.shortcut.op == "placeholder"
 
 
 class Nested(nn.Module):
@@ -74,7 +74,7 @@ class Bottleneck(nn.Module):
 def test_projection_shortcut_is_the_skip():
     [add] = residual_adds(Bottleneck())
     assert add.producer == "bn2"
-    assert add.skip.target == "downsample.1"
+    assert add.shortcut.target == "downsample.1"
 
 
 class SharedMlp(nn.Module):

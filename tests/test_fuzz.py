@@ -26,7 +26,7 @@ from timm.layers import DropPath as TimmDropPath
 from torch import nn
 
 import pathsurgeon
-from pathsurgeon import surgery
+from pathsurgeon import changes
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -215,15 +215,15 @@ def test_a_failure_anywhere_in_add_leaves_the_network_as_it_was(description, fai
     layout = module_layout(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     hooks = [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()]
-    real, calls = surgery._redo, {"n": 0}
+    real, calls = changes.Change.install, {"n": 0}
 
-    def failing(owner, change):
+    def failing(change):
         calls["n"] += 1
-        real(owner, change)  # the change lands, then the failure
+        real(change)  # the change lands, then the failure
         if calls["n"] == failure_at:
             raise RuntimeError("injected")
 
-    with mock.patch.object(surgery, "_redo", failing):
+    with mock.patch.object(changes.Change, "install", failing):
         try:
             pathsurgeon.add(model, 0.3, schedule="uniform", mode="skip", example_inputs=x)
         except (RuntimeError, pathsurgeon.NoBranchesError):

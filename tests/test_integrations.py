@@ -29,11 +29,11 @@ def tiny_timm_vit() -> nn.Module:
 
 def watch_rates(model: nn.Module) -> list[float]:
     """The largest rate among the inserted DropPath modules at each training forward of ``model``."""
-    from pathsurgeon import surgery
+    from pathsurgeon import changes
 
     seen: list[float] = []
     # slots are submodules, hooks (HF ViT) are not: the record holds every inserted DropPath
-    drops = [change.drop for change in vars(model)[surgery.RECORD_ATTRIBUTE].changes]
+    drops = [change.drop for change in vars(model)[changes.RECORD_ATTRIBUTE].changes]
     assert drops and all(isinstance(d, DropPath) for d in drops)
 
     def record(module, args):

@@ -18,8 +18,8 @@ from torch import nn
 
 import pathsurgeon
 from pathsurgeon import slots as slot_lib
+from pathsurgeon.changes import record_of as _record
 from pathsurgeon.libraries import RebuildError, constructor_arguments, identify_constructor
-from pathsurgeon.surgery import _record
 
 torchvision = pytest.importorskip("torchvision")
 

@@ -250,7 +250,7 @@ def test_failure_during_the_subset_check_leaves_the_model_as_it_was(monkeypatch)
     def broken(*args, **kwargs):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(surgery, "_check_gathers", broken)
+    monkeypatch.setattr(surgery, "check_gathers", broken)
     with pytest.raises(RuntimeError, match="injected"):
         pathsurgeon.add(model, RATE, mode="skip", example_inputs=x[:2])
     assert pathsurgeon_leftovers(model) == []

@@ -26,7 +26,7 @@ def test_every_entry_is_traceable_and_usable():
     for entry in entries:
         assert PERMALINK.match(entry["source"]), entry["source"]
         assert PERMALINK.match(entry["schedule_source"]), entry["schedule_source"]
-        assert pathsurgeon.droppath.validate_rate(entry["rate"]) == entry["rate"]
+        assert pathsurgeon.config.validate_rate(entry["rate"]) == entry["rate"]
         assert entry["schedule"] in ("auto", "uniform")
         assert entry.get("timm") or entry.get("hf"), entry["setting"]
 

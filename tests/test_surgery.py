@@ -13,7 +13,7 @@ from conftest import assert_same_training_output, module_layout, pathsurgeon_lef
 from torch import nn
 
 import pathsurgeon
-from pathsurgeon import surgery
+from pathsurgeon import changes, surgery
 
 
 @pytest.fixture(scope="module")
@@ -148,16 +148,16 @@ def test_set_rate_needs_add_first(vit):
 
 def test_failure_midway_through_add_leaves_model_as_it_was(vit, monkeypatch):
     before = snapshot(vit)
-    real = surgery._redo
+    real = changes.Change.install
     calls = {"n": 0}
 
-    def flaky(model, change):
+    def flaky(change):
         calls["n"] += 1
         if calls["n"] == 5:
             raise RuntimeError("injected")
-        real(model, change)
+        real(change)
 
-    monkeypatch.setattr(surgery, "_redo", flaky)
+    monkeypatch.setattr(changes.Change, "install", flaky)
     with pytest.raises(RuntimeError, match="injected"):
         pathsurgeon.add(vit, 0.1)
     assert calls["n"] == 5
@@ -168,7 +168,7 @@ def test_failure_midway_through_strip_keeps_the_surgery_whole(vit, monkeypatch):
     pathsurgeon.add(vit, 0.1)
     surgered = module_layout(vit)
     calls = {"n": 0}
-    real = surgery._Change.undo
+    real = changes.Change.undo
 
     def flaky(self):
         calls["n"] += 1
@@ -176,12 +176,12 @@ def test_failure_midway_through_strip_keeps_the_surgery_whole(vit, monkeypatch):
             raise RuntimeError("injected")
         real(self)
 
-    monkeypatch.setattr(surgery._Change, "undo", flaky)
+    monkeypatch.setattr(changes.Change, "undo", flaky)
     with pytest.raises(RuntimeError, match="injected"):
         pathsurgeon.strip(vit)
     assert module_layout(vit) == surgered
     assert pathsurgeon.is_surgered(vit)
-    monkeypatch.setattr(surgery._Change, "undo", real)
+    monkeypatch.setattr(changes.Change, "undo", real)
     pathsurgeon.strip(vit)
     assert pathsurgeon_leftovers(vit) == []
 
@@ -192,14 +192,14 @@ def test_verification_failure_rolls_back_and_names_the_block(vit, monkeypatch):
     def leaky_forward(self, x):  # a DropPath that is not the identity in eval
         return x + 1e-3 if "blocks.2" in self._test_name else x
 
-    original_change = surgery._change
+    original_change = changes._change
 
     def tagging_change(model, branch, entries):
         change = original_change(model, branch, entries)
         change.drop._test_name = branch.target
         return change
 
-    monkeypatch.setattr(surgery, "_change", tagging_change)
+    monkeypatch.setattr(changes, "_change", tagging_change)
     monkeypatch.setattr(pathsurgeon.DropPath, "forward", leaky_forward)
     with pytest.raises(pathsurgeon.VerificationError, match="blocks.2") as caught:
         pathsurgeon.add(vit, 0.1)
@@ -383,25 +383,25 @@ def test_interrupt_anywhere_in_add_leaves_the_model_consistent(vit, monkeypatch,
     """A KeyboardInterrupt at any point of add: the model is untouched, or fully surgered with its record."""
     before = snapshot(vit)
     if where == "change":
-        real, calls = surgery._redo, {"n": 0}
+        real, calls = changes.Change.install, {"n": 0}
 
-        def interrupted(model, change):
+        def interrupted(change):
             calls["n"] += 1
-            real(model, change)  # the change is made, then the interrupt arrives
+            real(change)  # the change is made, then the interrupt arrives
             if calls["n"] == 8:
                 raise KeyboardInterrupt
 
-        monkeypatch.setattr(surgery, "_redo", interrupted)
+        monkeypatch.setattr(changes.Change, "install", interrupted)
     elif where == "record":  # the record is made: it must not be the last step, after the changes
         monkeypatch.setattr(surgery, "Record", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     elif where == "verify":
         monkeypatch.setattr(surgery, "max_abs_diff", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     elif where == "gather check":  # after the last change, before the record is complete
-        monkeypatch.setattr(surgery, "_check_gathers", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        monkeypatch.setattr(surgery, "check_gathers", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     else:
         monkeypatch.setattr(surgery, "Report", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        pathsurgeon.add(vit, 0.1)
+        pathsurgeon.add(vit, 0.1, mode="skip" if where == "gather check" else "sample")
     if where == "report":  # the surgery completed: it must be whole, recorded and strippable
         assert pathsurgeon.is_surgered(vit)
         assert len([m for m in vit.modules() if isinstance(m, pathsurgeon.DropPath)]) == 8

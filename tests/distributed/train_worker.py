@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 import pathsurgeon
-from pathsurgeon import surgery
+from pathsurgeon import changes
 
 MODES = ("sample", "skip", "batch")
 STEPS, BATCH = 3, 8
@@ -54,7 +54,7 @@ def count_dropped_rows(model: nn.Module) -> list[int]:
             rows = output.movedim(module.batch_axis, 0).reshape(output.shape[module.batch_axis], -1)
             dropped[0] += int((rows == 0).all(1).sum())
 
-    for change in vars(model)[surgery.RECORD_ATTRIBUTE].changes:
+    for change in vars(model)[changes.RECORD_ATTRIBUTE].changes:
         change.drop.register_forward_hook(hook)
     return dropped
 

@@ -1,0 +1,283 @@
+"""The changes pathsurgeon makes to a model, the one record of them, and the transaction around them.
+
+A :class:`Change` is one slot filled or one forward hook registered (plus, in modes 'skip' and 'batch',
+the :class:`~pathsurgeon.skipping.Gather` pre-hooks feeding it); it knows how to put itself in and take
+itself out. Every change of one ``add`` is listed in a :class:`Record` kept on the model itself
+(``model._pathsurgeon``), which is what ``set_rate`` re-rates and ``strip`` undoes. Changes are made
+inside a :class:`Transaction`, which undoes them, newest first, if anything goes wrong — an
+exception or an interrupt — so a model is either untouched or completely changed.
+
+How a branch is changed, in order of preference:
+
+1. **slot**: the branch passes through a drop-path slot (timm ``DropPath`` / ``nn.Identity`` / ``None``,
+   torchvision ``StochasticDepth``, HF ``XxxDropPath``): the slot gets pathsurgeon's DropPath. Existing
+   drop paths are re-rated this way, never stacked.
+2. **hook**: the model has no slots to fill and the branch is the output of a child module of the
+   block: a forward hook on that module applies drop path to its output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from . import slots as slot_lib
+from .droppath import DropPath
+from .errors import AlreadySurgeredError
+from .report import Branch, Fallback, LeftAlone
+from .skipping import Gather
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import DropPathConfig
+    from .rates import LibraryRates
+
+__all__ = [
+    "RECORD_ATTRIBUTE",
+    "BranchHook",
+    "Change",
+    "Record",
+    "Transaction",
+    "build_changes",
+    "record_of",
+    "refuse_existing_surgery",
+    "silencing_changes",
+    "surgered_submodules",
+]
+
+RECORD_ATTRIBUTE = "_pathsurgeon"
+
+
+class BranchHook:
+    """Forward hook applying drop path to a module's output, with the module's training flag.
+
+    A module returning a tuple (Hugging Face attention: output, weights) has its first element dropped.
+    """
+
+    def __init__(self, drop: DropPath) -> None:
+        self.drop = drop
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if isinstance(output, torch.Tensor):
+            return self.drop.apply_to(output, module.training)
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            return (self.drop.apply_to(output[0], module.training), *output[1:])
+        return output
+
+
+@dataclass(eq=False)
+class Change:
+    """One change to the model: :meth:`install` makes it, :meth:`undo` restores exactly what was there.
+
+    Both are safe to call when the other did not finish, so a transaction can always undo.
+    """
+
+    block: str
+    target: str  # the slot, or the hooked module
+    drop: DropPath
+    parent: nn.Module | None = None
+    attr: str | None = None
+    original: slot_lib.SlotContent | None = None
+    hook_id: int | None = None
+    hooked: nn.Module | None = None
+    # modes 'skip' / 'batch': (module, pre-hook id) of each Gather feeding this drop path; several
+    # when one slot serves several branches (timm MLP-Mixer, CaiT)
+    gathers: list[tuple[nn.Module, int]] = field(default_factory=list)
+    silenced: bool = False  # a library drop path held at rate 0 (see silencing_changes); not a branch
+
+    def install(self) -> None:
+        if self.hooked is not None:
+            self.hooked._forward_hooks[self.hook_id] = BranchHook(self.drop)
+        else:
+            slot_lib.write_slot(self.parent, self.attr, self.drop)
+        self.install_gathers()
+
+    def undo(self) -> None:
+        self.remove_gathers()
+        if self.hooked is not None:
+            self.hooked._forward_hooks.pop(self.hook_id, None)
+        else:
+            slot_lib.restore_slot(self.parent, self.attr, self.original)
+
+    def install_gathers(self) -> None:
+        for module, hook_id in self.gathers:
+            module._forward_pre_hooks[hook_id] = Gather(self.drop)
+
+    def remove_gathers(self) -> None:
+        for module, hook_id in self.gathers:
+            module._forward_pre_hooks.pop(hook_id, None)
+        self.drop.kept_rows = None
+
+
+@dataclass
+class Record:
+    """Everything pathsurgeon changed on a model, kept on the model as ``model._pathsurgeon``.
+
+    ``config``: the settings ``add`` was given; ``rate`` / ``schedule``: the ones in effect now (moved
+    by ``set_rate``). ``blocks``: the blocks in execution order, as planned (the depth units the
+    schedule counts). ``library``: the library's rates for ``schedule="auto"``, asked at most once.
+    """
+
+    config: DropPathConfig
+    changes: list[Change]
+    branches: list[Branch]
+    blocks: list[str]
+    method: str
+    rate: float | None
+    schedule: str | list[float]
+    fallbacks: list[Fallback] = field(default_factory=list)
+    rates_from: str = "linear over found units"
+    library: LibraryRates | None = None
+    library_asked: bool = False
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    def targets(self) -> list[dict[str, Any]]:
+        """Exactly what was changed, slot by slot and hook by hook (what a saved checkpoint lists)."""
+        return [
+            {"target": c.target, "mechanism": "hook" if c.hooked is not None else "slot", "block": c.block,
+             "silenced": c.silenced}
+            for c in self.changes
+        ]
+
+
+class Transaction:
+    """Changes to a model that are all undone, newest first, if the ``with`` block raises anything.
+
+    ``do(apply, undo)`` registers ``undo`` *before* calling ``apply``, and every undo restores a saved
+    state (it is safe to run when ``apply`` did not finish), so an exception or a KeyboardInterrupt at
+    any point leaves the model as it was before the block.
+    """
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], None]] = []
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def do(self, apply: Callable[[], None], undo: Callable[[], None]) -> None:
+        self._undo.append(undo)
+        apply()
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None:
+            while self._undo:
+                self._undo.pop()()
+
+
+# --- the record on the model ---------------------------------------------------------------------------
+
+
+def record_of(model: nn.Module) -> Record | None:
+    return vars(model).get(RECORD_ATTRIBUTE)
+
+
+def surgered_submodules(model: nn.Module, include_root: bool = False) -> list[str]:
+    """Names of the modules in ``model``'s tree that hold a surgery record ('' is the model itself)."""
+    return [
+        name for name, module in model.named_modules()
+        if (include_root or name) and RECORD_ATTRIBUTE in vars(module)
+    ]
+
+
+def refuse_existing_surgery(model: nn.Module) -> None:
+    """One surgery per module tree: a second one would drop some branches twice."""
+    record = record_of(model)
+    if record is not None:
+        raise AlreadySurgeredError(
+            f"model already carries pathsurgeon DropPath on {len(record.branches)} branches; "
+            "use pathsurgeon.set_rate(model, rate) to change rates, or pathsurgeon.strip(model) first"
+        )
+    inner = surgered_submodules(model)
+    if inner:
+        raise AlreadySurgeredError(
+            f"submodule {inner[0]!r} of this model was already surgered by pathsurgeon.add; adding again would "
+            "drop its branches twice: call pathsurgeon.strip(model) first, or set_rate on that submodule"
+        )
+    for name, module in model.named_modules():
+        leftover = None
+        if isinstance(module, DropPath) and module.inserted:
+            leftover = "pathsurgeon's DropPath"
+        elif any(isinstance(h, BranchHook) for h in module._forward_hooks.values()):
+            leftover = "a pathsurgeon drop-path hook"
+        elif any(isinstance(h, Gather) for h in module._forward_pre_hooks.values()):
+            leftover = "a pathsurgeon gather hook"
+        if leftover is not None:
+            raise AlreadySurgeredError(
+                f"{name or 'the model'} holds {leftover} that no surgery record in this model accounts for (copied "
+                "out of a surgered model?); strip the model it came from before copying, or rebuild this one"
+            )
+
+
+# --- building changes (not applied: the caller's transaction applies them) -----------------------------
+
+
+def build_changes(model: nn.Module, branches: list[Branch]) -> list[Change]:
+    """One change per slot or hooked module (one slot can serve several branches: timm CaiT, MLP-Mixer)."""
+    by_target: dict[str, list[Branch]] = {}
+    for branch in branches:
+        by_target.setdefault(branch.target, []).append(branch)
+    return [_change(model, mine[0], [b.entry for b in mine if b.entry]) for mine in by_target.values()]
+
+
+def _change(model: nn.Module, branch: Branch, entries: list[str]) -> Change:
+    if branch.mechanism == "slot":
+        parent_name, _, attr = branch.target.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        original = slot_lib.read_slot(parent, attr)
+        scale = getattr(original.value, "scale_by_keep", True)
+        # a Hugging Face layer would hold HF's own DropPath here, which draws its mask its own way
+        draw = "uniform_floor" if type(parent).__module__.startswith("transformers.") else "bernoulli"
+        drop = _inserted(DropPath(branch.rate, scale_by_keep=scale, batch_axis=branch.batch_axis, mode=branch.mode,
+                                  draw=draw), parent)
+        change = Change(branch.block, branch.target, drop, parent=parent, attr=attr, original=original)
+    else:
+        hooked = model.get_submodule(branch.target)
+        drop = _inserted(DropPath(branch.rate, batch_axis=branch.batch_axis, mode=branch.mode), hooked)
+        handle = hooked.register_forward_hook(BranchHook(drop))
+        hooked._forward_hooks.pop(handle.id)  # installed by Change.install, like every other change
+        change = Change(branch.block, branch.target, drop, hook_id=handle.id, hooked=hooked)
+    for entry in entries:
+        gathered = model.get_submodule(entry)
+        handle = gathered.register_forward_pre_hook(Gather(drop))
+        gathered._forward_pre_hooks.pop(handle.id)  # installed by Change.install
+        change.gathers.append((gathered, handle.id))
+    return change
+
+
+def _inserted(drop: DropPath, owner: nn.Module) -> DropPath:
+    drop.inserted = True
+    drop.train(owner.training)  # a new module defaults to training; follow the model's mode
+    return drop
+
+
+def silencing_changes(
+    model: nn.Module, slot_calls: list[str], branches: list[Branch], left_alone: list[LeftAlone]
+) -> list[Change]:
+    """With hooked branches, the model's own drop paths that run get rate 0, so nothing drops twice.
+
+    Only where a model has drop-path slots but none can be filled (HF CvT; see
+    :func:`pathsurgeon.finder.select`). ``slot_calls``: the slots the model calls. ``strip`` puts the
+    library's module back, ``set_rate`` keeps it at 0; each one is listed in ``left_alone``.
+    """
+    if not any(b.mechanism == "hook" for b in branches):
+        return []
+    changes: list[Change] = []
+    for slot in dict.fromkeys(slot_calls):
+        parent_name, _, attr = slot.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        original = slot_lib.read_slot(parent, attr)
+        rate = slot_lib.existing_rate(original.value)
+        if rate == 0.0:
+            continue
+        drop = _inserted(DropPath(0.0), parent)
+        changes.append(Change(parent_name, slot, drop, parent=parent, attr=attr, original=original, silenced=True))
+        left_alone.append(LeftAlone(parent_name, f"slot {slot} (rate {rate:.4g}) is also called off the residual "
+                                                 "branch: held at rate 0 while the branches are hooked"))
+    return changes

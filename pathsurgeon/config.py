@@ -1,0 +1,226 @@
+"""What to do to a model: :class:`DropPathConfig`, and the one place every user-given setting is checked.
+
+>>> config = DropPathConfig(0.1, mode="skip", exclude=["blocks.0"])
+>>> pathsurgeon.add(model, config)                      # the same as add(model, 0.1, mode="skip", ...)
+
+Every check raises a :class:`~pathsurgeon.errors.PathSurgeonError` whose one line names the problem
+and the fix, before anything is read from or done to a model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import InvalidModeError, InvalidRateError, InvalidScheduleError, PathSurgeonError
+
+__all__ = [
+    "MODES",
+    "SCHEDULES",
+    "DropPathConfig",
+    "brief",
+    "config_from_arguments",
+    "real_number",
+    "validate_mode",
+    "validate_rate",
+    "validate_schedule",
+    "validate_tolerance",
+]
+
+SCHEDULES = ("auto", "linear", "uniform")
+MODES = ("sample", "skip", "batch")
+
+
+def real_number(value: object) -> float | None:
+    """``value`` as a Python float if it is a real number of any type, else None.
+
+    Python and numpy ints and floats (anything registered as :class:`numbers.Real`) and 0-d real tensors
+    count; booleans, complex numbers and tensors with more than one element do not.
+    """
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_complex() and value.dtype != torch.bool:
+        return float(value.item())
+    return None
+
+
+def brief(value: object) -> str:
+    """A one-line description of a value for an error message (a tensor by its shape, not its contents)."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    text = repr(value).splitlines()[0] if repr(value) else ""
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def validate_rate(rate: object, *, what: str = "rate") -> float:
+    """Return ``rate`` as a float in [0, 1), or raise :class:`~pathsurgeon.errors.InvalidRateError`.
+
+    Any real number type is accepted (``0.1``, ``numpy.float32(0.1)``, ``torch.tensor(0.1)``).
+    """
+    value = real_number(rate)
+    if value is None:
+        raise InvalidRateError(f"{what} must be a number in [0, 1), got {brief(rate)}; pass e.g. rate=0.1")
+    if math.isnan(value) or not 0.0 <= value < 1.0:
+        raise InvalidRateError(
+            f"{what} must be in [0, 1) (the probability of dropping a sample's branch), got {value!r}; "
+            "pass e.g. rate=0.1"
+        )
+    return value
+
+
+def validate_mode(mode: object) -> str:
+    """Return ``mode`` if it is one of :data:`MODES`, or raise :class:`~pathsurgeon.errors.InvalidModeError`."""
+    if not isinstance(mode, str) or mode not in MODES:
+        raise InvalidModeError(
+            f"mode must be one of {', '.join(repr(m) for m in MODES)}, "
+            f"got {repr(mode) if isinstance(mode, str) else brief(mode)}; "
+            "pass mode='sample' (timm's per-sample drop path) or mode='skip' (same, without computing dropped samples)"
+        )
+    return mode
+
+
+def validate_schedule(schedule: object, rate: float | None) -> str | list[float]:
+    """Check a schedule (and that ``rate`` fits it) without looking at a model."""
+    if isinstance(schedule, str):
+        if schedule not in SCHEDULES:
+            raise InvalidScheduleError(
+                f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)} or a list of per-unit rates"
+            )
+        if rate is None:
+            raise InvalidScheduleError(f"schedule={schedule!r} needs a rate; pass e.g. rate=0.1")
+        return schedule
+    if not isinstance(schedule, (list, tuple)) and not (isinstance(schedule, torch.Tensor) and schedule.ndim == 1):
+        raise InvalidScheduleError(
+            f"schedule must be 'auto', 'linear', 'uniform' or a list of rates, got {type(schedule).__name__}"
+        )
+    if rate is not None:
+        raise InvalidScheduleError(
+            "pass either rate= or a list schedule, not both; the list already gives every unit's rate"
+        )
+    values = schedule.tolist() if isinstance(schedule, torch.Tensor) else list(schedule)
+    return [validate_rate(r, what=f"schedule[{i}]") for i, r in enumerate(values)]
+
+
+def validate_tolerance(verify: object) -> float | None:
+    """``verify`` as the tolerance of the eval check: True → 0.0 (bitwise), False/None → None (no check)."""
+    if verify is True:
+        return 0.0
+    if verify is False or verify is None:
+        return None
+    value = real_number(verify)
+    if value is not None and value >= 0:  # NaN fails the comparison
+        return value
+    raise PathSurgeonError(f"verify must be True, False or a tolerance >= 0, got {brief(verify)}")
+
+
+def _globs(value: object, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(g, str) and g for g in value):
+        raise PathSurgeonError(
+            f"{what} must be a list of glob patterns over block names, got {brief(value)}; "
+            f"pass e.g. {what}=['blocks.0', 'stages.3.*']"
+        )
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class DropPathConfig:
+    """Everything :func:`pathsurgeon.add` needs to know, checked when it is made.
+
+    ``rate``: the drop-path rate (the deepest unit's under a linear schedule); None with a list
+    ``schedule``. ``schedule``: 'auto' (the model's library's own numbers), 'linear', 'uniform', or one
+    rate per depth unit. ``mode``: 'sample', 'skip' or 'batch' (see the README's training modes).
+    ``verify``: True (eval outputs bitwise equal), a tolerance, or False (no check).
+    ``include`` / ``exclude``: glob patterns (``fnmatch``, ``*`` may span dots) over block names
+    (``blocks.3``, ``stages.1.blocks.0``). A branch is changed if its block matches an ``include``
+    pattern (every block when there is none) and no ``exclude`` pattern. The schedule is computed over
+    all blocks, so excluding some does not move the others' rates; excluded branches are listed in
+    ``Report.left_alone`` and keep whatever drop path their library built into them.
+    """
+
+    rate: float | None = None
+    schedule: str | tuple[float, ...] = "auto"
+    mode: str = "sample"
+    verify: bool | float = True
+    include: tuple[str, ...] = field(default=())
+    exclude: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        rate = validate_rate(self.rate) if self.rate is not None else None
+        schedule = validate_schedule(self.schedule, rate)
+        if isinstance(schedule, list):
+            schedule = tuple(schedule)
+        if isinstance(self.verify, bool):
+            verify = self.verify
+        else:
+            tolerance = validate_tolerance(self.verify)
+            verify = False if tolerance is None else tolerance
+        for name, value in (
+            ("rate", rate),
+            ("schedule", schedule),
+            ("mode", validate_mode(self.mode)),
+            ("verify", verify),
+            ("include", _globs(self.include, "include")),
+            ("exclude", _globs(self.exclude, "exclude")),
+        ):
+            object.__setattr__(self, name, value)
+
+    @property
+    def tolerance(self) -> float | None:
+        """The eval check's absolute tolerance; None when there is no check."""
+        return validate_tolerance(self.verify)
+
+    @property
+    def schedule_argument(self) -> str | list[float]:
+        """The schedule in the form the planner takes (a list, not a tuple)."""
+        return list(self.schedule) if isinstance(self.schedule, tuple) else self.schedule
+
+    def selects(self, block: str) -> bool:
+        """Whether the branches of ``block`` are changed (see the class docstring)."""
+        included = not self.include or any(fnmatch.fnmatchcase(block, g) for g in self.include)
+        return included and not any(fnmatch.fnmatchcase(block, g) for g in self.exclude)
+
+    def replace(self, **changes: Any) -> DropPathConfig:
+        """A copy with some fields changed (and checked again)."""
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return DropPathConfig(**{**values, **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (what a saved checkpoint's manifest holds)."""
+        return {
+            "rate": self.rate,
+            "schedule": self.schedule_argument,
+            "mode": self.mode,
+            "verify": self.verify,
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DropPathConfig:
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
+
+
+def config_from_arguments(
+    rate: DropPathConfig | float | None, given: dict[str, Any], defaults: dict[str, Any]
+) -> DropPathConfig:
+    """The config of a call that takes either a :class:`DropPathConfig` or the same settings as keywords.
+
+    ``given``: the keyword settings the caller passed explicitly; ``defaults``: the rest.
+    """
+    if isinstance(rate, DropPathConfig):
+        if given:
+            raise PathSurgeonError(
+                f"pass either a DropPathConfig or {', '.join(sorted(given))}=..., not both; "
+                "put every setting in the config (config.replace(...) makes a changed copy)"
+            )
+        return rate
+    return DropPathConfig(rate, **{**defaults, **given})

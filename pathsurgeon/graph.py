@@ -1,0 +1,247 @@
+"""Graph views: a captured FX graph and what pathsurgeon needs to know about its nodes.
+
+Both kinds of capture end here — a torch.fx symbolic trace (:func:`from_symbolic_trace`) and a
+torch.export program (:func:`from_export`) — so the finder sees one kind of object: the graph, the
+module that owns each node (``nn_module_stack``), the nodes that compute with parameters, the calls
+of drop-path slots, and which nodes hold tensors. Execution order, ancestor sets and data flow are
+derived once per view, on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from .inputs import ExampleInputs
+
+__all__ = ["GraphView", "from_export", "from_symbolic_trace"]
+
+# torch.fx nodes that produce shapes or other non-tensor values.
+_SHAPE_METHODS = {"size", "dim", "numel", "item", "tolist", "type", "get_device", "stride"}
+_SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad", "training"}
+
+
+@dataclass
+class GraphView:
+    """A captured graph and what the finder needs to know about its nodes.
+
+    ``module_stack[node]``: qualified names of the modules executing ``node``, outermost first ('' is the
+    root). ``parameter_users``: nodes that compute with a parameter. ``slot_calls[node]``: the drop-path
+    slot a node calls. ``tensor_nodes``: nodes whose value is a tensor (not a shape or a number).
+    """
+
+    graph: fx.Graph
+    module_stack: dict[fx.Node, tuple[str, ...]]
+    parameter_users: set[fx.Node]
+    slot_calls: dict[fx.Node, str] = field(default_factory=dict)
+    tensor_nodes: set[fx.Node] = field(default_factory=set)
+    parameter_nodes: set[fx.Node] = field(default_factory=set)
+    constant_nodes: set[fx.Node] = field(default_factory=set)  # buffers and constants lifted to inputs
+    # calls of leaf modules that only scale their input (timm MetaFormer's Scale, or nn.Identity where
+    # no scale was built): at most one parameter, no buffers, no children
+    scale_calls: set[fx.Node] = field(default_factory=set)
+
+    @functools.cached_property
+    def nodes(self) -> list[fx.Node]:
+        """The nodes in execution (topological) order."""
+        return list(self.graph.nodes)
+
+    @functools.cached_property
+    def position(self) -> dict[fx.Node, int]:
+        return {node: index for index, node in enumerate(self.nodes)}
+
+    @functools.cached_property
+    def ancestors(self) -> dict[fx.Node, int]:
+        """Each node's ancestors (itself included) as an integer bitset over positions (computed once)."""
+        ancestors: dict[fx.Node, int] = {}
+        for index, node in enumerate(self.nodes):
+            bits = 1 << index
+            for inp in node.all_input_nodes:
+                bits |= ancestors[inp]
+            ancestors[node] = bits
+        return ancestors
+
+    @functools.cached_property
+    def data(self) -> set[fx.Node]:
+        """Nodes that depend on the model's inputs (see :meth:`data_users`)."""
+        return self._data_flow[0]
+
+    @functools.cached_property
+    def data_users(self) -> set[fx.Node]:
+        """Nodes that compute with a parameter (or a weight computed from parameters alone) and data."""
+        return self._data_flow[1]
+
+    @functools.cached_property
+    def _data_flow(self) -> tuple[set[fx.Node], set[fx.Node]]:
+        return _data_flow(self)
+
+    def nodes_of(self, bits: int) -> Iterable[fx.Node]:
+        """The nodes whose positions are set in ``bits``."""
+        while bits:
+            low = bits & -bits
+            yield self.nodes[low.bit_length() - 1]
+            bits ^= low
+
+    @classmethod
+    def from_graph_module(
+        cls, graph_module: fx.GraphModule, slot_of_module: Callable[[str], str | None] = lambda _: None
+    ) -> GraphView:
+        """Describe a torch.fx symbolic trace; ``slot_of_module`` maps a call_module target to its slot."""
+        return from_symbolic_trace(graph_module.graph, graph_module, slot_of_module)
+
+    def owner(self, node: fx.Node) -> str:
+        stack = self.module_stack.get(node, ())
+        return stack[-1] if stack else ""
+
+
+def from_symbolic_trace(
+    graph: fx.Graph, root: nn.Module, slot_of_module: Callable[[str], str | None]
+) -> GraphView:
+    """Build a :class:`GraphView` from a torch.fx symbolic trace of ``root``."""
+    module_stack: dict[fx.Node, tuple[str, ...]] = {}
+    parameter_nodes: set[fx.Node] = set()
+    parameter_users: set[fx.Node] = set()
+    slot_calls: dict[fx.Node, str] = {}
+    scale_calls: set[fx.Node] = set()
+    non_tensor: set[fx.Node] = set()
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        names = tuple(path for path, _ in stack.values() if path)
+        if node.op == "call_module":
+            names = names + (node.target,) if not names or names[-1] != node.target else names
+        module_stack[node] = names
+        if node.op == "get_attr":
+            value = _resolve(root, node.target)
+            if isinstance(value, nn.Parameter):
+                parameter_nodes.add(node)
+            elif not isinstance(value, torch.Tensor):
+                non_tensor.add(node)
+        elif node.op == "call_module":
+            slot = slot_of_module(node.target)
+            module = root.get_submodule(node.target)
+            if slot is not None:
+                slot_calls[node] = slot
+            elif any(True for _ in module.parameters()):
+                parameter_users.add(node)
+            if slot is None and _only_scales(module):
+                scale_calls.add(node)
+        elif node.op == "placeholder" and node.args and not isinstance(node.args[0], torch.Tensor):
+            non_tensor.add(node)  # an optional argument left at its default (timm ViT's attn_mask=None)
+        elif _is_shape_node(node, non_tensor):
+            non_tensor.add(node)
+        if node.op in ("call_function", "call_method") and any(
+            inp in parameter_nodes for inp in list(node.all_input_nodes)
+        ):
+            parameter_users.add(node)
+    tensor_nodes = {n for n in graph.nodes if n not in non_tensor and n.op != "output"}
+    return GraphView(graph, module_stack, parameter_users, slot_calls, tensor_nodes, parameter_nodes,
+                     scale_calls=scale_calls)
+
+
+def _only_scales(module: nn.Module) -> bool:
+    """An identity (a layer scale built at init value 0: timm MetaFormer) or a one-parameter scale."""
+    if type(module) is nn.Identity:
+        return True
+    return (
+        not module._modules
+        and not module._buffers
+        and len(module._parameters) == 1
+        and not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding))
+    )
+
+
+def _resolve(root: nn.Module, target: str) -> object:
+    value: object = root
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _is_shape_node(node: fx.Node, non_tensor: set[fx.Node]) -> bool:
+    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+        return True
+    if node.op == "call_function":
+        if node.target is getattr and len(node.args) > 1 and node.args[1] in _SHAPE_ATTRIBUTES:
+            return True
+        if node.target in (len, int, float, math.sqrt, math.ceil, math.floor):
+            return True
+    inputs = list(node.all_input_nodes)
+    if node.op in ("call_function", "call_method") and inputs and all(i in non_tensor for i in inputs):
+        # arithmetic on shapes (H // 2, B * N, shape[0]) stays a shape
+        return True
+    return False
+
+
+def from_export(
+    model: nn.Module, inputs: ExampleInputs, slot_of_probe: dict[int, str], probe_op: object
+) -> GraphView:
+    """Export ``model`` (non-strict) on ``inputs`` and describe the program's graph.
+
+    ``probe_op``: the custom op marking a drop-path slot; its second argument is the probe's id,
+    ``slot_of_probe`` maps ids to slot names.
+    """
+    with warnings.catch_warnings():
+        # export complains about attributes the shadow's forward assigns (caches); the shadow is thrown away
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
+    graph = program.graph
+    signature = program.graph_signature
+    parameter_names = set(signature.inputs_to_parameters)
+    constant_names = set(signature.inputs_to_buffers) | set(getattr(signature, "inputs_to_lifted_tensor_constants", {}))
+    module_stack: dict[fx.Node, tuple[str, ...]] = {}
+    parameter_nodes: set[fx.Node] = set()
+    parameter_users: set[fx.Node] = set()
+    slot_calls: dict[fx.Node, str] = {}
+    tensor_nodes: set[fx.Node] = set()
+    constant_nodes: set[fx.Node] = set()
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        module_stack[node] = tuple(path for path, _ in stack.values() if path)
+        value = node.meta.get("val")
+        # ops with several outputs (max(dim) -> values, indices) count too; getitem takes them apart
+        if isinstance(value, torch.Tensor) or (
+            isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)
+        ):
+            tensor_nodes.add(node)
+        if node.op == "placeholder" and node.name in parameter_names:
+            parameter_nodes.add(node)
+        elif node.op == "placeholder" and node.name in constant_names:
+            constant_nodes.add(node)
+        elif node.op == "call_function":
+            if node.target is probe_op:
+                slot_calls[node] = slot_of_probe[node.args[1]]
+            elif any(inp in parameter_nodes for inp in node.all_input_nodes):
+                parameter_users.add(node)
+    return GraphView(graph, module_stack, parameter_users, slot_calls, tensor_nodes, parameter_nodes, constant_nodes)
+
+
+def _data_flow(view: GraphView) -> tuple[set[fx.Node], set[fx.Node]]:
+    """Nodes that depend on the model's inputs, and those that compute with a parameter.
+
+    A weight computed from parameters alone (timm's ScaledStdConv2d standardises its weight in forward)
+    is not data: the conv that uses it has one data input and counts as parameterised compute.
+    """
+    data: set[fx.Node] = set()
+    parameter_derived: set[fx.Node] = set(view.parameter_nodes)
+    users = set(view.parameter_users)
+    for node in view.graph.nodes:
+        inputs = list(node.all_input_nodes)
+        if node.op == "placeholder":
+            if node not in view.parameter_nodes and node not in view.constant_nodes:
+                data.add(node)
+            continue
+        if any(i in data for i in inputs):
+            data.add(node)
+            if any(i in parameter_derived for i in inputs):
+                users.add(node)
+        elif any(i in parameter_derived for i in inputs):
+            parameter_derived.add(node)
+    return data, users
+
+

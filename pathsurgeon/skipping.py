@@ -1,0 +1,279 @@
+"""Modes ``"skip"`` and ``"batch"``: a branch computes only the samples that keep it.
+
+A :class:`Gather` forward pre-hook on the branch's way in (its first module, found on the graph by
+:func:`pathsurgeon.finder.branch_entries`) draws which rows keep the branch (:func:`draw_rows`) and
+passes on only those; the :class:`~pathsurgeon.droppath.DropPath` at the end of the branch scatters
+the scaled rows back into a full-size zero tensor (:func:`finish_branch`), which the block's own code
+adds to its shortcut. In mode ``"skip"`` the draw is per sample, the very draw of mode ``"sample"``
+(so under one seed the same samples are kept); in mode ``"batch"`` it is one draw for the whole batch,
+as torchvision's ``StochasticDepth(mode="batch")`` makes it.
+
+Before a branch is handed a Gather, :func:`assign_entries` rules out branches that mix samples
+(BatchNorm) or have no single way in, and :func:`check_gathers` runs each gathered branch's block with
+fixed masks, on the kept rows and in full, on inputs recorded from the example forward: a branch whose
+outputs differ computes every sample instead. Every such branch is reported with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree
+
+from .capture import private_rng, training_flags_kept
+from .droppath import DropPath, mask_shape
+from .finder import BranchEntry, ResidualAdd, branch_entries
+from .verify import max_abs_diff, tensor_leaves
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .graph import GraphView
+    from .report import Branch
+
+__all__ = ["Gather", "KeptRows", "assign_entries", "check_gathers", "draw_rows", "finish_branch"]
+
+
+class KeptRows(NamedTuple):
+    """The drop decision for one call of a branch: kept rows (None: all of them), scale, full batch size.
+
+    ``scale`` is a 0-d tensor, not a float, so that a compiled graph does not specialise on it.
+    """
+
+    index: torch.Tensor | None
+    scale: torch.Tensor
+    batch: int
+
+
+# --- at training time ---------------------------------------------------------------------------------
+
+
+class Gather:
+    """Forward pre-hook on a branch's first module: draws its DropPath's kept rows, passes on only those.
+
+    The hooked module's first positional argument must be the branch's only input with a batch axis;
+    :func:`pathsurgeon.add` checks that on the model before it hands out a Gather.
+    """
+
+    def __init__(self, drop: DropPath) -> None:
+        self.drop = drop
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
+        drop = self.drop
+        if not args or not isinstance(args[0], torch.Tensor):
+            drop.kept_rows = None
+            return None
+        x = args[0]
+        rows = draw_rows(drop, x.shape[drop.batch_axis], x.device, module.training, x.dtype)
+        drop.kept_rows = rows
+        if rows is None or rows.index is None:
+            return None
+        return (x.index_select(drop.batch_axis, rows.index), *args[1:])
+
+
+@torch.compiler.disable  # a data-dependent decision: under torch.compile, a graph break here
+def draw_rows(
+    drop: DropPath, batch: int, device: torch.device, training: bool, dtype: torch.dtype = torch.float32
+) -> KeptRows | None:
+    """Draw the kept rows for the next call of ``drop``'s branch (None: inactive, compute every row)."""
+    if drop.forced_keep is not None:
+        keep_mask = drop.forced_keep.to(device=device, dtype=torch.bool)
+    elif not training or drop.rate == 0.0 or drop.mode == "sample":
+        return None
+    elif drop.mode == "batch":
+        if _batch_kept(drop):
+            return KeptRows(None, _scale_tensor(drop), batch)
+        return _none_kept(drop, batch, device)
+    else:
+        # the draw the library's drop path makes (same count, dtype and generator), so that under one
+        # seed the kept samples are those mode 'sample' keeps when the branch itself draws no numbers
+        keep = 1.0 - drop.rate
+        if drop.draw == "uniform_floor":
+            keep_mask = torch.floor(torch.rand(batch, device=device, dtype=dtype) + keep).bool()
+        else:
+            keep_mask = torch.empty(batch, device=device, dtype=dtype).bernoulli_(keep).bool()
+    index = keep_mask.nonzero().flatten()
+    if index.numel() == 0:
+        return _none_kept(drop, batch, device)
+    return KeptRows(None if index.numel() == batch else index, _scale_tensor(drop), batch)
+
+
+def finish_branch(drop: DropPath, x: torch.Tensor, training: bool) -> torch.Tensor:
+    """The end of a branch in modes 'skip' and 'batch' (and under a forced mask): the full-batch output."""
+    rows, drop.kept_rows = drop.kept_rows, None
+    if rows is not None:
+        if rows.index is None:
+            return x * rows.scale
+        full = list(x.shape)
+        full[drop.batch_axis] = rows.batch
+        return x.new_zeros(full).index_copy(drop.batch_axis, rows.index, x * rows.scale)
+    if drop.forced_keep is not None:
+        keep = drop.forced_keep.to(device=x.device, dtype=x.dtype)
+        return x * keep.view(mask_shape(x, drop.batch_axis)) * drop.scale()
+    if drop.mode == "batch" and training:  # nothing gathered: the whole batch, computed, kept or zeroed
+        return x * _batch_factor(drop)
+    return drop.sample(x, training)
+
+
+@torch.compiler.disable  # a random decision on the host: under torch.compile, a graph break here
+def _batch_factor(drop: DropPath) -> torch.Tensor:
+    """Mode 'batch' without a Gather: the factor for the whole batch, 0 (dropped) or the scale."""
+    if drop.rate == 0.0:
+        return torch.ones((), dtype=torch.float64)
+    return _scale_tensor(drop) if _batch_kept(drop) else torch.zeros((), dtype=torch.float64)
+
+
+def _batch_kept(drop: DropPath) -> bool:
+    """One draw for the whole batch, as torchvision's ``StochasticDepth(mode="batch")`` makes it.
+
+    On the CPU generator, whatever the model's device, so that deciding to skip needs no device sync.
+    """
+    return bool(torch.empty(1).bernoulli_(1.0 - drop.rate))
+
+
+def _none_kept(drop: DropPath, batch: int, device: torch.device) -> KeptRows:
+    zero = torch.zeros((), dtype=torch.float64)
+    if drop.empty_ok:
+        return KeptRows(torch.empty(0, dtype=torch.long, device=device), zero, batch)
+    return KeptRows(torch.zeros(1, dtype=torch.long, device=device), zero, batch)
+
+
+def _scale_tensor(drop: DropPath) -> torch.Tensor:
+    # a 0-d CPU tensor multiplies a tensor on any device, in that tensor's dtype
+    return torch.tensor(drop.scale(), dtype=torch.float64)
+
+
+# --- at add time: which branches may skip ----------------------------------------------------------------
+
+
+def assign_entries(
+    model: nn.Module,
+    branches: list[Branch],
+    selected: list[ResidualAdd],
+    view: GraphView,
+    mode: str,
+    reasons: dict[str, str],
+) -> list[Branch]:
+    """The branches in ``mode``, each with the module a Gather goes on; ``reasons`` gets the others."""
+    entries: dict[fx.Node, BranchEntry] = branch_entries(view, selected)
+    for branch, residual in zip(branches, selected, strict=True):
+        entry = entries[residual.node]
+        if branch.target in reasons:  # a slot serving several branches skips only if all of them can
+            continue
+        if entry.module is None:
+            reasons[branch.target] = entry.reason
+        elif (norm := _batch_norm_in(model, entry.modules)) is not None:
+            reasons[branch.target] = (
+                f"{norm} is a BatchNorm: in training it mixes samples"
+                if mode == "skip"
+                else f"{norm} is a BatchNorm: it cannot run on an empty batch in training"
+            )
+    return [
+        dataclasses.replace(
+            branch, mode=mode, entry=None if branch.target in reasons else entries[residual.node].module
+        )
+        for branch, residual in zip(branches, selected, strict=True)
+    ]
+
+
+def _batch_norm_in(model: nn.Module, names: Iterable[str]) -> str | None:
+    for name in sorted(names):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        for sub_name, sub in module.named_modules():
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                return f"{name}.{sub_name}" if sub_name else name
+    return None
+
+
+class GatheredChange(Protocol):
+    """What the check needs of a change (see :class:`pathsurgeon.changes.Change`)."""
+
+    block: str
+    drop: DropPath
+
+    def install_gathers(self) -> None: ...
+
+    def remove_gathers(self) -> None: ...
+
+
+_CHECK_TOLERANCE = 1e-5
+
+
+def check_gathers(
+    model: nn.Module, changes: list[GatheredChange], block_inputs: dict[str, tuple[tuple, dict]], batch: int | None
+) -> dict[GatheredChange, str]:
+    """Run each gathered branch's block with fixed masks, on kept rows and in full; return the failures.
+
+    In eval mode (no dropout, no BatchNorm updates) with the drop forced on: first some samples kept,
+    then none. Both runs of a block get the inputs it received in the example forward
+    (``block_inputs``: block name → ``(args, kwargs)``) and the same RNG state.
+    """
+    if not changes:
+        return {}
+    if batch is None or batch < 2:
+        return {c: "the check needs example inputs with a batch of at least 2" for c in changes}
+    some = torch.tensor([1.0 if i % 2 == 0 else 0.0 for i in range(batch)])
+    failures: dict[GatheredChange, str] = {}
+    with training_flags_kept(model, training=False), torch.no_grad():
+        for change in changes:
+            if change.block not in block_inputs:
+                failures[change] = f"{change.block} did not run on the example inputs"
+                continue
+            block = model.get_submodule(change.block)
+            args, kwargs = block_inputs[change.block]
+            mode = change.drop.mode
+            try:
+                reason = _compare_kept(model, block, change, args, kwargs, some, mode)
+                if reason is None:
+                    reason = _check_none_kept(model, block, change, args, kwargs, batch, mode)
+                if reason is not None:
+                    failures[change] = reason
+            except Exception as error:  # noqa: BLE001 - any failure means: compute this branch in full
+                message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                failures[change] = f"it fails on a subset of the batch ({type(error).__name__}: {message[:120]})"
+            finally:
+                change.drop.forced_keep = None
+                change.drop.mode = mode
+                change.install_gathers()
+                change.drop.kept_rows = None
+    return failures
+
+
+def _check_none_kept(model, block, change: GatheredChange, args: tuple, kwargs: dict, batch: int, mode: str):
+    """No sample kept: an empty batch if the branch takes one, else one sample multiplied by zero."""
+    none = torch.zeros(batch)
+    change.drop.empty_ok = True
+    try:
+        if _compare_kept(model, block, change, args, kwargs, none, mode) is None:
+            return None
+    except Exception:  # noqa: BLE001 - e.g. a reshape with -1 cannot infer a size from 0 elements
+        pass
+    change.drop.empty_ok = False
+    return _compare_kept(model, block, change, args, kwargs, none, mode)
+
+
+def _compare_kept(model, block, change: GatheredChange, args: tuple, kwargs: dict, keep: torch.Tensor, mode: str):
+    """Run ``block`` with ``keep`` forced, in full and on kept rows; None if the outputs agree, else why."""
+    change.drop.forced_keep = keep
+    change.remove_gathers()
+    change.drop.mode = "sample"
+    with private_rng(model):
+        full = tensor_leaves(block(*_cloned(args), **_cloned(kwargs)))
+    change.install_gathers()
+    change.drop.mode = mode
+    with private_rng(model):
+        kept = tensor_leaves(block(*_cloned(args), **_cloned(kwargs)))
+    scale = max((float(t.abs().max()) for t in full if t.numel() and t.is_floating_point()), default=1.0)
+    if max_abs_diff(full, kept) <= _CHECK_TOLERANCE * (1.0 + scale):
+        return None
+    kind = "some samples" if bool(keep.any()) else "no sample"
+    return f"computing kept samples only changes the block's output ({kind} kept)"
+
+
+def _cloned(tree: Any) -> Any:
+    return _pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, tree)
