@@ -29,15 +29,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ManifestError, ModelSpecError, UntrustedCodeError
+from .errors import (
+    CheckpointError,
+    ManifestError,
+    ModelSpecError,
+    PathSurgeonError,
+    SavedBranchesMovedError,
+    UntrustedCodeError,
+)
 from .files import check_outputs, staged
 from .manifest import FORMAT_VERSION, MANIFEST, read_manifest
 
 __all__ = [
     "LoadedModel",
     "ModelSpecError",
+    "describe",
     "load",
-    "load_directory",
     "load_model",
     "load_weights",
     "save",
@@ -55,13 +62,11 @@ def downloads_allowed() -> bool:
 
 @dataclass
 class LoadedModel:
-    """A model and what is needed to rebuild it (``source``) and re-apply its surgery (``surgery``)."""
+    """A model the command line loaded, whether its weights are trained ones, and what to tell the user."""
 
     model: nn.Module
-    source: dict[str, Any]
     pretrained: bool
     notes: list[str] = field(default_factory=list)
-    surgery: dict[str, Any] | None = None
 
 
 def load_model(
@@ -78,7 +83,8 @@ def load_model(
     path = Path(spec)
     if path.is_dir():
         if (path / MANIFEST).is_file():
-            loaded = load_directory(path, say, allow_missing_keys=allow_missing_keys)
+            model, _ = _rebuild(path, say, allow_missing_keys=allow_missing_keys)  # its weights; no surgery
+            loaded = LoadedModel(model, pretrained=True)
         elif (path / HF_CONFIG).is_file():
             loaded = _load_transformers(str(path), say, allow_missing_keys=allow_missing_keys)
         else:
@@ -104,12 +110,11 @@ def _load_by_name(name: str, require_pretrained: bool, say: Callable[[str], None
 
     if timm.is_model(name):
         say(f"loading timm model {name}")
-        source = {"library": "timm", "name": name}
         cached = _cached_timm_weights(name)
         if cached is not None or downloads_allowed():
             overlay = {"file": cached} if cached is not None else None
             model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
-            return LoadedModel(model, source, pretrained=True, notes=[f"pretrained weights: {cached or 'hub'}"])
+            return LoadedModel(model, pretrained=True, notes=[f"pretrained weights: {cached or 'hub'}"])
         if require_pretrained:
             raise ModelSpecError(
                 f"no local pretrained weights for {name}; put them in the Hugging Face cache, pass --weights FILE, "
@@ -117,7 +122,7 @@ def _load_by_name(name: str, require_pretrained: bool, say: Callable[[str], None
             )
         model = timm.create_model(name, pretrained=False)
         note = f"no local pretrained weights for {name}; continuing with random initialisation"
-        return LoadedModel(model, source, pretrained=False, notes=[note])
+        return LoadedModel(model, pretrained=False, notes=[note])
     if "/" in name:
         return _load_transformers(name, say, allow_missing_keys=allow_missing_keys)
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
@@ -249,7 +254,7 @@ def _load_transformers(
             "weights randomly initialised)"
         )
     notes = [f"{len(missing)} weights missing from {spec}, randomly initialised: {missing[:3]}"] if missing else []
-    return LoadedModel(model, {"library": "transformers", "class": type(model).__name__}, pretrained=True, notes=notes)
+    return LoadedModel(model, pretrained=True, notes=notes)
 
 
 def _transformers_class(config: dict[str, Any], class_name: str | None, spec: str) -> type:
@@ -342,14 +347,76 @@ def read_weights(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-# --- checkpoint directories ------------------------------------------------------------------------
+# --- checkpoint directories: pathsurgeon.save / pathsurgeon.load ---------------------------------------
+
+
+def save(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``model`` to ``directory``: its weights (the original ``state_dict`` keys) and a manifest.
+
+    The manifest (``pathsurgeon.json``) records how to rebuild the architecture — the timm name or
+    torchvision builder with plain arguments (``num_classes``, ``img_size``, ``in_chans``, ...), or the
+    transformers class (the weights and ``config.json`` are then written by ``save_pretrained``) — and,
+    for a surgered model, its :class:`~pathsurgeon.DropPathConfig`, the rates in effect and exactly
+    which slots and modules were changed. A model its library cannot rebuild is refused here (with a
+    :class:`~pathsurgeon.RebuildError`), not discovered at :func:`load`. The directory must not exist
+    or be empty; it is written through a staging directory, so a failure leaves nothing.
+    """
+    directory = Path(directory)
+    check_outputs({"directory": (directory, "dir")})
+    source, surgery = describe(model)  # refused before anything is written
+    with staged([(directory, "dir")]) as (staging,):
+        write_checkpoint(model, staging, source, surgery)
+    return directory
+
+
+def describe(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The manifest's ``source`` (how to rebuild ``model``) and ``surgery`` (None when not surgered)."""
+    from .changes import record_of, surgered_submodules
+    from .libraries import RebuildError, identify_constructor
+    from .manifest import CONSTRUCTOR_ARGUMENTS
+
+    inner = surgered_submodules(model)
+    if inner:
+        raise PathSurgeonError(
+            f"the surgery is on the submodule {inner[0]!r}, not on the model given; save model.{inner[0]}, or "
+            "strip and add on the whole model"
+        )
+    try:
+        constructor = identify_constructor(model)
+    except RebuildError as error:
+        raise RebuildError(
+            f"cannot save {type(model).__name__}: {error}; pathsurgeon.save keeps models that timm, torchvision "
+            "or transformers can rebuild (for another model, save model.state_dict(): its keys are unchanged)"
+        ) from error
+    if constructor.library == "transformers":
+        source: dict[str, Any] = {"library": "transformers", "class": constructor.name}
+    else:
+        allowed = CONSTRUCTOR_ARGUMENTS[constructor.library]
+        unknown = sorted(set(constructor.arguments) - set(allowed))
+        if unknown:
+            raise RebuildError(f"cannot save {type(model).__name__}: it needs the constructor argument {unknown[0]}, "
+                               "which a manifest may not carry; save model.state_dict() instead")
+        source = {"library": constructor.library, "name": constructor.name}
+        if constructor.arguments:
+            source["kwargs"] = dict(constructor.arguments)
+    record = record_of(model)
+    if record is None:
+        return source, None
+    surgery = {
+        "config": record.config.to_dict(),
+        "rate": record.rate,
+        "schedule": record.schedule,
+        "targets": record.targets,
+        "branches": [b.to_dict() for b in record.branches],
+    }
+    return source, surgery
 
 
 def write_checkpoint(model: nn.Module, directory: Path, source: dict[str, Any], surgery: dict | None) -> None:
     """Write the weights (same keys as the model's state_dict) and the manifest into ``directory``."""
     from safetensors.torch import save_file
 
-    if source.get("library") == "transformers":
+    if source["library"] == "transformers":
         model.save_pretrained(directory, safe_serialization=True)
     else:
         state = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
@@ -358,53 +425,87 @@ def write_checkpoint(model: nn.Module, directory: Path, source: dict[str, Any], 
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def save(model: nn.Module, directory: str | os.PathLike, source: dict[str, Any], surgery: dict | None) -> Path:
-    """Write ``directory`` atomically (a failure leaves nothing); refuse a non-empty existing one."""
+def load(
+    directory: str | os.PathLike, *, surgery: bool = True, verify: bool | float = True, allow_missing_keys: bool = False
+) -> nn.Module:
+    """Rebuild the model saved in ``directory`` (by :func:`save` or ``pathsurgeon add --out``).
+
+    With ``surgery=True`` its surgery is re-applied — the same config, then the rates that were in
+    effect — and the changed slots and modules must be exactly the saved ones: if this pathsurgeon
+    finds the branches elsewhere, the model is left stripped and :class:`SavedBranchesMovedError`
+    says so (a finder change can never silently move a saved model's drop paths). ``surgery=False``
+    gives the model as its library builds it, with the saved weights.
+    """
+    from .changes import record_of
+    from .config import DropPathConfig
+    from .surgery import add, set_rate, strip
+
     directory = Path(directory)
-    check_outputs({"directory": (directory, "dir")})
-    with staged([(directory, "dir")]) as (staging,):
-        write_checkpoint(model, staging, source, surgery)
-    return directory
+    model, manifest = _rebuild(directory, lambda _: None, allow_missing_keys=allow_missing_keys)
+    entry = manifest["surgery"]
+    if not surgery or entry is None:
+        return model
+    if manifest["format"] == 1:
+        schedule = entry["schedule"]
+        config = DropPathConfig(None if isinstance(schedule, list) else entry["rate"], schedule, entry["mode"])
+        saved = list(dict.fromkeys((b["target"], b["mechanism"]) for b in entry["branches"]))
+        current = (config.rate, config.schedule_argument)
+    else:
+        config = DropPathConfig.from_dict(entry["config"])
+        saved = [(t["target"], t["mechanism"]) for t in entry["targets"] if not t["silenced"]]
+        current = (entry["rate"], entry["schedule"])
+    if verify is not True:
+        config = config.replace(verify=verify)
+    add(model, config)
+    found = [(t["target"], t["mechanism"]) for t in record_of(model).targets if not t["silenced"]]
+    if found != saved:
+        strip(model)
+        first = next((f"{s[1]} {s[0]}" for s in saved if s not in found), None) or next(
+            f"{f[1]} {f[0]}" for f in found if f not in saved)
+        raise SavedBranchesMovedError(
+            f"{directory}: this pathsurgeon changes {len(found)} slots/modules where the checkpoint saved {len(saved)} "
+            f"(first difference: {first}); load(..., surgery=False) and add again, or use the pathsurgeon that saved it"
+        )
+    if current != (config.rate, config.schedule_argument):  # set_rate moved the rates after add
+        set_rate(model, current[0], schedule=current[1])
+    return model
 
 
-def load_directory(
-    directory: str | os.PathLike, say: Callable[[str], None] = lambda _: None, *, allow_missing_keys: bool = False
-) -> LoadedModel:
-    """Rebuild the model in a directory written by ``pathsurgeon add --out``, without re-applying surgery."""
-    directory = Path(directory)
+def _rebuild(
+    directory: Path, say: Callable[[str], None], *, allow_missing_keys: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a pathsurgeon directory with its weights, without surgery; and the checked manifest."""
     if not (directory / MANIFEST).is_file():
-        raise ModelSpecError(f"{directory} has no {MANIFEST}; pass a directory written by pathsurgeon add --out")
+        raise ModelSpecError(f"{directory} has no {MANIFEST}; pass a directory written by pathsurgeon.save or "
+                             "pathsurgeon add --out")
     manifest = read_manifest(directory)
     source = manifest["source"]
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in source.get("kwargs", {}).items()}
     if source["library"] == "timm":
         import timm
 
-        if not timm.is_model(source["name"]):
-            raise ManifestError(f"{directory / MANIFEST} names timm model {source['name']!r}, which timm "
+        name = source["name"]
+        if not timm.is_model(name) or ("." in name and timm.models.get_pretrained_cfg(name) is None):
+            raise ManifestError(f"{directory / MANIFEST} names timm model {name!r}, which timm "
                                 f"{timm.__version__} does not know; upgrade timm or fix the name")
-        say(f"rebuilding timm model {source['name']} from {directory}")
-        model = timm.create_model(source["name"], pretrained=False, **source.get("kwargs", {}))
+        say(f"rebuilding timm model {name} from {directory}")
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        load_weights(model, directory / WEIGHTS, allow_missing_keys=allow_missing_keys)
+    elif source["library"] == "torchvision":
+        import torchvision
+
+        name = source["name"]
+        if name not in torchvision.models.list_models(module=torchvision.models):
+            raise ManifestError(f"{directory / MANIFEST} names torchvision builder {name!r}, which torchvision "
+                                f"{torchvision.__version__} does not have; upgrade torchvision or fix the name")
+        say(f"rebuilding torchvision model {name} from {directory}")
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
         load_weights(model, directory / WEIGHTS, allow_missing_keys=allow_missing_keys)
     else:
         model = _load_transformers(
             str(directory), say, class_name=source["class"], allow_missing_keys=allow_missing_keys
         ).model
-    return LoadedModel(model, source, pretrained=True, surgery=manifest["surgery"])
-
-
-def load(directory: str | os.PathLike, *, verify: bool = True) -> nn.Module:
-    """Rebuild the model saved in ``directory`` and re-apply its surgery, if it has one."""
-    from .surgery import add
-
-    loaded = load_directory(directory)
-    if loaded.surgery:
-        schedule = loaded.surgery["schedule"]
-        rate = None if isinstance(schedule, list) else loaded.surgery["rate"]
-        if rate is None and not isinstance(schedule, list):
-            raise ManifestError(f"{Path(directory) / MANIFEST}: schedule {schedule!r} needs a rate; "
-                                "rewrite it with pathsurgeon add --out")
-        add(loaded.model, rate, schedule=schedule, mode=loaded.surgery["mode"], verify=verify)
-    return loaded.model
+    return model, manifest
 
 
 def _first_line(error: BaseException) -> str:

@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         with _offline_by_default(), _terminate_as_exception():
-            return {"add": _add, "inspect": _inspect, "strip": _strip, "export": _export}[args.command](args)
+            return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         _say("interrupted; nothing was written")
         return EXIT_INTERRUPTED
@@ -200,7 +200,7 @@ class _Progress:
         _say(f"[{time.perf_counter() - self.start:5.1f}s] {message}")
 
 
-def _load(args, progress):
+def _load_spec(args, progress):
     from .checkpoint import load_model
 
     loaded = load_model(
@@ -213,12 +213,6 @@ def _load(args, progress):
     return loaded
 
 
-def _branch_rows(branches) -> list[dict]:
-    return [{"block": b.block, "index": b.index, "rate": b.rate, "mechanism": b.mechanism, "target": b.target,
-             "mode": b.mode, "entry": b.entry}
-            for b in branches]
-
-
 def _model_inputs(args) -> dict[str, str | None]:
     """The paths a command reads, which no output may overwrite."""
     model = getattr(args, "model", None)
@@ -229,11 +223,11 @@ def _model_inputs(args) -> dict[str, str | None]:
     }
 
 
-def _add(args) -> int:
+def _run_add(args) -> int:
     import json
     from pathlib import Path
 
-    from .checkpoint import write_checkpoint
+    from .checkpoint import describe, write_checkpoint
     from .config import validate_rate
     from .files import check_outputs, staged
     from .surgery import add
@@ -245,7 +239,7 @@ def _add(args) -> int:
         rate = validate_rate(args.rate)  # fail on bad input before loading anything
     check_outputs({"--out": (args.out, "dir"), "--json": (args.json, "file")}, _model_inputs(args))
     progress = _Progress()
-    loaded = _load(args, progress)
+    loaded = _load_spec(args, progress)
     model = loaded.model
     if args.rate == "published":
         from .published import published_rate
@@ -262,23 +256,14 @@ def _add(args) -> int:
     targets = [(Path(path), kind) for path, kind in ((args.out, "dir"), (args.json, "file")) if path is not None]
     if not targets:
         return EXIT_OK
+    source, surgery = describe(model) if args.out is not None else (None, None)  # refused before writing
     with staged(targets) as stagings:  # both outputs appear together, or neither does
         staging = dict(zip([kind for _, kind in targets], stagings, strict=True))
         if args.out is not None:
-            surgery = {
-                "rate": rate, "schedule": args.schedule, "mode": args.mode, "branches": _branch_rows(report.branches),
-            }
-            write_checkpoint(model, staging["dir"], loaded.source, surgery)
+            write_checkpoint(model, staging["dir"], source, surgery)
         if args.json is not None:
-            staging["file"].write_text(json.dumps({
-                "model": args.model, "rate": rate, "schedule": args.schedule, "mode": args.mode,
-                "branches": _branch_rows(report.branches), "max_abs_diff": report.max_abs_diff,
-                "method": report.method, "pretrained": loaded.pretrained,
-                "rates_from": report.rates_from, "rates_note": report.rates_note,
-                "skipped": [{"block": s.block, "reason": s.reason} for s in report.skipped],
-                "computed_in_full": [{"block": f.block, "target": f.target, "reason": f.reason}
-                                     for f in report.fallbacks],
-            }, indent=2) + "\n")
+            plan = {"model": args.model, "rate": rate, "pretrained": loaded.pretrained, **report.to_dict()}
+            staging["file"].write_text(json.dumps(plan, indent=2) + "\n")
     if args.out is not None:
         print(f"wrote {args.out} (load it with pathsurgeon.load({args.out!r}))")
     if args.json is not None:
@@ -297,7 +282,7 @@ def _published_by_name(spec: str):
     return published_rate(spec)
 
 
-def _inspect(args) -> int:
+def _run_inspect(args) -> int:
     from .config import validate_rate
     from .published import model_names, published_rates
     from .report import format_branches
@@ -306,7 +291,7 @@ def _inspect(args) -> int:
     rate = validate_rate(args.rate) if args.rate is not None else None
     args.schedule = args.schedule or "auto"
     progress = _Progress()
-    model = _load(args, progress).model
+    model = _load_spec(args, progress).model
     progress("finding residual branches")
     branches = find(model) if rate is None else preview(model, rate, schedule=args.schedule)
     heading = "current rates" if rate is None else f"rates for --rate {rate} --schedule {args.schedule}"
@@ -328,24 +313,21 @@ def _inspect(args) -> int:
     return EXIT_OK
 
 
-def _strip(args) -> int:
-    from pathlib import Path
-
-    from .checkpoint import load_directory, write_checkpoint
-    from .files import check_outputs, staged
+def _run_strip(args) -> int:
+    from .checkpoint import load, save
+    from .files import check_outputs
 
     check_outputs({"--out": (args.out, "dir")}, _model_inputs(args))
     progress = _Progress()
     progress(f"reading {args.source}")
-    loaded = load_directory(args.source, progress)  # the weights, without re-applying the surgery
-    with staged([(Path(args.out), "dir")]) as (staging,):
-        write_checkpoint(loaded.model, staging, loaded.source, surgery=None)
-    print(f"wrote {args.out}: {type(loaded.model).__name__} with no pathsurgeon plan")
+    model = load(args.source, surgery=False)  # the weights, without re-applying the surgery
+    save(model, args.out)
+    print(f"wrote {args.out}: {type(model).__name__} with no pathsurgeon plan")
     return EXIT_OK
 
 
-def _export(args) -> int:
-    from .checkpoint import load_directory
+def _run_export(args) -> int:
+    from .checkpoint import load
     from .errors import PathSurgeonError
     from .export import export_onnx, validate_opset
     from .files import check_outputs
@@ -357,10 +339,11 @@ def _export(args) -> int:
     check_outputs({"--onnx": (args.onnx, "file")}, _model_inputs(args))
     progress = _Progress()
     if args.source is not None:
-        model = load_directory(args.source, progress).model  # the weights only: stripped on the way
+        progress(f"reading {args.source}")
+        model = load(args.source, surgery=False)  # the weights only: stripped on the way
     else:
         args.require_pretrained = False
-        model = _load(args, progress).model
+        model = _load_spec(args, progress).model
     progress(f"exporting {type(model).__name__} to {args.onnx}")
     report = export_onnx(model, args.onnx, opset=args.opset)
     progress("done")
@@ -368,6 +351,9 @@ def _export(args) -> int:
     print(f"wrote {args.onnx}: {nodes} nodes, no random ops; "
           f"onnxruntime vs PyTorch max |Δ| = {report.max_abs_diff:.3g}")
     return EXIT_OK
+
+
+_COMMANDS = {"add": _run_add, "inspect": _run_inspect, "strip": _run_strip, "export": _run_export}
 
 
 if __name__ == "__main__":  # pragma: no cover

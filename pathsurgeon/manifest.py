@@ -2,10 +2,11 @@
 
 A manifest comes from a directory anyone may have written, so it is data to check, never instructions
 to follow: it is validated against :data:`SCHEMA` (JSON Schema, every object closed to unknown keys)
-and then against the installed libraries (a timm name timm knows; a transformers model class that
-``config.json`` lists in ``architectures``). The only values that reach a constructor are the plain
-architecture arguments in :data:`CONSTRUCTOR_ARGUMENTS` — never a path, a callable or a class name of
-the file's choosing (a free-form ``kwargs`` would let a file make timm open any ``checkpoint_path``).
+and then against the installed libraries (a timm name timm knows, a torchvision builder torchvision
+lists, a transformers model class that ``config.json`` lists in ``architectures``). The only values
+that reach a constructor are the plain architecture arguments in :data:`CONSTRUCTOR_ARGUMENTS` — never
+a path, a callable or a class name of the file's choosing (a free-form ``kwargs`` would let a file make
+timm open any ``checkpoint_path``).
 """
 
 from __future__ import annotations
@@ -16,22 +17,81 @@ from typing import Any
 
 from .errors import ManifestError
 
-__all__ = ["CONSTRUCTOR_ARGUMENTS", "FORMAT_VERSION", "MANIFEST", "SCHEMA", "read_manifest", "validate_manifest"]
+__all__ = [
+    "CONSTRUCTOR_ARGUMENTS",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "READABLE_FORMATS",
+    "SCHEMA",
+    "SCHEMAS",
+    "read_manifest",
+    "validate_manifest",
+]
 
 MANIFEST = "pathsurgeon.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the config and the exact targets (pathsurgeon.save); 1: written by pathsurgeon 0.1
+READABLE_FORMATS = (1, 2)
 MAX_BYTES = 16 * 1024 * 1024  # a manifest lists branches; a bigger file is not one of ours
 
 _SIZE = {"type": "integer", "minimum": 1, "maximum": 65536}
 _RATE = {"type": "number", "minimum": 0, "exclusiveMaximum": 1}
 _NAME = {"type": "string", "maxLength": 1000}
+_MODE = {"enum": ["sample", "skip", "batch"]}
+_SCHEDULE = {
+    "oneOf": [
+        {"enum": ["auto", "linear", "uniform"]},
+        {"type": "array", "items": _RATE, "maxItems": 100_000},
+    ]
+}
 
-# Architecture arguments fine-tuners change, with plain values only.
-CONSTRUCTOR_ARGUMENTS: dict[str, dict] = {
-    "num_classes": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
-    "in_chans": {"type": "integer", "minimum": 1, "maximum": 1024},
-    "img_size": {"oneOf": [_SIZE, {"type": "array", "items": _SIZE, "minItems": 2, "maxItems": 2}]},
-    "global_pool": {"type": "string", "pattern": "^[a-z]{0,16}$"},
+# Architecture arguments fine-tuners change, with plain values only, per library.
+CONSTRUCTOR_ARGUMENTS: dict[str, dict[str, dict]] = {
+    "timm": {
+        "num_classes": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
+        "in_chans": {"type": "integer", "minimum": 1, "maximum": 1024},
+        "img_size": {"oneOf": [_SIZE, {"type": "array", "items": _SIZE, "minItems": 2, "maxItems": 2}]},
+        "global_pool": {"type": "string", "pattern": "^[a-z]{0,16}$"},
+    },
+    "torchvision": {
+        "num_classes": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
+        "image_size": _SIZE,
+    },
+}
+
+
+def _source(library: str, required: list[str], properties: dict) -> dict:
+    """The shape of ``source`` for one library: a discriminator on ``library`` rather than oneOf, so
+    that an error names the field that is wrong."""
+    return {
+        "if": {"properties": {"library": {"const": library}}},
+        "then": {
+            "additionalProperties": False,
+            "required": ["library", *required],
+            "properties": {"library": True, **properties},
+        },
+    }
+
+
+_MODEL_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_.\\-]{1,200}$"}
+_SOURCE = {
+    "type": "object",
+    "required": ["library"],
+    "properties": {"library": {"enum": ["timm", "torchvision", "transformers"]}},
+    "allOf": [
+        _source("timm", ["name"], {
+            "name": _MODEL_NAME,
+            "kwargs": {"type": "object", "additionalProperties": False,
+                       "properties": CONSTRUCTOR_ARGUMENTS["timm"]},
+        }),
+        _source("torchvision", ["name"], {
+            "name": _MODEL_NAME,
+            "kwargs": {"type": "object", "additionalProperties": False,
+                       "properties": CONSTRUCTOR_ARGUMENTS["torchvision"]},
+        }),
+        _source("transformers", ["class"], {
+            "class": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9_]{0,200}$"},
+        }),
+    ],
 }
 
 _BRANCH = {
@@ -44,72 +104,75 @@ _BRANCH = {
         "rate": _RATE,
         "mechanism": {"enum": ["slot", "hook"]},
         "target": _NAME,
-        "mode": {"enum": ["sample", "skip", "batch"]},
+        "batch_axis": {"type": "integer", "minimum": 0, "maximum": 64},
+        "unit": {"oneOf": [{"type": "null"}, _NAME]},
+        "mode": _MODE,
         "entry": {"oneOf": [{"type": "null"}, _NAME]},
     },
 }
+_BRANCHES = {"type": "array", "items": _BRANCH, "maxItems": 100_000}
 
-SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "pathsurgeon manifest",
-    "type": "object",
+_SURGERY_1 = {
+    "type": ["object", "null"],  # null: a stripped checkpoint
     "additionalProperties": False,
-    "required": ["format", "source", "surgery"],
+    "required": ["rate", "schedule", "mode", "branches"],
+    "properties": {"rate": {"oneOf": [{"type": "null"}, _RATE]}, "schedule": _SCHEDULE, "mode": _MODE,
+                   "branches": _BRANCHES},
+}
+
+_GLOBS = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 1000}, "maxItems": 1000}
+_SURGERY_2 = {
+    "type": ["object", "null"],  # null: a stripped checkpoint, or a model saved without surgery
+    "additionalProperties": False,
+    "required": ["config", "rate", "schedule", "targets", "branches"],
     "properties": {
-        "format": {"const": FORMAT_VERSION},
-        "source": {
+        "config": {
             "type": "object",
-            "required": ["library"],
-            "properties": {"library": {"enum": ["timm", "transformers"]}},
-            # a discriminator rather than oneOf, so that an error names the field that is wrong
-            "allOf": [
-                {
-                    "if": {"properties": {"library": {"const": "timm"}}},
-                    "then": {
-                        "additionalProperties": False,
-                        "required": ["library", "name"],
-                        "properties": {
-                            "library": True,
-                            "name": {"type": "string", "pattern": "^[A-Za-z0-9_.\\-]{1,200}$"},
-                            "kwargs": {
-                                "type": "object",
-                                "additionalProperties": False,
-                                "properties": CONSTRUCTOR_ARGUMENTS,
-                            },
-                        },
-                    },
-                },
-                {
-                    "if": {"properties": {"library": {"const": "transformers"}}},
-                    "then": {
-                        "additionalProperties": False,
-                        "required": ["library", "class"],
-                        "properties": {
-                            "library": True,
-                            "class": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9_]{0,200}$"},
-                        },
-                    },
-                },
-            ],
-        },
-        "surgery": {
-            "type": ["object", "null"],  # null: a stripped checkpoint
             "additionalProperties": False,
-            "required": ["rate", "schedule", "mode", "branches"],
+            "required": ["rate", "schedule", "mode", "verify", "include", "exclude"],
             "properties": {
                 "rate": {"oneOf": [{"type": "null"}, _RATE]},
-                "schedule": {
-                    "oneOf": [
-                        {"enum": ["auto", "linear", "uniform"]},
-                        {"type": "array", "items": _RATE, "maxItems": 100_000},
-                    ]
-                },
-                "mode": {"enum": ["sample", "skip", "batch"]},
-                "branches": {"type": "array", "items": _BRANCH, "maxItems": 100_000},
+                "schedule": _SCHEDULE,
+                "mode": _MODE,
+                "verify": {"oneOf": [{"type": "boolean"}, {"type": "number", "minimum": 0}]},
+                "include": _GLOBS,
+                "exclude": _GLOBS,
             },
         },
+        "rate": {"oneOf": [{"type": "null"}, _RATE]},  # in effect when saved (set_rate may have moved it)
+        "schedule": _SCHEDULE,
+        "targets": {
+            "type": "array",
+            "maxItems": 100_000,
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["target", "mechanism", "block", "silenced"],
+                "properties": {"target": _NAME, "mechanism": {"enum": ["slot", "hook"]}, "block": _NAME,
+                               "silenced": {"type": "boolean"}},
+            },
+        },
+        "branches": _BRANCHES,
     },
 }
+
+
+def _schema(version: int, source: dict, surgery: dict) -> dict[str, Any]:
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": f"pathsurgeon manifest, format {version}",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["format", "source", "surgery"],
+        "properties": {"format": {"const": version}, "source": source, "surgery": surgery},
+    }
+
+
+# Format 1 (pathsurgeon 0.1) knew timm and transformers sources and recorded the rate, schedule, mode
+# and branches of the surgery.
+_SOURCE_1 = {**_SOURCE, "properties": {"library": {"enum": ["timm", "transformers"]}}}
+SCHEMAS: dict[int, dict[str, Any]] = {1: _schema(1, _SOURCE_1, _SURGERY_1), 2: _schema(2, _SOURCE, _SURGERY_2)}
+SCHEMA = SCHEMAS[FORMAT_VERSION]
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -132,12 +195,14 @@ def validate_manifest(data: Any, where: Path | str = MANIFEST) -> None:
     """Check ``data`` against :data:`SCHEMA`; the error names the first offending field."""
     import jsonschema
 
-    if isinstance(data, dict) and "format" in data and data["format"] != FORMAT_VERSION:
+    version = data.get("format", FORMAT_VERSION) if isinstance(data, dict) else FORMAT_VERSION
+    if version not in READABLE_FORMATS:
         raise ManifestError(
-            f"{where} has manifest format {data['format']!r}; this pathsurgeon reads format {FORMAT_VERSION} "
-            "(upgrade pathsurgeon, or rewrite the directory with pathsurgeon add --out)"
+            f"{where} has manifest format {version!r}; this pathsurgeon reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))} (upgrade pathsurgeon, or rewrite the directory with "
+            "pathsurgeon add --out)"
         )
-    validator = jsonschema.Draft202012Validator(SCHEMA)
+    validator = jsonschema.Draft202012Validator(SCHEMAS[version])
     error = jsonschema.exceptions.best_match(validator.iter_errors(data))
     if error is None:
         return

@@ -201,9 +201,11 @@ def _manifest(folder: Path) -> dict:
         (lambda m: {**m, "source": {**m["source"], "pretrained_cfg_overlay": {"file": "{evil}"}}}, "source"),
         (lambda m: {**m, "source": {"library": "pickle", "name": "x"}}, "source"),
         (lambda m: {**m, "source": {"library": "timm", "name": "not_a_model_anywhere"}}, "not_a_model_anywhere"),
-        (lambda m: {**m, "format": 2}, "format 2"),
+        (lambda m: {**m, "format": 3}, "format 3"),
         (lambda m: {**m, "surgery": {**m["surgery"], "rate": 7}}, "surgery.rate"),
-        (lambda m: {**m, "surgery": {**m["surgery"], "mode": "fast"}}, "surgery.mode"),
+        (lambda m: {**m, "surgery": {**m["surgery"], "config": {**m["surgery"]["config"], "mode": "fast"}}},
+         "surgery.config.mode"),
+        (lambda m: {**m, "surgery": {**m["surgery"], "targets": [{"target": "x"}]}}, "surgery.targets.0"),
         (lambda m: {**m, "surgery": {**m["surgery"], "branches": [{"block": "x"}]}}, "surgery.branches.0"),
     ],
 )
@@ -297,7 +299,7 @@ def no_loading(monkeypatch):
         raise AssertionError("the model was loaded before the output paths were checked")
 
     monkeypatch.setattr(checkpoint, "load_model", forbidden)
-    monkeypatch.setattr(checkpoint, "load_directory", forbidden, raising=False)
+    monkeypatch.setattr(checkpoint, "load", forbidden)
 
 
 def test_outputs_may_not_overwrite_inputs_or_each_other(surgered_dir, tmp_path, capsys, no_loading):
