@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import PathSurgeonError
+from .tables import table
 
 __all__ = ["ExampleInputs", "example_inputs"]
 
@@ -86,34 +87,42 @@ def example_inputs(model: nn.Module, given: object = None) -> ExampleInputs:
     return ExampleInputs((), {keyword: batch})
 
 
-DEFAULT_IMAGE_SIZE = 224  # ImageNet's; every torchvision classifier and most HF vision configs take it
+_FACTS = table("inputs")
+DEFAULT_IMAGE_SIZE = int(_FACTS["default_image_size"])
+
+
+def _first(owner: object, names: list[str]) -> object:
+    for name in names:
+        value = getattr(owner, name, None)
+        if value is not None:
+            return value
+    return None
 
 
 def _input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, str | None]:
     """(C, H, W) of one image and the keyword it is passed as (None: positionally).
 
-    In order: timm's ``pretrained_cfg`` (the patch embedding's size and the first convolution's
-    channels win for a model built with another ``img_size`` or ``in_chans``); a Hugging Face config's
-    ``image_size`` / ``num_channels`` (its ``vision_config``'s for a composite model); an
-    ``image_size`` / ``img_size`` the model or its patch embedding keeps (torchvision ViT); else
-    224 × 224 with the channel count of the first convolution or the config (3 when only a size is
-    known).
+    In order (the attribute names are in ``recipes/inputs.toml``): timm's ``pretrained_cfg`` (the
+    patch embedding's size and the first convolution's channels win for a model built with another
+    ``img_size`` or ``in_chans``); a Hugging Face config's ``image_size`` / ``num_channels`` (its
+    ``vision_config``'s for a composite model); an ``image_size`` / ``img_size`` the model or its patch
+    embedding keeps (torchvision ViT); else 224 × 224 with the channel count of the first convolution or
+    the config (3 when only a size is known).
     """
-    keyword = "pixel_values" if _takes_pixel_values(model) else None
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    keyword = _FACTS["hf_pixel_keyword"] if _FACTS["hf_pixel_keyword"] in _forward_parameters(model) else None
+    cfg = _first(model, _FACTS["timm_configs"])
     if isinstance(cfg, dict) and cfg.get("input_size"):
         channels, height, width = (int(v) for v in cfg["input_size"])
-        # a timm model built with img_size=... or in_chans=... keeps the pretrained cfg's input size;
-        # its patch embedding and first convolution know better
-        size = _pair(getattr(getattr(model, "patch_embed", None), "img_size", None))
+        embedding = _first(model, _FACTS["patch_embeddings"])
+        size = _pair(getattr(embedding, "img_size", None))
         if size is not None:
             height, width = size
         channels = _first_convolution_channels(model) or channels
         return (channels, height, width), keyword
     config = getattr(model, "config", None)
-    vision = getattr(config, "vision_config", None) or config
-    channels = getattr(vision, "num_channels", None)
-    size = _pair(getattr(vision, "image_size", None))
+    vision = _first(config, _FACTS["hf_nested_configs"]) or config
+    channels = _first(vision, _FACTS["hf_channels"])
+    size = _pair(_first(vision, _FACTS["hf_image_size"]))
     if size is None:
         size = _own_image_size(model)
     if not isinstance(channels, int):
@@ -136,11 +145,10 @@ def _pair(size: object) -> tuple[int, int] | None:
 
 def _own_image_size(model: nn.Module) -> tuple[int, int] | None:
     """An input size the model keeps itself: torchvision ViT's ``image_size``, a patch embedding's."""
-    for owner in (model, getattr(model, "patch_embed", None)):
-        for attribute in ("image_size", "img_size"):
-            size = _pair(getattr(owner, attribute, None))
-            if size is not None:
-                return size
+    for owner in (model, _first(model, _FACTS["patch_embeddings"])):
+        size = _pair(_first(owner, _FACTS["own_image_size"]))
+        if size is not None:
+            return size
     return None
 
 
@@ -156,10 +164,6 @@ def _forward_parameters(model: nn.Module) -> set[str]:
         return set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
         return set()
-
-
-def _takes_pixel_values(model: nn.Module) -> bool:
-    return "pixel_values" in _forward_parameters(model)
 
 
 TOKENS = 64  # enough positions to run every layer; far fewer than a whole image's

@@ -8,12 +8,9 @@ They are the fallback: ``schedule="auto"`` first asks the model's library (:mod:
 from __future__ import annotations
 
 import fnmatch
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 
-import tomllib
 import torch
 from torch import nn
 
@@ -21,6 +18,7 @@ from .config import validate_schedule
 from .errors import InvalidScheduleError
 from .finder import ResidualAdd
 from .report import Branch
+from .tables import table
 
 __all__ = ["Plan", "Recipe", "batch_axis", "make_branch", "make_plan", "recipe_for", "schedule_rates"]
 
@@ -60,21 +58,12 @@ class Plan:
         return self.rates[self.index_of(block)]
 
 
-@functools.cache
-def _load_recipes(library: str) -> dict:
-    try:
-        text = resources.files("pathsurgeon.recipes").joinpath(f"{library}.toml").read_text()
-    except FileNotFoundError:
-        return {}
-    return tomllib.loads(text)
-
-
 def recipe_for(model: nn.Module) -> Recipe:
     """The recipe of the library and family ``model``'s class comes from (defaults when unknown)."""
     module = type(model).__module__
     library = module.split(".")[0]
     family = module.split(".")[-1] if library in ("timm", "transformers", "torchvision") else None
-    data = _load_recipes(library) if family else {}
+    data = table(library) if family else {}
     entry = {**data.get("default", {}), **data.get("family", {}).get(family or "", {})}
     schedule = entry.get("schedule", "linear")
     if schedule not in _FORMULAS:  # a broken recipe file is our bug, say where

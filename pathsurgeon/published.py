@@ -14,13 +14,12 @@ from __future__ import annotations
 import fnmatch
 import functools
 from dataclasses import dataclass
-from importlib import resources
 
-import tomllib
 from torch import nn
 
 from .config import validate_rate
 from .errors import NoPublishedRateError
+from .tables import table
 
 __all__ = ["PublishedRate", "model_names", "published_rate", "published_rates"]
 
@@ -47,8 +46,7 @@ class PublishedRate:
 
 @functools.cache
 def _entries() -> tuple[dict, ...]:
-    text = resources.files("pathsurgeon.recipes").joinpath("published.toml").read_text()
-    entries = tuple(tomllib.loads(text).get("rate", ()))
+    entries = tuple(table("published").get("rate", ()))
     for index, entry in enumerate(entries):  # a broken data file is our bug: say which entry
         missing = {"family", "rate", "schedule", "setting", "source"} - entry.keys()
         if missing or entry["schedule"] not in ("auto", "uniform", "linear"):

@@ -8,12 +8,13 @@ runs when built with a drop-path rate.
 
 During capture every slot holds a :class:`SlotProbe`, an identity that shows up in any graph
 (torch.fx leaf, or a custom op under torch.export), so the finder can see which residual branch each
-slot sits on, and records the shapes it sees so the batch axis can be inferred.
+slot sits on. The facts (slot names, drop-path classes, rate attributes) are in ``recipes/slots.toml``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,12 +23,15 @@ import torch
 from torch import nn
 
 from .droppath import DropPath
+from .tables import table
 
 __all__ = ["Slot", "SlotProbe", "find_slots", "install", "is_drop_path_module", "register_drop_path_class"]
 
-# Attribute names that libraries use for drop-path slots: timm (drop_path, drop_path1..3),
-# Hugging Face (drop_path, drop_path1/2), torchvision (stochastic_depth).
-SLOT_NAME = re.compile(r"^(drop_?path\d*|drop_path_\w+|stochastic_depth\d*)$", re.IGNORECASE)
+# What libraries call their slots and where their drop-path modules keep their rate: recipes/slots.toml.
+_FACTS = table("slots")
+SLOT_NAME = re.compile(_FACTS["name_pattern"], re.IGNORECASE)
+_RATE_ATTRIBUTES = tuple(_FACTS["rate_attributes"])
+_CLASS_FAMILIES = tuple((f["module_prefix"], f["name_suffix"]) for f in _FACTS.get("class_families", ()))
 
 _DROP_PATH_CLASSES: list[type] = [DropPath]
 
@@ -44,18 +48,13 @@ def register_drop_path_class(cls: type) -> type:
 
 
 def _register_library_classes() -> None:
-    try:
-        from timm.layers import DropPath as TimmDropPath
-    except ImportError:  # pragma: no cover - timm is a dependency
-        pass
-    else:
-        register_drop_path_class(TimmDropPath)  # the reference implementation we reproduce
-    try:
-        from torchvision.ops import StochasticDepth
-    except ImportError:  # pragma: no cover - torchvision comes with timm
-        pass
-    else:
-        register_drop_path_class(StochasticDepth)  # torchvision's per-row / per-batch stochastic depth
+    """The drop-path classes recipes/slots.toml lists, from the libraries that are installed."""
+    for entry in _FACTS.get("classes", ()):
+        try:
+            cls = getattr(importlib.import_module(entry["module"]), entry["name"])
+        except (ImportError, AttributeError):  # that library is not installed (or moved the class)
+            continue
+        register_drop_path_class(cls)
 
 
 _register_library_classes()
@@ -66,13 +65,14 @@ def is_drop_path_module(module: object) -> bool:
     if isinstance(module, tuple(_DROP_PATH_CLASSES)):
         return True
     cls = type(module)
-    # Hugging Face copies a DropPath class into every model file (BeitDropPath, SwinDropPath, ...).
-    return cls.__module__.startswith("transformers.") and cls.__name__.endswith("DropPath")
+    return any(
+        cls.__module__.startswith(prefix) and cls.__name__.endswith(suffix) for prefix, suffix in _CLASS_FAMILIES
+    )
 
 
 def existing_rate(module: object) -> float:
     """The drop rate an existing drop-path module was built with (0.0 for Identity / None)."""
-    for attribute in ("rate", "drop_prob", "p"):
+    for attribute in _RATE_ATTRIBUTES:
         value = getattr(module, attribute, None)
         if isinstance(value, (int, float)):
             return float(value)
@@ -81,11 +81,10 @@ def existing_rate(module: object) -> float:
 
 @dataclass(frozen=True)
 class Slot:
-    """``parent.attr`` can hold a drop-path module. ``kind``: 'drop_path', 'identity' or 'none'."""
+    """``parent.attr`` can hold a drop-path module (it holds one, an ``nn.Identity``, or ``None``)."""
 
     parent: str
     attr: str
-    kind: str
 
     @property
     def name(self) -> str:
@@ -101,14 +100,14 @@ def find_slots(model: nn.Module) -> list[Slot]:
         for attr, child in parent._modules.items():
             if child is None:
                 if SLOT_NAME.match(attr):
-                    slots.append(Slot(parent_name, attr, "none"))
+                    slots.append(Slot(parent_name, attr))
             elif is_drop_path_module(child):
-                slots.append(Slot(parent_name, attr, "drop_path"))
+                slots.append(Slot(parent_name, attr))
             elif type(child) is nn.Identity and SLOT_NAME.match(attr):
-                slots.append(Slot(parent_name, attr, "identity"))
+                slots.append(Slot(parent_name, attr))
         for attr, value in vars(parent).items():
             if value is None and SLOT_NAME.match(attr) and attr not in parent._modules:
-                slots.append(Slot(parent_name, attr, "none"))
+                slots.append(Slot(parent_name, attr))
     return slots
 
 
@@ -161,13 +160,10 @@ class SlotProbe(nn.Module):
         super().__init__()
         self.slot_id = slot_id
         self.slot = slot
-        self.shapes: list[torch.Size] = []
 
     def forward(self, x):
         if not isinstance(x, torch.Tensor):
             return x
-        if not torch.compiler.is_compiling() and not isinstance(x, torch._subclasses.FakeTensor):
-            self.shapes.append(x.shape)
         return _slot_probe_op(x, self.slot_id)
 
     def extra_repr(self) -> str:
