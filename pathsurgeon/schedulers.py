@@ -27,7 +27,7 @@ from torch import nn
 from .config import validate_rate
 from .errors import InvalidRateError, InvalidScheduleError, PathSurgeonError
 
-__all__ = ["Early", "Late", "RateScheduler", "Warmup"]
+__all__ = ["Early", "Late", "RateScheduler", "Warmup", "require_scheduler"]
 
 
 # --- the common shapes, as picklable functions of the step --------------------------------------------
@@ -222,3 +222,13 @@ def _count(value: object, what: str, *, minimum: int) -> int:
     if int(value) < minimum:
         raise PathSurgeonError(f"{what} must be at least {minimum}, got {int(value)}")
     return int(value)
+
+
+def require_scheduler(value: object, who: str) -> RateScheduler:
+    """``value`` if it is a :class:`RateScheduler`, else a one-line error naming ``who`` needs one."""
+    if not isinstance(value, RateScheduler):
+        raise PathSurgeonError(
+            f"{who} needs a pathsurgeon.RateScheduler, got {type(value).__name__}; "
+            "pass e.g. RateScheduler.warmup(model, 0.1, steps=500)"
+        )
+    return value

@@ -21,7 +21,7 @@ except ImportError as error:  # an optional dependency: say which package, in on
         "pathsurgeon.integrations.lightning needs Lightning (lightning.pytorch); pip install lightning"
     ) from error
 
-from ..schedulers import RateScheduler
+from ..schedulers import RateScheduler, require_scheduler
 
 __all__ = ["DropPathCallback"]
 
@@ -30,14 +30,7 @@ class DropPathCallback(Callback):
     """Keeps ``scheduler``'s model at ``fn(trainer.global_step)`` and logs the rate as ``log_name``."""
 
     def __init__(self, scheduler: RateScheduler, *, log_name: str = "drop_path_rate") -> None:
-        if not isinstance(scheduler, RateScheduler):
-            from ..errors import PathSurgeonError
-
-            raise PathSurgeonError(
-                f"DropPathCallback needs a pathsurgeon.RateScheduler, got {type(scheduler).__name__}; "
-                "pass e.g. RateScheduler.warmup(model, 0.1, steps=500)"
-            )
-        self.scheduler = scheduler
+        self.scheduler = require_scheduler(scheduler, "DropPathCallback")
         self.log_name = log_name
 
     def on_train_start(self, trainer, pl_module) -> None:

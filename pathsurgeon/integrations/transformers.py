@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..schedulers import RateScheduler
+from ..schedulers import RateScheduler, require_scheduler
 
 __all__ = ["DropPathCallback"]
 
@@ -28,14 +28,7 @@ class DropPathCallback(TrainerCallback):
     """Keeps ``scheduler``'s model at ``fn(global_step)`` and logs the rate as ``log_name``."""
 
     def __init__(self, scheduler: RateScheduler, *, log_name: str = "drop_path_rate") -> None:
-        if not isinstance(scheduler, RateScheduler):
-            from ..errors import PathSurgeonError
-
-            raise PathSurgeonError(
-                f"DropPathCallback needs a pathsurgeon.RateScheduler, got {type(scheduler).__name__}; "
-                "pass e.g. RateScheduler.warmup(model, 0.1, steps=500)"
-            )
-        self.scheduler = scheduler
+        self.scheduler = require_scheduler(scheduler, "DropPathCallback")
         self.log_name = log_name
 
     def on_train_begin(self, args, state, control, **kwargs: Any) -> None:
