@@ -20,13 +20,14 @@ then a new input value, never a recompilation.
 from __future__ import annotations
 
 import inspect
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .config import MODES, validate_mode, validate_rate
 
-__all__ = ["DRAWS", "MODES", "DropPath", "drop_path", "drop_path_mask", "mask_shape"]
+__all__ = ["DRAWS", "MODES", "DropPath", "KeptRows", "drop_path", "drop_path_mask", "mask_shape"]
 
 # How the per-sample keep mask is drawn. "bernoulli": timm's and torchvision's ``bernoulli_(keep)``.
 # "uniform_floor": Hugging Face's ``floor(rand + keep)`` (one copy in every HF model file), used for the
@@ -114,6 +115,18 @@ def mask_shape(x: torch.Tensor, batch_axis: int) -> list[int]:
     return shape
 
 
+class KeptRows(NamedTuple):
+    """The drop decision for one call of a branch (modes 'skip' and 'batch'): kept rows (None: all of
+    them), scale, full batch size. Drawn by :func:`pathsurgeon.skipping.draw_rows`.
+
+    ``scale`` is a 0-d tensor, not a float, so that a compiled graph does not specialise on it.
+    """
+
+    index: torch.Tensor | None
+    scale: torch.Tensor
+    batch: int
+
+
 class DropPath(nn.Module):
     """Stochastic depth on a residual branch (the module pathsurgeon inserts).
 
@@ -149,7 +162,7 @@ class DropPath(nn.Module):
         # kept for the coming call; a fixed 0/1 keep mask forced on for add's checks (active in eval too);
         # whether the branch runs on an empty batch when no sample is kept (False: a reshape with -1 in
         # it, so it runs on one sample multiplied by zero).
-        self.kept_rows = None
+        self.kept_rows: KeptRows | None = None
         self.forced_keep: torch.Tensor | None = None
         self.empty_ok = True
 
@@ -177,9 +190,20 @@ class DropPath(nn.Module):
         """Drop path on the branch output ``x``; ``training`` is the flag of the module it belongs to."""
         if self.mode == "sample" and self.forced_keep is None:  # the hot path: timm's code, nothing else
             return self.sample(x, training)
-        from . import skipping  # imported here: skipping builds on this module
-
-        return skipping.finish_branch(self, x, training)
+        # modes 'skip' and 'batch': the branch ran on the rows a Gather kept; scatter them back
+        rows, self.kept_rows = self.kept_rows, None
+        if rows is not None:
+            if rows.index is None:
+                return x * rows.scale
+            full = list(x.shape)
+            full[self.batch_axis] = rows.batch
+            return x.new_zeros(full).index_copy(self.batch_axis, rows.index, x * rows.scale)
+        if self.forced_keep is not None:
+            keep = self.forced_keep.to(device=x.device, dtype=x.dtype)
+            return x * keep.view(mask_shape(x, self.batch_axis)) * self.scale()
+        if self.mode == "batch" and training:  # nothing gathered: the whole batch, computed, kept or zeroed
+            return x * self._batch_factor()
+        return self.sample(x, training)
 
     def sample(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         """Per-sample drop path on the whole branch output (mode 'sample', and the others' fallback)."""
@@ -194,6 +218,22 @@ class DropPath(nn.Module):
     def scale(self) -> float:
         """What kept samples are multiplied by: ``1 / (1 - rate)``, or 1 without ``scale_by_keep``."""
         return 1.0 / (1.0 - self.rate) if self.scale_by_keep else 1.0
+
+    def scale_tensor(self) -> torch.Tensor:
+        # a 0-d CPU tensor multiplies a tensor on any device, in that tensor's dtype
+        return torch.tensor(self.scale(), dtype=torch.float64)
+
+    def batch_kept(self) -> bool:
+        """One draw for the whole batch (mode 'batch'), as torchvision's ``StochasticDepth(mode="batch")``
+        makes it; on the CPU generator, whatever the model's device, so deciding needs no device sync."""
+        return bool(torch.empty(1).bernoulli_(1.0 - self.rate))
+
+    @torch.compiler.disable  # a random decision on the host: under torch.compile, a graph break here
+    def _batch_factor(self) -> torch.Tensor:
+        """Mode 'batch' without a Gather: the factor for the whole batch, 0 (dropped) or the scale."""
+        if self.rate == 0.0:
+            return torch.ones((), dtype=torch.float64)
+        return self.scale_tensor() if self.batch_kept() else torch.zeros((), dtype=torch.float64)
 
     def extra_repr(self) -> str:
         text = f"rate={self.rate:.4g}"

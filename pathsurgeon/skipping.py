@@ -3,10 +3,10 @@
 A :class:`Gather` forward pre-hook on the branch's way in (its first module, found on the graph by
 :func:`pathsurgeon.finder.branch_entries`) draws which rows keep the branch (:func:`draw_rows`) and
 passes on only those; the :class:`~pathsurgeon.droppath.DropPath` at the end of the branch scatters
-the scaled rows back into a full-size zero tensor (:func:`finish_branch`), which the block's own code
-adds to its shortcut. In mode ``"skip"`` the draw is per sample, the very draw of mode ``"sample"``
-(so under one seed the same samples are kept); in mode ``"batch"`` it is one draw for the whole batch,
-as torchvision's ``StochasticDepth(mode="batch")`` makes it.
+the scaled rows back into a full-size zero tensor, which the block's own code adds to its shortcut.
+In mode ``"skip"`` the draw is per sample, the very draw of mode ``"sample"`` (so under one seed the
+same samples are kept); in mode ``"batch"`` it is one draw for the whole batch, as torchvision's
+``StochasticDepth(mode="batch")`` makes it.
 
 Before a branch is handed a Gather, :func:`assign_entries` rules out branches that mix samples
 (BatchNorm) or have no single way in, and :func:`check_gathers` runs each gathered branch's block with
@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree
 
 from .capture import private_rng, training_flags_kept
-from .droppath import DropPath, mask_shape
+from .droppath import DropPath, KeptRows
 from .finder import BranchEntry, ResidualAdd, branch_entries
 from .verify import max_abs_diff, tensor_leaves
 
@@ -33,18 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .graph import GraphView
     from .report import Branch
 
-__all__ = ["Gather", "KeptRows", "assign_entries", "check_gathers", "draw_rows", "finish_branch"]
-
-
-class KeptRows(NamedTuple):
-    """The drop decision for one call of a branch: kept rows (None: all of them), scale, full batch size.
-
-    ``scale`` is a 0-d tensor, not a float, so that a compiled graph does not specialise on it.
-    """
-
-    index: torch.Tensor | None
-    scale: torch.Tensor
-    batch: int
+__all__ = ["Gather", "assign_entries", "check_gathers", "draw_rows"]
 
 
 # --- at training time ---------------------------------------------------------------------------------
@@ -83,8 +72,8 @@ def draw_rows(
     elif not training or drop.rate == 0.0 or drop.mode == "sample":
         return None
     elif drop.mode == "batch":
-        if _batch_kept(drop):
-            return KeptRows(None, _scale_tensor(drop), batch)
+        if drop.batch_kept():
+            return KeptRows(None, drop.scale_tensor(), batch)
         return _none_kept(drop, batch, device)
     else:
         # the draw the library's drop path makes (same count, dtype and generator), so that under one
@@ -97,40 +86,7 @@ def draw_rows(
     index = keep_mask.nonzero().flatten()
     if index.numel() == 0:
         return _none_kept(drop, batch, device)
-    return KeptRows(None if index.numel() == batch else index, _scale_tensor(drop), batch)
-
-
-def finish_branch(drop: DropPath, x: torch.Tensor, training: bool) -> torch.Tensor:
-    """The end of a branch in modes 'skip' and 'batch' (and under a forced mask): the full-batch output."""
-    rows, drop.kept_rows = drop.kept_rows, None
-    if rows is not None:
-        if rows.index is None:
-            return x * rows.scale
-        full = list(x.shape)
-        full[drop.batch_axis] = rows.batch
-        return x.new_zeros(full).index_copy(drop.batch_axis, rows.index, x * rows.scale)
-    if drop.forced_keep is not None:
-        keep = drop.forced_keep.to(device=x.device, dtype=x.dtype)
-        return x * keep.view(mask_shape(x, drop.batch_axis)) * drop.scale()
-    if drop.mode == "batch" and training:  # nothing gathered: the whole batch, computed, kept or zeroed
-        return x * _batch_factor(drop)
-    return drop.sample(x, training)
-
-
-@torch.compiler.disable  # a random decision on the host: under torch.compile, a graph break here
-def _batch_factor(drop: DropPath) -> torch.Tensor:
-    """Mode 'batch' without a Gather: the factor for the whole batch, 0 (dropped) or the scale."""
-    if drop.rate == 0.0:
-        return torch.ones((), dtype=torch.float64)
-    return _scale_tensor(drop) if _batch_kept(drop) else torch.zeros((), dtype=torch.float64)
-
-
-def _batch_kept(drop: DropPath) -> bool:
-    """One draw for the whole batch, as torchvision's ``StochasticDepth(mode="batch")`` makes it.
-
-    On the CPU generator, whatever the model's device, so that deciding to skip needs no device sync.
-    """
-    return bool(torch.empty(1).bernoulli_(1.0 - drop.rate))
+    return KeptRows(None if index.numel() == batch else index, drop.scale_tensor(), batch)
 
 
 def _none_kept(drop: DropPath, batch: int, device: torch.device) -> KeptRows:
@@ -138,11 +94,6 @@ def _none_kept(drop: DropPath, batch: int, device: torch.device) -> KeptRows:
     if drop.empty_ok:
         return KeptRows(torch.empty(0, dtype=torch.long, device=device), zero, batch)
     return KeptRows(torch.zeros(1, dtype=torch.long, device=device), zero, batch)
-
-
-def _scale_tensor(drop: DropPath) -> torch.Tensor:
-    # a 0-d CPU tensor multiplies a tensor on any device, in that tensor's dtype
-    return torch.tensor(drop.scale(), dtype=torch.float64)
 
 
 # --- at add time: which branches may skip ----------------------------------------------------------------
