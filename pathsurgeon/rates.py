@@ -11,7 +11,8 @@ each slot's *rate law*: the exact expression the library evaluates, out of the f
 - ``zero`` (never dropped); the rate itself is ``ratio(1, 1)``;
 - ``linspace32(n, k)``: ``torch.linspace(0, r, n)[k].item()`` in float32 (timm's
   ``calculate_drop_path_rates``, HF BEiT, ConvNeXt);
-- ``linspace64(n, k)``: ``numpy.linspace(0, r, n)[k]`` (torchvision MaxViT);
+- ``linspace64(n, k)``: ``numpy.linspace(0, r, n)[k]`` (torchvision MaxViT), and the same stored in a
+  float32 tensor (HF BiT: ``torch.Tensor(np.linspace(...))``);
 - ``ratio(k, n)``: ``r * k / n`` with Python floats (timm's EfficientNet builder, torchvision Swin,
   ConvNeXt and EfficientNet, HF Swin), and the orders ``k / n * r``, ``r * (k / n)`` and ``r / n * k``;
 - any of these times a simple fraction (timm NextViT splits a block's rate by its mix ratio).
@@ -46,7 +47,8 @@ _CACHE_SIZE = 256
 class RateLaw:
     """One slot's rate as a function of the constructor's rate argument (see the module docstring)."""
 
-    kind: str  # "zero" | "linspace32" | "linspace64" | "ratio" | "ratio_k_first" | "ratio_of_fraction" | "step"
+    kind: str  # "zero", "linspace32", "linspace64", "linspace64_float32", "ratio", "ratio_k_first",
+    # "ratio_of_fraction" or "step"
     k: int = 0
     n: int = 0
     factor: float | None = None  # then the value is multiplied by it (NextViT: rate * mix_block_ratio)
@@ -58,7 +60,7 @@ class RateLaw:
     def _base(self, rate: float, memo: dict | None) -> float:
         if self.kind == "zero":
             return 0.0
-        if self.kind in ("linspace32", "linspace64"):
+        if self.kind in ("linspace32", "linspace64", "linspace64_float32"):
             memo = {} if memo is None else memo
             key = (self.kind, rate, self.n)
             if key not in memo:
@@ -78,13 +80,17 @@ def _linspace(kind: str, rate: float, n: int) -> list[float]:
         return torch.linspace(0, rate, n, device="cpu").tolist()
     import numpy
 
-    return numpy.linspace(0, rate, n).tolist()
+    values = numpy.linspace(0, rate, n)
+    if kind == "linspace64_float32":
+        return torch.tensor(values, dtype=torch.float32).tolist()
+    return values.tolist()
 
 
 _KINDS: tuple[tuple[str, int], ...] = (
     # (kind, offset): the law's denominator is n - offset; k is looked for near value / rate * denominator
     ("linspace32", 1),
     ("linspace64", 1),
+    ("linspace64_float32", 1),
     ("ratio", 0),
     ("ratio_k_first", 0),
     ("ratio_of_fraction", 0),

@@ -210,6 +210,9 @@ def test_constructor_arguments_round_trip_through_the_library():
     rebuilt = timm.create_model(recipe["name"], **recipe["arguments"])
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
+    # MViTv2 keeps no img_size; the rebuild differs in shapes only, so the usual sizes are tried
+    assert constructor_arguments(timm.create_model("mvitv2_tiny", img_size=64))["arguments"] == {"img_size": 64}
+
     tv = constructor_arguments(torchvision.models.swin_t(num_classes=10))
     assert tv == {"library": "torchvision", "name": "swin_t", "arguments": {"num_classes": 10}}
     assert type(identify_constructor(torchvision.models.swin_v2_t()).build()) is torchvision.models.SwinTransformer

@@ -65,6 +65,9 @@ class Constructor:
     rate_argument: str | None
     _build: Callable[[float | None], nn.Module] = field(repr=False, compare=False)
     why_no_rate: str = ""  # when rate_argument is None and the adapter knows why
+    # the same constructor with other values of an argument the model may not keep (timm: img_size),
+    # tried in turn when the rebuilt tree differs from the model's in shapes only
+    variants: Callable[[], list[Constructor]] = field(default=lambda: [], repr=False, compare=False)
 
     @property
     def rates_from(self) -> str:
@@ -220,6 +223,14 @@ def identify_and_replay(model: nn.Module, rate: float | None) -> tuple[Construct
             difference = tree_difference(model, rebuilt)
             if difference is None:
                 return candidate, rebuilt
+            if _same_names(model, rebuilt):
+                for variant in candidate.variants():
+                    try:
+                        variant, rebuilt = _replay_candidate(variant, rate)
+                    except Exception:  # noqa: BLE001 - not this value
+                        continue
+                    if tree_difference(model, rebuilt) is None:
+                        return variant, rebuilt
             reasons.append(f"{_call(candidate)}: {difference}")
     if not reasons:
         raise RebuildError(
@@ -239,6 +250,10 @@ def _replay_candidate(candidate: Constructor, rate: float | None) -> tuple[Const
             raise
     candidate = replace(candidate, rate_argument=None, why_no_rate=f"it refuses {candidate.rate_argument}")
     return candidate, replay(candidate, None)
+
+
+def _same_names(model: nn.Module, rebuilt: nn.Module) -> bool:
+    return list(model.state_dict()) == list(rebuilt.state_dict())
 
 
 def _call(constructor: Constructor) -> str:

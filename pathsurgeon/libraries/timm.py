@@ -32,8 +32,23 @@ def candidates(model: nn.Module) -> list[Constructor]:
     name = f"{architecture}.{tag}" if tag else architecture
     arguments = _plain_arguments(model, cfg)
     takes_rate = _accepts(type(model), RATE_ARGUMENT)
-    return [Constructor("timm", name, arguments, RATE_ARGUMENT if takes_rate else None,
-                        lambda rate: _create(name, arguments, rate))]
+
+    def constructor(arguments: dict[str, Any], variants=lambda: []) -> Constructor:
+        return Constructor("timm", name, arguments, RATE_ARGUMENT if takes_rate else None,
+                           lambda rate: _create(name, arguments, rate), variants=variants)
+
+    def sizes() -> list[Constructor]:
+        """Many models do not keep their img_size (MViTv2, Hiera, VOLO, LeViT): try the usual ones."""
+        if "img_size" in arguments or not _accepts(type(model), "img_size"):
+            return []
+        default = tuple(cfg.get("input_size") or ())[1:]
+        return [constructor({**arguments, "img_size": size}) for size in IMAGE_SIZES if (size, size) != default]
+
+    return [constructor(arguments, sizes)]
+
+
+# fine-tuning and test sizes, tried for a model that does not keep its img_size
+IMAGE_SIZES = (224, 256, 384, 64, 96, 128, 160, 192, 288, 320, 448, 512, 32)
 
 
 def _create(name: str, arguments: dict[str, Any], rate: float | None) -> nn.Module:
