@@ -162,67 +162,105 @@ def check_gathers(
 
     In eval mode (no dropout, no BatchNorm updates) with the drop forced on: first some samples kept,
     then none. Both runs of a block get the inputs it received in the example forward
-    (``block_inputs``: block name → ``(args, kwargs)``) and the same RNG state.
+    (``block_inputs``: block name → ``(args, kwargs)``) and the same RNG state. The branches of one
+    block are checked together first (each keeps other samples, as independent draws would); only a
+    block where that fails is checked branch by branch, to name the branch.
     """
     if not changes:
         return {}
     if batch is None or batch < 2:
         return {c: "the check needs example inputs with a batch of at least 2" for c in changes}
-    some = torch.tensor([1.0 if i % 2 == 0 else 0.0 for i in range(batch)])
+    blocks: dict[str, list[GatheredChange]] = {}
+    for change in changes:
+        blocks.setdefault(change.block, []).append(change)
     failures: dict[GatheredChange, str] = {}
     with training_flags_kept(model, training=False), torch.no_grad():
-        for change in changes:
-            if change.block not in block_inputs:
-                failures[change] = f"{change.block} did not run on the example inputs"
+        for name, group in blocks.items():
+            if name not in block_inputs:
+                failures.update((c, f"{name} did not run on the example inputs") for c in group)
                 continue
-            block = model.get_submodule(change.block)
-            args, kwargs = block_inputs[change.block]
-            mode = change.drop.mode
-            try:
-                reason = _compare_kept(model, block, change, args, kwargs, some, mode)
-                if reason is None:
-                    reason = _check_none_kept(model, block, change, args, kwargs, batch, mode)
+            block = model.get_submodule(name)
+            args, kwargs = block_inputs[name]
+            if len(group) > 1 and _together(model, block, group, args, kwargs, batch):
+                continue
+            for change in group:
+                reason = _alone(model, block, change, args, kwargs, batch)
                 if reason is not None:
                     failures[change] = reason
-            except Exception as error:  # noqa: BLE001 - any failure means: compute this branch in full
-                message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-                failures[change] = f"it fails on a subset of the batch ({type(error).__name__}: {message[:120]})"
-            finally:
-                change.drop.forced_keep = None
-                change.drop.mode = mode
-                change.install_gathers()
-                change.drop.kept_rows = None
     return failures
 
 
-def _check_none_kept(model, block, change: GatheredChange, args: tuple, kwargs: dict, batch: int, mode: str):
+def _together(model, block, group: list[GatheredChange], args: tuple, kwargs: dict, batch: int) -> bool:
+    """All branches of ``block`` at once: true if they agree with some and with no samples kept."""
+    try:
+        some = [_alternate(batch, k) for k in range(len(group))]
+        if _compare_kept(model, block, group, args, kwargs, some) is not None:
+            return False
+        for change in group:
+            change.drop.empty_ok = True
+        return _compare_kept(model, block, group, args, kwargs, [torch.zeros(batch)] * len(group)) is None
+    except Exception:  # noqa: BLE001 - checked branch by branch, which says why
+        return False
+
+
+def _alone(model, block, change: GatheredChange, args: tuple, kwargs: dict, batch: int) -> str | None:
+    """One branch of ``block``, the others computing in full: None if it agrees, else why not."""
+    try:
+        reason = _compare_kept(model, block, [change], args, kwargs, [_alternate(batch, 0)])
+        if reason is None:
+            reason = _check_none_kept(model, block, change, args, kwargs, batch)
+        return reason
+    except Exception as error:  # noqa: BLE001 - any failure means: compute this branch in full
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return f"it fails on a subset of the batch ({type(error).__name__}: {message[:120]})"
+
+
+def _alternate(batch: int, offset: int) -> torch.Tensor:
+    """Every other sample kept, starting at sample ``offset % 2``."""
+    return torch.tensor([1.0 if (i + offset) % 2 == 0 else 0.0 for i in range(batch)])
+
+
+def _check_none_kept(model, block, change: GatheredChange, args: tuple, kwargs: dict, batch: int):
     """No sample kept: an empty batch if the branch takes one, else one sample multiplied by zero."""
-    none = torch.zeros(batch)
+    none = [torch.zeros(batch)]
     change.drop.empty_ok = True
     try:
-        if _compare_kept(model, block, change, args, kwargs, none, mode) is None:
+        if _compare_kept(model, block, [change], args, kwargs, none) is None:
             return None
     except Exception:  # noqa: BLE001 - e.g. a reshape with -1 cannot infer a size from 0 elements
         pass
     change.drop.empty_ok = False
-    return _compare_kept(model, block, change, args, kwargs, none, mode)
+    return _compare_kept(model, block, [change], args, kwargs, none)
 
 
-def _compare_kept(model, block, change: GatheredChange, args: tuple, kwargs: dict, keep: torch.Tensor, mode: str):
-    """Run ``block`` with ``keep`` forced, in full and on kept rows; None if the outputs agree, else why."""
-    change.drop.forced_keep = keep
-    change.remove_gathers()
-    change.drop.mode = "sample"
-    with private_rng(model):
-        full = tensor_leaves(block(*_cloned(args), **_cloned(kwargs)))
-    change.install_gathers()
-    change.drop.mode = mode
-    with private_rng(model):
-        kept = tensor_leaves(block(*_cloned(args), **_cloned(kwargs)))
+def _compare_kept(
+    model, block, changes: list[GatheredChange], args: tuple, kwargs: dict, keeps: list[torch.Tensor]
+) -> str | None:
+    """Run ``block`` with ``keeps`` forced on ``changes``, in full and on kept rows; None if the outputs
+    agree, else why. Every change is back in its own mode with its Gathers installed when it returns."""
+    modes = [change.drop.mode for change in changes]
+    try:
+        for change, keep in zip(changes, keeps, strict=True):
+            change.drop.forced_keep = keep
+            change.remove_gathers()
+            change.drop.mode = "sample"
+        with private_rng(model):
+            full = tensor_leaves(block(*_cloned(args), **_cloned(kwargs)))
+        for change, mode in zip(changes, modes, strict=True):
+            change.install_gathers()
+            change.drop.mode = mode
+        with private_rng(model):
+            kept = tensor_leaves(block(*_cloned(args), **_cloned(kwargs)))
+    finally:
+        for change, mode in zip(changes, modes, strict=True):
+            change.drop.forced_keep = None
+            change.drop.mode = mode
+            change.install_gathers()
+            change.drop.kept_rows = None
     scale = max((float(t.abs().max()) for t in full if t.numel() and t.is_floating_point()), default=1.0)
     if max_abs_diff(full, kept) <= _CHECK_TOLERANCE * (1.0 + scale):
         return None
-    kind = "some samples" if bool(keep.any()) else "no sample"
+    kind = "some samples" if any(bool(keep.any()) for keep in keeps) else "no sample"
     return f"computing kept samples only changes the block's output ({kind} kept)"
 
 
