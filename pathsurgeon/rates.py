@@ -39,7 +39,7 @@ __all__ = ["BranchRates", "LibraryRates", "RateLaw", "fit_laws", "library_rates"
 
 # Rates a law must reproduce bitwise before it is trusted; mostly not round numbers, so that
 # expressions that agree by accident on a few rates (r*k/n against r/n*k) are told apart.
-PROBE_RATES = (0.1, 0.3713, 0.7841, 0.2219, 0.5557, 0.9032)
+PROBE_RATES = (0.1, 0.3713, 0.7841, 0.2219, 0.5557, 0.9032, 0.6493, 0.0457)
 _CACHE_SIZE = 256
 
 
@@ -103,9 +103,12 @@ def fit_laws(values: dict[str, dict[float, float]], max_span: int) -> dict[str, 
 
     Slots of one model share their library's expression and its count of depth units (timm's
     ``linspace(0, r, N)`` with one N for the whole network), and laws with a smaller N can agree
-    with the right one on a handful of rates by accident. So laws are chosen jointly: the
-    (expression, N) that explains the most slots wins (the smaller N on a tie), then the next for the
-    slots left, and so on.
+    with the right one on a handful of rates by accident. So laws are chosen jointly: the smallest
+    (expression, N) that explains every slot left; where none does, the one that explains the most,
+    slots it explains times a simple fraction included (the smaller N on a tie); then the next for the
+    slots left, and so on. (An expression explaining everything outright beats one that needs
+    fractions: timm's EfficientNet is ``r * k / 16``, which ``numpy.linspace(0, r, 9)[k']`` times 9/10
+    mimics on some rates.)
     """
     laws: dict[str, RateLaw | None] = {}
     left: dict[str, dict[float, float]] = {}
@@ -116,7 +119,7 @@ def fit_laws(values: dict[str, dict[float, float]], max_span: int) -> dict[str, 
             left[slot] = by_rate
     memo: dict = {}
     while left:
-        best: dict[str, RateLaw] = {}
+        candidates: list[tuple[str, int, dict[str, RateLaw]]] = []  # (kind, n, slots it explains), n ascending
         for span in range(1, max_span + 1):
             for kind, offset in _KINDS:
                 fitted = {}
@@ -128,10 +131,12 @@ def fit_laws(values: dict[str, dict[float, float]], max_span: int) -> dict[str, 
                     law = RateLaw(kind, k, span + offset)
                     if all(law(r, memo) == v for r, v in by_rate.items()):
                         fitted[slot] = law
-                if len(fitted) > len(best):
-                    best = fitted
-            if len(best) == len(left):
+                if fitted:
+                    candidates.append((kind, span + offset, fitted))
+            if any(len(fitted) == len(left) for _, _, fitted in candidates):
                 break  # every slot left is explained; a larger N cannot explain more
+        whole = [fitted for _, _, fitted in candidates if len(fitted) == len(left)]
+        best = whole[0] if whole else _best_candidate(candidates, left, memo)
         if not best:
             break
         laws.update(best)
@@ -148,6 +153,33 @@ def fit_laws(values: dict[str, dict[float, float]], max_span: int) -> dict[str, 
                 del left[slot]
     laws.update({slot: None for slot in left})
     return laws
+
+
+def _best_candidate(
+    candidates: list[tuple[str, int, dict[str, RateLaw]]], left: dict[str, dict[float, float]], memo: dict
+) -> dict[str, RateLaw]:
+    """Where no (expression, N) explains every slot: the one that explains the most, counting slots it
+    explains times a simple fraction; the smaller N on a tie.
+
+    Counting the fractions matters: NextViT's rates are ``linspace(0, r, 40)[k]`` times 3/4 or 1/4, and
+    ``linspace(0, r, 157)`` holds every quarter-step value *exactly in real arithmetic*, so N=157
+    "explains" the 1/4 slots outright and would win on a plain count, agreeing with the library bitwise
+    on the probe rates but not on every rate (float32 rounds the two expressions differently).
+    """
+    if not candidates:
+        return {}
+    most = max(len(fitted) for _, _, fitted in candidates)
+    best: dict[str, RateLaw] = {}
+    for kind, n, fitted in candidates:
+        if 2 * len(fitted) < most:  # far behind: no fraction rescue makes it the best
+            continue
+        explained = dict(fitted)
+        for slot, by_rate in left.items():
+            if slot not in explained and (law := _scaled_law(by_rate, [(kind, n)], memo)) is not None:
+                explained[slot] = law
+        if len(explained) > len(best):
+            best = explained
+    return best
 
 
 def _scaled_law(by_rate: dict[float, float], found: list[tuple[str, int]], memo: dict) -> RateLaw | None:

@@ -116,6 +116,23 @@ def test_set_rate_gives_what_add_gives_bitwise(name):
     assert all(law is not None for law in record.library.laws.values())  # no rebuild per call
 
 
+def test_a_larger_n_that_mimics_a_fraction_on_the_probes_is_not_chosen():
+    """NextViT-L: rates are linspace(0, r, 40)[k] times 1/4 or 3/4, and linspace(0, r, 157) holds every
+    quarter step in real arithmetic; it agreed with timm on all six probe rates, not at 0.8765 (found
+    by the coverage sweep). Built on the meta device: only rates are compared, at rates off the probes."""
+    with torch.device("meta"):
+        model = timm.create_model("nextvit_large")
+    pathsurgeon.add(model, 0.2, verify=False)
+    record = _record(model)
+    for rate in (0.8765, 0.4567, 0.0123, 0.6181):
+        pathsurgeon.set_rate(model, rate)
+        with torch.device("meta"):
+            theirs = library_rates(timm.create_model("nextvit_large", drop_path_rate=rate))
+        assert {c.target: c.drop.rate for c in record.changes} == {c.target: theirs.get(c.target, 0.0)
+                                                                  for c in record.changes}
+    assert {law.n for law in record.library.laws.values() if law is not None and law.kind != "zero"} == {40}
+
+
 def test_a_shrunken_model_falls_back_to_the_recipe_and_says_why():
     model = timm.create_model("cait_xxs24_224", depth=4, img_size=64)  # depth=4: nothing keeps it
     report = pathsurgeon.add(model, RATE)
