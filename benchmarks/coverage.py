@@ -37,6 +37,7 @@ import platform
 import sys
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 
 RATE = 0.2
@@ -669,24 +670,30 @@ def run_shard(library: str, shard: tuple[int, int], only: str | None, timeout: f
     if path.exists():
         kept = []
         for line in path.read_text().splitlines():
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a row cut short when a run was killed: that model runs again
             if "model" in record and (record["status"] in redo and record["model"] in names):
                 continue  # run again: its row is replaced
             kept.append(line)
             if "model" in record:
                 done.add(record["model"])
-        path.write_text("".join(line + "\n" for line in kept))
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        staging.write_text("".join(line + "\n" for line in kept))
+        os.replace(staging, path)
     todo = [n for n in names if n not in done]
     print(f"{library} shard {shard[0]}/{shard[1]}: {len(names)} models, {len(done)} done, {len(todo)} to run",
           flush=True)
     worker = Worker()
+    commit = _commit()
     try:
         with path.open("a") as out:
             if path.stat().st_size == 0:
                 out.write(json.dumps({"shard": list(shard), "library": library, "models": len(names),
-                                      "commit": _commit()}) + "\n")
+                                      "commit": commit}) + "\n")
             for number, name in enumerate(todo, 1):
-                row = worker.run(library, name, timeout)
+                row = {**worker.run(library, name, timeout), "commit": commit}
                 out.write(json.dumps(row) + "\n")
                 out.flush()
                 print(f"[{number}/{len(todo)}] {name}: {row['status']} ({row.get('seconds', '?')} s) "
@@ -704,17 +711,22 @@ def write_doc() -> None:
     rows: dict[str, dict[str, dict]] = {lib: {} for lib in LIBRARIES}
     shards: dict[str, dict[tuple[int, int], tuple[int, int, str]]] = {lib: {} for lib in LIBRARIES}
     for path in sorted(RESULTS.glob("*.jsonl")):
-        header, count = None, 0
+        header, count, commits = None, 0, Counter()
         for line in path.read_text().splitlines():
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a row cut short when a run was killed
             if "shard" in record:
                 header = record
                 continue
             rows[record["library"]][record["model"]] = record
+            commits[record.get("commit") or (header or {}).get("commit", "not recorded")] += 1
             count += 1
         if header is not None:
+            commit = ", ".join(f"{c} ({n} rows)" if len(commits) > 1 else c for c, n in commits.most_common())
             shards[header["library"]][tuple(header["shard"])] = (count, header["models"],
-                                                                 header.get("commit", "not recorded"))
+                                                                 commit or header.get("commit", "not recorded"))
     lines = [
         "# Coverage: pathsurgeon against each library's own stochastic depth",
         "",
@@ -778,7 +790,9 @@ def write_doc() -> None:
                          f"| {row.get('training', '')} | {note[:300]} |")
         lines.append("")
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text("\n".join(lines))
+    staging = DOC.with_name(f".{DOC.name}.{os.getpid()}")
+    staging.write_text("\n".join(lines))
+    os.replace(staging, DOC)  # a reader never sees half a document
     print(f"wrote {DOC}")
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx
@@ -170,21 +171,62 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
             continue
         *_, shortcut, branch, source_node, slot_call = best
         block = view.owner(node)
-        producer, producer_output = _producer(view, branch, node, data)
-        found.append(
-            ResidualAdd(
-                node=node,
-                shortcut=shortcut,
-                branch=branch,
-                source=source_node,
-                block=block,
-                slot=view.slot_calls.get(slot_call) if slot_call is not None else None,
-                slot_call=slot_call,
-                producer=producer,
-                producer_output=producer_output,
+        paths = [(branch, slot_call)]
+        if slot_call is None and (parallel := _parallel_paths(view, branch, data)):
+            paths = parallel  # one residual branch per parallel path, each with its own slot
+        for path, path_slot in paths:
+            producer, producer_output = _producer(view, path, node, data)
+            found.append(
+                ResidualAdd(
+                    node=node,
+                    shortcut=shortcut,
+                    branch=path,
+                    source=source_node,
+                    block=block,
+                    slot=view.slot_calls.get(path_slot) if path_slot is not None else None,
+                    slot_call=path_slot,
+                    producer=producer,
+                    producer_output=producer_output,
+                )
             )
-        )
     return found
+
+
+def _parallel_paths(view: GraphView, branch: fx.Node, data: set[fx.Node]) -> list[tuple[fx.Node, fx.Node]] | None:
+    """Parallel paths summed before the add, a drop-path slot ending each: ``(path, slot call)`` pairs.
+
+    timm's ``ParallelThingsBlock`` (``vit_*_18x2_224``): ``x + torch.stack([p(x) for p in paths]).sum(0)``
+    with each path ``Sequential(norm, attn, layer_scale, drop_path)``: stochastic depth per path.
+    """
+    if not _is_sum_over_batch_of_stack(branch):
+        return None
+    stacked = branch.args[0]
+    elements = stacked.args[0] if stacked.args else stacked.kwargs.get("tensors")
+    if not isinstance(elements, (list, tuple)) or len(elements) < 2:
+        return None
+    slot_calls = [_slot_on_branch(view, e, data) if isinstance(e, fx.Node) else None for e in elements]
+    if any(call is None for call in slot_calls):
+        return None
+    return list(zip(elements, slot_calls, strict=True))
+
+
+def _is_sum_over_batch_of_stack(node: fx.Node) -> bool:
+    """``torch.stack(tensors).sum(dim=0)`` (fx) or ``aten.sum.dim_IntList(aten.stack(tensors), [0])`` (export)."""
+
+    def argument(n: fx.Node, index: int, name: str, default: Any) -> Any:
+        return n.args[index] if len(n.args) > index else n.kwargs.get(name, default)
+
+    if node.op == "call_method" and node.target == "sum" or (
+        node.op == "call_function" and (node.target is torch.sum or str(node.target) == "aten.sum.dim_IntList")
+    ):
+        dim = argument(node, 1, "dim", None)
+        stacked = node.args[0] if node.args else None
+        if dim not in (0, [0], (0,)) or not isinstance(stacked, fx.Node) or argument(node, 2, "keepdim", False):
+            return False
+        return stacked.op == "call_function" and (
+            stacked.target is torch.stack or str(stacked.target) == "aten.stack.default"
+        ) and argument(stacked, 1, "dim", 0) == 0
+    return False
 
 
 def _slot_on_branch(view: GraphView, branch: fx.Node, data: set[fx.Node]) -> fx.Node | None:
@@ -249,9 +291,10 @@ class BranchEntry:
     reason: str = ""
 
 
-def branch_entries(view: GraphView, adds: list[ResidualAdd]) -> dict[fx.Node, BranchEntry]:
-    """The :class:`BranchEntry` of each residual add, keyed by its add node."""
-    return {a.node: _branch_entry(view, a) for a in adds}
+def branch_entries(view: GraphView, adds: list[ResidualAdd]) -> dict[tuple[fx.Node, fx.Node | None], BranchEntry]:
+    """The :class:`BranchEntry` of each residual branch, keyed by its add node and slot call (parallel
+    paths share their add)."""
+    return {(a.node, a.slot_call): _branch_entry(view, a) for a in adds}
 
 
 def _branch_entry(view: GraphView, add: ResidualAdd) -> BranchEntry:

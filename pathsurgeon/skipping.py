@@ -21,12 +21,12 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torch.utils import _pytree
 
 from .capture import private_rng, training_flags_kept
 from .droppath import DropPath, KeptRows
-from .finder import BranchEntry, ResidualAdd, branch_entries
+from .finder import ResidualAdd, branch_entries
 from .verify import max_abs_diff, tensor_leaves
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -108,9 +108,9 @@ def assign_entries(
     reasons: dict[str, str],
 ) -> list[Branch]:
     """The branches in ``mode``, each with the module a Gather goes on; ``reasons`` gets the others."""
-    entries: dict[fx.Node, BranchEntry] = branch_entries(view, selected)
+    entries = branch_entries(view, selected)
     for branch, residual in zip(branches, selected, strict=True):
-        entry = entries[residual.node]
+        entry = entries[residual.node, residual.slot_call]
         if branch.target in reasons:  # a slot serving several branches skips only if all of them can
             continue
         if entry.module is None:
@@ -123,7 +123,8 @@ def assign_entries(
             )
     return [
         dataclasses.replace(
-            branch, mode=mode, entry=None if branch.target in reasons else entries[residual.node].module
+            branch, mode=mode,
+            entry=None if branch.target in reasons else entries[residual.node, residual.slot_call].module,
         )
         for branch, residual in zip(branches, selected, strict=True)
     ]

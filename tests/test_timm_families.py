@@ -102,6 +102,10 @@ FINDER_CASES = {
     # a pooling branch, pool(norm(x)) - norm(x), has no more parameters than the res_scale'd shortcut
     "pooling branch as light as a scaled shortcut": ("poolformerv2_s12", {}, 64),
     # the shortcut of a stage's first block is max- and mean-pooled and concatenated
+    # x + stack([path(x) for path in paths]).sum(0), a drop path ending each parallel path
+    "parallel paths summed before the add": (
+        "vit_small_patch16_18x2_224", {"img_size": 64, "depth": 3, "embed_dim": 64, "num_heads": 2}, None,
+    ),
     "pooled shortcut that splits and joins": ("hiera_tiny_224", {"img_size": (64, 64), "use_expand_proj": False}, 64),
 }
 
