@@ -93,7 +93,7 @@ def add(
     with clock("find"):
         selection = select(captured.view, find_residual_adds(captured.view))
         if not selection.chosen:
-            raise _no_branches(model)
+            raise _no_branches(model, selection.left_alone)
     with clock("observe"):
         observation = _observe(model, inputs, selection, config, given_inputs=example_inputs is not None)
     with clock("plan"):
@@ -175,7 +175,7 @@ def preview(
     schedule = validate_schedule(schedule, rate)
     captured, selection, inputs = _discover(model, example_inputs)
     if not selection.chosen:
-        raise _no_branches(model)
+        raise _no_branches(model, selection.left_alone)
     recipe = recipe_for(model)
     plan = make_plan(model, selection.blocks, rate, schedule, recipe)
     rates = rates_for(model, list(captured.view.slot_calls.values()), selection.chosen, plan, rate, schedule, recipe)
@@ -362,7 +362,13 @@ def _refuse_meta_device(model: nn.Module, config: DropPathConfig) -> None:
         )
 
 
-def _no_branches(model: nn.Module) -> NoBranchesError:
+def _no_branches(model: nn.Module, left_alone: Sequence[LeftAlone] = ()) -> NoBranchesError:
+    if left_alone:  # residual adds were found, but none is one the model's library drops
+        first = left_alone[0]
+        return NoBranchesError(
+            f"found {len(left_alone)} residual adds in {type(model).__name__} and left every one alone "
+            f"({first.block}: {first.reason}); if they are residual branches, report the model to pathsurgeon"
+        )
     return NoBranchesError(
         f"found no residual branch in {type(model).__name__} (no add of a shortcut and a parameterised "
         "branch); pathsurgeon needs a residual network such as a ViT, ResNet or ConvNeXt"

@@ -113,6 +113,24 @@ def test_bad_arguments_raise_one_line_errors_and_change_nothing(vit, kwargs, err
     assert_unchanged(vit, before)
 
 
+def test_residual_adds_all_left_alone_say_why():
+    class Inline(nn.Module):  # a residual branch computed inline: no module whose output a hook could drop
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            return x + torch.nn.functional.linear(x, self.weight)
+
+    model = nn.Sequential(Inline(), Inline())
+    before = snapshot(model)
+    with pytest.raises(pathsurgeon.NoBranchesError) as caught:
+        pathsurgeon.add(model, 0.1, example_inputs=torch.randn(2, 8))
+    message = str(caught.value)
+    assert "found 2 residual adds" in message and "computed inline" in message and "\n" not in message
+    assert_unchanged(model, before)
+
+
 def test_model_without_residual_branch():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
     model(torch.randn(1, 3, 8, 8))
