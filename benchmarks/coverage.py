@@ -724,7 +724,8 @@ def write_doc() -> None:
             commits[record.get("commit") or (header or {}).get("commit", "not recorded")] += 1
             count += 1
         if header is not None:
-            commit = ", ".join(f"{c} ({n} rows)" if len(commits) > 1 else c for c, n in commits.most_common())
+            commit = ", ".join(f"{c} ({n} row{'s' if n > 1 else ''})" if len(commits) > 1 else c
+                               for c, n in commits.most_common())
             shards[header["library"]][tuple(header["shard"])] = (count, header["models"],
                                                                  commit or header.get("commit", "not recorded"))
     lines = [
