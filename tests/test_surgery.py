@@ -104,13 +104,18 @@ def test_schedules_uniform_linear_and_explicit(vit):
     ],
 )
 def test_bad_arguments_raise_one_line_errors_and_change_nothing(vit, kwargs, error, words):
-    before = snapshot(vit)
+    assert isinstance(refused(vit, error, words, **kwargs), ValueError)
+
+
+def refused(model, error, *words, **add_arguments) -> Exception:
+    """``add`` raises ``error`` in one line holding every one of ``words``, and ``model`` is unchanged."""
+    before = snapshot(model)
     with pytest.raises(error) as caught:
-        pathsurgeon.add(vit, **kwargs)
+        pathsurgeon.add(model, **add_arguments)
     message = str(caught.value)
-    assert words in message and "\n" not in message
-    assert isinstance(caught.value, ValueError)
-    assert_unchanged(vit, before)
+    assert all(word in message for word in words) and "\n" not in message, message
+    assert_unchanged(model, before)
+    return caught.value
 
 
 def test_residual_adds_all_left_alone_say_why():
@@ -122,13 +127,8 @@ def test_residual_adds_all_left_alone_say_why():
         def forward(self, x):
             return x + torch.nn.functional.linear(x, self.weight)
 
-    model = nn.Sequential(Inline(), Inline())
-    before = snapshot(model)
-    with pytest.raises(pathsurgeon.NoBranchesError) as caught:
-        pathsurgeon.add(model, 0.1, example_inputs=torch.randn(2, 8))
-    message = str(caught.value)
-    assert "found 2 residual adds" in message and "computed inline" in message and "\n" not in message
-    assert_unchanged(model, before)
+    refused(nn.Sequential(Inline(), Inline()), pathsurgeon.NoBranchesError, "found 2 residual adds",
+            "computed inline", rate=0.1, example_inputs=torch.randn(2, 8))
 
 
 def test_model_without_residual_branch():
@@ -341,13 +341,8 @@ class DataDependent(nn.Module):
 
 
 def test_uncapturable_model_raises_capture_error_and_changes_nothing():
-    model = DataDependent()
-    before = snapshot(model)
-    with pytest.raises(pathsurgeon.CaptureError) as caught:
-        pathsurgeon.add(model, 0.1, example_inputs=torch.ones(2, 4))
-    message = str(caught.value)
-    assert "torch.fx" in message and "torch.export" in message and "\n" not in message
-    assert_unchanged(model, before)
+    refused(DataDependent(), pathsurgeon.CaptureError, "torch.fx", "torch.export", rate=0.1,
+            example_inputs=torch.ones(2, 4))
 
 
 def test_dtype_is_respected(vit):
