@@ -13,10 +13,7 @@ during forward never see proxies or fake tensors; the user's model is only read.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import itertools
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +23,9 @@ from . import slots as slot_lib
 from .errors import CaptureError
 from .graph import GraphView, from_export, from_symbolic_trace
 from .inputs import ExampleInputs
+from .runstate import private_rng, training_flags_kept
 
-__all__ = ["Capture", "capture", "private_rng", "register_leaf_module", "training_flags_kept"]
+__all__ = ["Capture", "capture", "register_leaf_module"]
 
 _LEAF_MODULES: list[type] = []
 
@@ -64,48 +62,6 @@ class Capture:
 
     view: GraphView
     method: str
-
-
-@contextlib.contextmanager
-def training_flags_kept(model: nn.Module, training: bool | None = None) -> Iterator[None]:
-    """Optionally switch the model to train/eval; restore every module's own flag afterwards.
-
-    The restore goes through ``model.train(flag)`` first, so that modules whose ``train()`` does more
-    than set a flag (timm LeViT / TinyViT drop their eval-mode attention-bias cache) see it, then puts
-    back any per-module flag that differed (a frozen BatchNorm left in eval, say).
-    """
-    flags = [(module, module.training) for module in model.modules()]
-    try:
-        if training is not None:
-            model.train(training)
-        yield
-    finally:
-        if training is not None:
-            model.train(flags[0][1])
-        for module, flag in flags:
-            module.training = flag
-
-
-_SEED = 0
-
-
-@contextlib.contextmanager
-def private_rng(model: nn.Module, seed: int = _SEED) -> Iterator[None]:
-    """Run the block from a fixed RNG state on a fork of the generators; the caller's state is restored.
-
-    Every forward pathsurgeon runs goes through this, so that models whose eval forward draws random
-    numbers (ViTMAE's masking) give the same outputs before and after surgery, and so that ``add``
-    leaves the user's global RNG exactly where it was. Covers the CPU generator and the CUDA devices the
-    model lives on.
-    """
-    devices = sorted(
-        {t.device.index or 0 for t in itertools.chain(model.parameters(), model.buffers()) if t.device.type == "cuda"}
-    )
-    with torch.random.fork_rng(devices=devices):
-        torch.default_generator.manual_seed(seed)
-        for index in devices:
-            torch.cuda.default_generators[index].manual_seed(seed)
-        yield
 
 
 def _shadow(model: nn.Module) -> nn.Module:

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import training_flags_kept
 from .errors import PathSurgeonError
 from .files import staged
 from .inputs import example_inputs as make_inputs
+from .runstate import training_flags_kept
 from .verify import eval_outputs
 
 __all__ = ["OnnxReport", "export_onnx", "supported_opsets", "validate_opset"]

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree
 
-from .capture import private_rng, training_flags_kept
 from .droppath import DropPath, KeptRows
 from .finder import ResidualAdd, branch_entries
+from .runstate import private_rng, training_flags_kept
 from .verify import max_abs_diff, tensor_leaves
 
 if TYPE_CHECKING:  # pragma: no cover

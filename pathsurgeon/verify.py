@@ -4,7 +4,7 @@
 surgered model must reproduce, and the same forward records what planning needs (the output shape
 of every module a hook may go on, the inputs of every block a skip-mode check re-runs). Every
 forward starts from one fixed RNG state on a fork of the generators
-(:func:`~pathsurgeon.capture.private_rng`).
+(:func:`~pathsurgeon.runstate.private_rng`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree
 
-from .capture import private_rng, training_flags_kept
 from .errors import VerificationError
 from .inputs import ExampleInputs
+from .runstate import private_rng, training_flags_kept
 
 __all__ = ["Observation", "eval_outputs", "max_abs_diff", "observe", "tensor_leaves", "verification_error"]
 
