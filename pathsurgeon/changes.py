@@ -18,7 +18,10 @@ How a branch is changed, in order of preference:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -166,9 +169,45 @@ class Transaction:
         apply()
 
     def __exit__(self, kind, error, traceback) -> None:
-        if kind is not None:
+        if kind is None:
+            return
+        failure: BaseException | None = None
+        with _signals_deferred():  # a second Ctrl-C must not stop the rollback half-way
             while self._undo:
-                self._undo.pop()()
+                try:
+                    self._undo.pop()()
+                except Exception as undo_error:  # noqa: BLE001 - the other undos still run; the first error is raised
+                    failure = failure or undo_error
+        if failure is not None:
+            raise failure
+
+
+_DEFERRED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM / SIGHUP until the block is done, then deliver them to the handlers that were set.
+
+    Only the main thread can set handlers; elsewhere the block runs as it is (signals go to the main thread).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous: dict[int, Any] = {}
+    for name in _DEFERRED_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is None or signal.getsignal(number) is None:  # absent here, or a handler set outside Python
+            continue
+        previous[number] = signal.signal(number, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(received):
+            signal.raise_signal(number)  # now, to the program's own handler (KeyboardInterrupt, exit, ...)
 
 
 # --- the record on the model ---------------------------------------------------------------------------

@@ -18,9 +18,12 @@ Writes go through :mod:`pathsurgeon.files` (staged, renamed into place).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+import math
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +56,10 @@ __all__ = [
 
 WEIGHTS = "model.safetensors"
 HF_CONFIG = "config.json"
+MAX_CONFIG_BYTES = 16 * 1024 * 1024  # as for pathsurgeon.json: the biggest real configs are well under 1 MiB
+MAX_CONFIG_DEPTH = 64  # real configs nest a handful of levels (a backbone_config inside a vision_config)
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def downloads_allowed() -> bool:
@@ -81,6 +88,11 @@ def load_model(
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError("the model spec is empty; pass a timm model name, an HF hub id or a directory")
     path = Path(spec)
+    try:
+        path.exists()
+    except OSError as error:  # a name too long for any filesystem: not a directory, nor a model name
+        raise ModelSpecError(f"model spec {spec[:60]!r}... is not a usable path ({error.strerror or error}); pass "
+                             "a timm model name, an HF hub id or a directory") from error
     if path.is_dir():
         if (path / MANIFEST).is_file():
             model, _ = _rebuild(path, say, allow_missing_keys=allow_missing_keys)  # its weights; no surgery
@@ -113,7 +125,16 @@ def _load_by_name(name: str, require_pretrained: bool, say: Callable[[str], None
         cached = _cached_timm_weights(name)
         if cached is not None or downloads_allowed():
             overlay = {"file": cached} if cached is not None else None
-            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
+            if cached is not None:  # a 0-byte, truncated or pickled file is refused before the model is built
+                weights_shapes(cached)
+            try:
+                model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
+            except Exception as error:  # noqa: BLE001 - keys that do not fit, a file timm cannot read
+                where = cached or "the hub"
+                raise CheckpointError(
+                    f"the pretrained weights of {name} from {where} cannot be loaded ({type(error).__name__}: "
+                    f"{_first_line(error)}); delete them from the cache and download again, or pass --weights FILE"
+                ) from error
             return LoadedModel(model, pretrained=True, notes=[f"pretrained weights: {cached or 'hub'}"])
         if require_pretrained:
             raise ModelSpecError(
@@ -154,6 +175,123 @@ def _cached_timm_weights(name: str) -> str | None:
     return None
 
 
+# --- what a spec reads, and reading files that may be anything -------------------------------------
+
+
+def spec_reads(spec: str | None) -> list[Path]:
+    """The files and folders loading ``spec`` reads, for the output-path checks.
+
+    A local path is itself. A hub id, or a timm name with pretrained weights on the hub, reads its
+    repository's folder in the Hugging Face cache (snapshots and the blobs their links point to), and
+    a timm name with a download URL its file in torch's hub cache; the check resolves links, so an
+    output named by the blob's path or by a link to it is refused too.
+    """
+    if not spec or not str(spec).strip():
+        return []
+    try:
+        if Path(spec).exists():
+            return [Path(spec)]
+    except OSError:  # a name too long to be a path
+        return []
+    reads: list[Path] = []
+    repos: list[str] = []
+    import timm
+
+    if timm.is_model(spec):
+        try:
+            cfg = timm.models.get_pretrained_cfg(spec)
+        except Exception:  # noqa: BLE001 - no pretrained cfg for this name
+            cfg = None
+        if cfg is not None and cfg.hf_hub_id:
+            repos.append(cfg.hf_hub_id.split("@")[0])
+        if cfg is not None and isinstance(cfg.url, str) and cfg.url:
+            reads.append(Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url.split("?")[0]))
+        cached = _cached_timm_weights(spec)
+        if cached is not None:
+            reads.append(Path(cached))
+    elif "/" in spec:
+        repos.append(spec)
+    if repos:
+        from huggingface_hub import constants
+
+        cache = Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
+        reads += [cache / ("models--" + repo.replace("/", "--")) for repo in repos]
+    return [path for path in reads if os.path.lexists(path)]
+
+
+def _regular_file(path: Path, what: str, fix: str, max_bytes: int | None = None) -> int:
+    """The size of ``path``, which must be a regular file (a FIFO would block the read forever)."""
+    import stat
+
+    try:
+        info = os.stat(path)
+    except FileNotFoundError as error:
+        raise CheckpointError(f"{what} {path} does not exist; {fix}") from error
+    except OSError as error:
+        raise CheckpointError(f"cannot read {what} {path} ({error.strerror or error}); {fix}") from error
+    if stat.S_ISDIR(info.st_mode):
+        raise CheckpointError(f"{what} {path} is a directory; {fix}")
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{what} {path} is not a regular file (a FIFO, device or socket); {fix}")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise CheckpointError(f"{what} {path} is larger than {max_bytes // 2**20} MiB, which no real one is; {fix}")
+    return info.st_size
+
+
+def weights_shapes(file: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a weights file, read without loading the values (safetensors' header, or
+    a torch zip file mapped to the meta device); what the weights fix before anything is built."""
+    file = Path(file)
+    fix = "pass a .safetensors file or a torch state_dict"
+    if _regular_file(file, "weights file", fix) == 0:
+        raise CheckpointError(f"weights file {file} is empty (0 bytes); the file is truncated or not a weights file")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as handle:
+                return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+        state = torch.load(file, map_location="meta", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - a truncated file, a pickle weights_only refuses, not a zip
+        raise CheckpointError(f"cannot read {file} ({_first_line(error)}); the file is truncated or not a "
+                              "safetensors file or torch state_dict saved with weights_only=True") from error
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+            state = state[key]
+            break
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{file} holds {type(state).__name__}, not a state_dict; save model.state_dict()")
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _check_build_against_weights(
+    build: Callable[[], nn.Module], shapes: Mapping[str, tuple[int, ...]], what: str, fix: str,
+    error_class: type[PathSurgeonError] = CheckpointError,
+) -> None:
+    """Build the model on the meta device (no memory) and refuse it when its tensors are not the weights'.
+
+    The weights fix every shape, so a config or manifest that asks for more (an image size whose
+    position embedding has 4096² rows, 5 million labels) is refused here, before anything is allocated.
+    """
+    from .libraries import meta_build
+
+    try:
+        model = meta_build(build)
+    except PathSurgeonError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a constructor refusing its arguments
+        raise error_class(f"{what} cannot be built ({type(error).__name__}: {_first_line(error)}); {fix}") from error
+    for key, tensor in model.state_dict().items():
+        shape = shapes.get(key)
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise error_class(f"{what} makes {key} of shape {list(tensor.shape)} but the weights hold "
+                              f"{list(shape)}; {fix}")
+    weights = sum(math.prod(shape) for shape in shapes.values())
+    built = sum(math.prod(t.shape) for t in model.state_dict().values())
+    if built > 2 * weights + 2**20:  # missing keys may be allowed, but not a model many times the weights
+        raise error_class(f"{what} has {built:,} values but the weights only {weights:,}; {fix}")
+
+
 # --- Hugging Face ----------------------------------------------------------------------------------
 
 
@@ -180,7 +318,17 @@ def _hf_config_file(spec: str) -> Path:
 
 
 def _refuse_remote_code(config_file: Path) -> dict[str, Any]:
-    """Read ``config.json`` ourselves; refuse it if loading it would import the directory's own code."""
+    """Read ``config.json`` ourselves; refuse it if loading it would import the directory's own code.
+
+    Also refused here, before transformers parses it: anything but a regular file (a FIFO blocks the
+    read), more than 16 MiB, nesting deeper than 64 levels, and a ``timm_wrapper`` config whose
+    ``model_args`` go beyond the plain arguments a manifest may carry (they reach ``timm.create_model``).
+    """
+    fix = "pass a directory written by save_pretrained"
+    try:
+        _regular_file(config_file, "config", fix, MAX_CONFIG_BYTES)
+    except CheckpointError as error:
+        raise ModelSpecError(str(error)) from None
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
@@ -194,25 +342,115 @@ def _refuse_remote_code(config_file: Path) -> dict[str, Any]:
             f"{config_file} has {found}: loading it would run the Python files shipped with the model, which "
             "pathsurgeon never does; use a model whose architecture is built into transformers"
         )
+    _check_timm_wrapper_arguments(config, config_file)
     return config
 
 
-def _find_key(tree: Any, key: str, path: str = "") -> str | None:
+def _walk(tree: Any) -> list[tuple[str, Any]]:
+    """Every (dotted path, value) of a JSON tree, breadth first, without recursion (a crafted file may nest
+    thousands of levels); deeper than :data:`MAX_CONFIG_DEPTH` is refused."""
+    found: list[tuple[str, Any]] = []
+    level: list[tuple[str, Any]] = [("", tree)]
+    for _ in range(MAX_CONFIG_DEPTH + 1):
+        deeper: list[tuple[str, Any]] = []
+        for path, value in level:
+            found.append((path, value))
+            if isinstance(value, dict):
+                deeper += [(f"{path}.{k}" if path else str(k), v) for k, v in value.items()]
+            elif isinstance(value, list):
+                deeper += [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+        if not deeper:
+            return found
+        level = deeper
+    raise ModelSpecError(f"config.json nests deeper than {MAX_CONFIG_DEPTH} levels, which no Hugging Face config "
+                         "does; it is not a Hugging Face config")
+
+
+def _find_key(tree: Any, key: str) -> str | None:
     """The dotted path of the first ``key`` anywhere in a JSON tree (sub-configs carry their own)."""
-    if isinstance(tree, dict):
-        for name, value in tree.items():
-            here = f"{path}.{name}" if path else name
-            if name == key:
-                return here
-            found = _find_key(value, key, here)
-            if found is not None:
-                return found
-    elif isinstance(tree, list):
-        for index, value in enumerate(tree):
-            found = _find_key(value, key, f"{path}[{index}]")
-            if found is not None:
-                return found
+    for path, _ in _walk(tree):
+        if path == key or path.endswith(f".{key}"):
+            return path
     return None
+
+
+def _check_timm_wrapper_arguments(config: dict[str, Any], config_file: Path) -> None:
+    """HF's TimmWrapper hands ``model_args`` to ``timm.create_model``: the manifest's allow-list applies."""
+    import jsonschema
+
+    from .manifest import CONSTRUCTOR_ARGUMENTS, STRICT_VALIDATOR
+
+    allowed = CONSTRUCTOR_ARGUMENTS["timm"]
+    schema = {"type": ["object", "null"], "additionalProperties": False, "properties": allowed}
+    for path, value in _walk(config):
+        if not isinstance(value, dict) or "model_args" not in value:
+            continue
+        error = jsonschema.exceptions.best_match(STRICT_VALIDATOR(schema).iter_errors(value["model_args"]))
+        if error is not None:
+            where = f"{path}.model_args" if path else "model_args"
+            raise ManifestError(
+                f"{config_file}: {where} may only hold {', '.join(allowed)} with plain values ({error.message[:120]}); "
+                "they reach timm.create_model, so a path or another argument is refused"
+            )
+
+
+def _weight_shapes_of_directory(directory: Path) -> dict[str, tuple[int, ...]] | None:
+    """Every tensor shape the weights of a Hugging Face directory hold (None: no weights file to read).
+
+    A sharded checkpoint's shards must be regular files inside the directory (in the Hugging Face
+    cache: inside the repository's folder, where the snapshot's links point).
+    """
+    for name in WEIGHT_FILES:
+        if os.path.lexists(directory / name):
+            return weights_shapes(directory / name)
+    for name in WEIGHT_INDEXES:
+        index = directory / name
+        if not os.path.lexists(index):
+            continue
+        fix = "rewrite the directory with save_pretrained"
+        _regular_file(index, "weights index", fix, MAX_CONFIG_BYTES)
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError) as error:
+            raise CheckpointError(f"cannot read {index} ({_first_line(error)}); {fix}") from error
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} has no weight_map of tensor names to shard files; {fix}")
+        root = directory.parent.parent if directory.parent.name == "snapshots" else directory
+        shapes: dict[str, tuple[int, ...]] = {}
+        for shard in dict.fromkeys(weight_map.values()):
+            relative = Path(shard)
+            if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+                raise CheckpointError(f"{index} points a shard at {shard!r}, outside the directory; {fix}")
+            resolved = (directory / relative).resolve()
+            if resolved != root.resolve() and root.resolve() not in resolved.parents:
+                raise CheckpointError(f"{index}: shard {shard} leads outside {root} (to {resolved}); {fix}")
+            shapes.update(weights_shapes(directory / relative))
+        return shapes
+    return None
+
+
+def _check_config_against_weights(
+    raw_config: dict[str, Any], shapes: Mapping[str, tuple[int, ...]], spec: str
+) -> None:
+    """Cheap bounds before anything is built: a depth the weights cannot hold, more labels than any tensor has."""
+    import re
+
+    tensors = len(shapes)
+    largest = max((max(shape) for shape in shapes.values() if shape), default=0)
+    fix = "check config.json against the weights file"
+    for path, value in _walk(raw_config):
+        name = path.rsplit(".", 1)[-1].split("[")[0]
+        if name in ("id2label", "label2id") and isinstance(value, dict) and len(value) > max(largest, 100_000):
+            raise CheckpointError(f"{spec}: config.json's {path} lists {len(value):,} labels; {fix}")
+        numbers = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in numbers) or not numbers:
+            continue
+        if re.search(r"layers|depth", name) and sum(numbers) > max(tensors, 64):
+            raise CheckpointError(f"{spec}: config.json's {path} asks for {sum(numbers):,} layers but the weights "
+                                  f"hold only {tensors} tensors; {fix}")
+        if name == "num_labels" and value > max(largest, 100_000):
+            raise CheckpointError(f"{spec}: config.json's {path} asks for {value:,} labels but no weight has more "
+                                  f"than {largest:,} rows; {fix}")
 
 
 def _load_transformers(
@@ -226,18 +464,30 @@ def _load_transformers(
         ) from error
     config_file = _hf_config_file(spec)
     raw_config = _refuse_remote_code(config_file)
+    shapes = _weight_shapes_of_directory(config_file.parent)
+    if shapes is not None:
+        _check_config_against_weights(raw_config, shapes, spec)
     local_only = not downloads_allowed()
     say(f"loading Hugging Face model {spec}" + (" (local files only)" if local_only else ""))
     try:
-        config = transformers.AutoConfig.from_pretrained(spec, local_files_only=local_only, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as error:
+        with _transformers_quiet():
+            config = transformers.AutoConfig.from_pretrained(spec, local_files_only=local_only,
+                                                             trust_remote_code=False)
+    except (ImportError, RecursionError, MemoryError) as error:
+        raise ModelSpecError(f"cannot read the Hugging Face config of {spec} ({_first_line(error)}); "
+                             "check its config.json") from error
+    except Exception as error:  # noqa: BLE001 - transformers validates fields with its own exception types
         raise ModelSpecError(f"cannot read the Hugging Face config of {spec} ({_first_line(error)}); "
                              "check its config.json (model_type must be one transformers knows)") from error
     model_class = _transformers_class(raw_config, class_name, spec)
+    if shapes is not None:  # the weights fix every shape: a config asking for more is refused before building
+        _check_build_against_weights(lambda: model_class(config), _without_prefix_variants(shapes, model_class),
+                                     f"{spec}'s config.json", "check config.json against the weights file")
     try:
-        model, info = model_class.from_pretrained(
-            spec, config=config, local_files_only=local_only, trust_remote_code=False, output_loading_info=True
-        )
+        with _transformers_quiet():
+            model, info = model_class.from_pretrained(
+                spec, config=config, local_files_only=local_only, trust_remote_code=False, output_loading_info=True
+            )
     except OSError as error:
         raise ModelSpecError(f"cannot load the weights of {spec} ({_first_line(error)}); "
                              "the directory needs model.safetensors or pytorch_model.bin") from error
@@ -255,6 +505,35 @@ def _load_transformers(
         )
     notes = [f"{len(missing)} weights missing from {spec}, randomly initialised: {missing[:3]}"] if missing else []
     return LoadedModel(model, pretrained=True, notes=notes)
+
+
+def _without_prefix_variants(shapes: Mapping[str, tuple[int, ...]], model_class: type) -> dict[str, tuple[int, ...]]:
+    """Weight names as the model names them: transformers loads a base model's weights (``embeddings.x``)
+    into a head model (``vit.embeddings.x``) and back, adding or dropping ``base_model_prefix``."""
+    prefix = getattr(model_class, "base_model_prefix", "") or ""
+    names = dict(shapes)
+    if prefix:
+        for key, shape in shapes.items():
+            names.setdefault(f"{prefix}.{key}", shape)
+            if key.startswith(prefix + "."):
+                names.setdefault(key[len(prefix) + 1:], shape)
+    return names
+
+
+@contextlib.contextmanager
+def _transformers_quiet():
+    """transformers prints a multi-line load report (and warnings) for a checkpoint that does not fit; our one
+    error line says what matters."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _transformers_class(config: dict[str, Any], class_name: str | None, spec: str) -> type:
@@ -301,22 +580,52 @@ def load_weights(model: nn.Module, file: str | os.PathLike, *, allow_missing_key
             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}); check that --model names the checkpoint's "
             "architecture"
         )
-    for key, value in state.items():
+    for key, value in state.items():  # every tensor is checked before the first one is copied
         if tuple(value.shape) != tuple(expected[key].shape):
             raise CheckpointError(
                 f"{file}: {key} has shape {list(value.shape)} but {type(model).__name__} expects "
                 f"{list(expected[key].shape)}; check that --model (and num_classes) match the checkpoint"
             )
+        problem = _unusable_tensor(value, expected[key])
+        if problem is not None:
+            raise CheckpointError(f"{file}: {key} {problem}; save the model's state_dict() as it is trained "
+                                  "(plain float tensors)")
     model.load_state_dict(state, strict=not missing)
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _unusable_tensor(value: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """Why ``value`` cannot be copied into ``expected`` without losing or inventing numbers (None: it can)."""
+    if value.is_meta:
+        return "is on the meta device (it holds no values)"
+    if value.layout != torch.strided or value.is_sparse:
+        return f"is a {value.layout} tensor, not a dense one"
+    if getattr(value, "is_nested", False):
+        return "is a nested tensor"
+    if value.is_quantized:
+        return f"is quantized ({value.dtype})"
+    if value.dtype == expected.dtype:
+        return None
+    if expected.dtype in _FLOATS and value.dtype not in _FLOATS:
+        return f"is {value.dtype}, which cannot hold the model's {expected.dtype} values"
+    kinds = [(t.is_floating_point, t.is_complex, t == torch.bool) for t in (expected.dtype, value.dtype)]
+    if kinds[0] != kinds[1]:
+        return f"is {value.dtype} where the model keeps {expected.dtype}"
+    return None
 
 
 def read_weights(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state_dict from a safetensors or torch file (``weights_only=True``), every value a tensor."""
     file = Path(file)
-    if file.is_dir():
-        raise CheckpointError(f"weights file {file} is a directory; pass the file inside it (e.g. {file / WEIGHTS})")
-    if not file.is_file():
-        raise CheckpointError(f"weights file {file} does not exist; check the path given to --weights")
+    try:
+        if file.is_dir():
+            raise CheckpointError(f"weights file {file} is a directory; pass the file inside it (e.g. "
+                                  f"{file / WEIGHTS})")
+    except OSError as error:
+        raise CheckpointError(f"cannot read weights file {file} ({error.strerror or error}); fix the path") from error
+    _regular_file(file, "weights file", "check the path given to --weights")
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -481,25 +790,39 @@ def _rebuild(
     manifest = read_manifest(directory)
     source = manifest["source"]
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in source.get("kwargs", {}).items()}
+    where = directory / MANIFEST
     if source["library"] == "timm":
         import timm
 
         name = source["name"]
         if not timm.is_model(name) or ("." in name and timm.models.get_pretrained_cfg(name) is None):
-            raise ManifestError(f"{directory / MANIFEST} names timm model {name!r}, which timm "
+            raise ManifestError(f"{where} names timm model {name!r}, which timm "
                                 f"{timm.__version__} does not know; upgrade timm or fix the name")
-        say(f"rebuilding timm model {name} from {directory}")
-        model = timm.create_model(name, pretrained=False, **kwargs)
-        load_weights(model, directory / WEIGHTS, allow_missing_keys=allow_missing_keys)
+        build = lambda: timm.create_model(name, pretrained=False, **kwargs)  # noqa: E731
     elif source["library"] == "torchvision":
         import torchvision
 
         name = source["name"]
         if name not in torchvision.models.list_models(module=torchvision.models):
-            raise ManifestError(f"{directory / MANIFEST} names torchvision builder {name!r}, which torchvision "
+            raise ManifestError(f"{where} names torchvision builder {name!r}, which torchvision "
                                 f"{torchvision.__version__} does not have; upgrade torchvision or fix the name")
-        say(f"rebuilding torchvision model {name} from {directory}")
-        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        build = lambda: torchvision.models.get_model(name, weights=None, **kwargs)  # noqa: E731
+    if source["library"] in ("timm", "torchvision"):
+        # the weights file first (a 0-byte file is noticed before a large model is built), then the
+        # architecture on the meta device against the weights' shapes: nothing is allocated for a manifest
+        # whose arguments the weights do not fit (img_size 65536) or the constructor refuses (global_pool 'zzz')
+        shapes = weights_shapes(directory / WEIGHTS)
+        _check_build_against_weights(
+            build, shapes, f"{where}'s {source['library']} model {name} with {source.get('kwargs', {})}",
+            "rewrite the directory with pathsurgeon add --out", error_class=ManifestError,
+        )
+        say(f"rebuilding {source['library']} model {name} from {directory}")
+        try:
+            model = build()
+        except Exception as error:  # noqa: BLE001 - the meta build passed; this is the same constructor
+            raise ManifestError(f"{where}: {name} cannot be built with {source.get('kwargs', {})} "
+                                f"({type(error).__name__}: {_first_line(error)}); rewrite the directory with "
+                                "pathsurgeon add --out") from error
         load_weights(model, directory / WEIGHTS, allow_missing_keys=allow_missing_keys)
     else:
         model = _load_transformers(

@@ -2,7 +2,8 @@
 
 ``--help`` never imports torch, so it answers at once. Exit codes: 0 success, 1 verification failed,
 2 bad usage or input (everything pathsurgeon refuses), 3 an internal error (a bug: rerun with --debug and
-report it), 130 / 143 interrupted by SIGINT / SIGTERM (staging files removed, nothing written).
+report it), 130 / 143 / 129 interrupted by SIGINT / SIGTERM / SIGHUP (staging files removed, nothing
+written).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterator, Sequence
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # the shell's codes for SIGINT and SIGTERM
+EXIT_CODES = {"SIGTERM": 143, "SIGHUP": 129}  # 128 + the signal number, as a shell reports it
 
 DESCRIPTION = """\
 Add per-sample stochastic depth (DropPath) to an already-built vision model, check that eval
@@ -28,8 +30,17 @@ save_pretrained. Pretrained weights are used when they are available locally; no
 downloaded (set HF_HUB_OFFLINE=0 to allow downloads)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error, like every other pathsurgeon error (argparse prints the usage too)."""
+
+    def error(self, message: str):
+        message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+        _say(f"error: {message}; see {self.prog} --help")
+        sys.exit(EXIT_USAGE)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pathsurgeon", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -121,17 +132,25 @@ def _rate_or_published(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1) or 'published', got {text!r}") from None
 
 
+_PATH_OPTIONS = {"model": "--model", "weights": "--weights", "source": "--in", "out": "--out", "json": "--json",
+                 "onnx": "--onnx"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         with _offline_by_default(), _terminate_as_exception():
+            from .files import check_path_text
+
+            for attribute, option in _PATH_OPTIONS.items():
+                check_path_text(option, getattr(args, attribute, None))
             return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         _say("interrupted; nothing was written")
         return EXIT_INTERRUPTED
-    except _Terminated:
-        _say("terminated; nothing was written")
-        return EXIT_TERMINATED
+    except _Terminated as signal_received:
+        _say(f"{signal_received.name} received; nothing was written")
+        return EXIT_CODES[signal_received.name]
     except Exception as error:  # the one place errors become exit codes
         from .errors import PathSurgeonError, VerificationError
 
@@ -151,23 +170,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class _Terminated(BaseException):
-    """SIGTERM, raised where the process is, so that staging files are cleaned up on the way out."""
+    """SIGTERM or SIGHUP (a closed terminal), raised where the process is, so that staging files are cleaned
+    up on the way out."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
 
 
 @contextlib.contextmanager
 def _terminate_as_exception() -> Iterator[None]:
     def handler(signum, frame):
-        raise _Terminated()
+        raise _Terminated(signal.Signals(signum).name)
 
+    wanted = [getattr(signal, name) for name in EXIT_CODES if hasattr(signal, name)]  # no SIGHUP on Windows
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {number: signal.signal(number, handler) for number in wanted}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler_before in previous.items():
+            signal.signal(number, handler_before)
 
 
 @contextlib.contextmanager
@@ -187,6 +213,7 @@ def _offline_by_default() -> Iterator[None]:
 
 
 def _say(message: str) -> None:
+    message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)  # one line, whatever a path holds
     print(f"pathsurgeon: {message}", file=sys.stderr, flush=True)
 
 
@@ -213,11 +240,13 @@ def _load_spec(args, progress):
     return loaded
 
 
-def _model_inputs(args) -> dict[str, str | None]:
-    """The paths a command reads, which no output may overwrite."""
-    model = getattr(args, "model", None)
+def _model_inputs(args) -> dict[str, list | str | None]:
+    """The paths a command reads, which no output may overwrite: for a hub id or timm name, the files in
+    the Hugging Face (or torch hub) cache that loading it reads."""
+    from .checkpoint import spec_reads
+
     return {
-        "--model": model if model and os.path.exists(model) else None,
+        "--model": spec_reads(getattr(args, "model", None)),
         "--weights": getattr(args, "weights", None),
         "--in": getattr(args, "source", None),
     }
@@ -237,7 +266,8 @@ def _run_add(args) -> int:
         published = _published_by_name(args.model)  # a timm name or hub id: refused before loading
     else:
         rate = validate_rate(args.rate)  # fail on bad input before loading anything
-    check_outputs({"--out": (args.out, "dir"), "--json": (args.json, "file")}, _model_inputs(args))
+    inputs = _model_inputs(args)
+    check_outputs({"--out": (args.out, "dir"), "--json": (args.json, "file")}, inputs)
     progress = _Progress()
     loaded = _load_spec(args, progress)
     model = loaded.model
@@ -257,7 +287,7 @@ def _run_add(args) -> int:
     if not targets:
         return EXIT_OK
     source, surgery = describe(model) if args.out is not None else (None, None)  # refused before writing
-    with staged(targets) as stagings:  # both outputs appear together, or neither does
+    with staged(targets, inputs) as stagings:  # both outputs appear together, or neither does
         staging = dict(zip([kind for _, kind in targets], stagings, strict=True))
         if args.out is not None:
             write_checkpoint(model, staging["dir"], source, surgery)
@@ -314,14 +344,19 @@ def _run_inspect(args) -> int:
 
 
 def _run_strip(args) -> int:
-    from .checkpoint import load, save
-    from .files import check_outputs
+    from pathlib import Path
 
-    check_outputs({"--out": (args.out, "dir")}, _model_inputs(args))
+    from .checkpoint import describe, load, write_checkpoint
+    from .files import check_outputs, staged
+
+    inputs = _model_inputs(args)
+    check_outputs({"--out": (args.out, "dir")}, inputs)
     progress = _Progress()
     progress(f"reading {args.source}")
     model = load(args.source, surgery=False)  # the weights, without re-applying the surgery
-    save(model, args.out)
+    source, surgery = describe(model)
+    with staged([(Path(args.out), "dir")], inputs) as (staging,):  # never cleans up the --in directory
+        write_checkpoint(model, staging, source, surgery)
     print(f"wrote {args.out}: {type(model).__name__} with no pathsurgeon plan")
     return EXIT_OK
 

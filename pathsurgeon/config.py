@@ -46,7 +46,8 @@ def real_number(value: object) -> float | None:
         return None
     if isinstance(value, numbers.Real):
         return float(value)
-    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_complex() and value.dtype != torch.bool:
+    if (isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_complex() and value.dtype != torch.bool
+            and not value.is_meta):  # a meta tensor holds no number to read
         return float(value.item())
     return None
 
@@ -54,7 +55,8 @@ def real_number(value: object) -> float | None:
 def brief(value: object) -> str:
     """A one-line description of a value for an error message (a tensor by its shape, not its contents)."""
     if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+        where = "" if value.device.type == "cpu" else f" on the {value.device} device"
+        return f"a {value.dtype} tensor of shape {list(value.shape)}{where}"
     text = repr(value).splitlines()[0] if repr(value) else ""
     return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 

@@ -25,6 +25,11 @@ __all__ = [
 class PathSurgeonError(Exception):
     """Base class of every error pathsurgeon raises on purpose. The model is left as it was."""
 
+    def __str__(self) -> str:
+        # one line, whatever a path in it holds: a newline or a control character is shown escaped
+        text = super().__str__()
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
 
 class InvalidRateError(PathSurgeonError, ValueError):
     """A drop-path rate that is not a number in [0, 1)."""

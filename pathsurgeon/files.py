@@ -1,12 +1,16 @@
 """Writing outputs safely: paths checked before any work, staged next to their target, renamed into place.
 
-Every file or directory pathsurgeon writes is first built under a *staging* name in the target's own
-folder (``.NAME.pathsurgeon-PID-RANDOM``), then renamed over the target in one step, so a reader never
-sees half a checkpoint. Several outputs of one command are committed together: if the second rename
-fails, the first is undone. A staging path left behind by a killed process (SIGKILL, power loss) is
-recognised by its name and removed by the next run for the same target, once its process is gone.
+Every file or directory pathsurgeon writes is first built inside a *staging* directory in the target's
+own folder (``.NAME.pathsurgeon-PID-RANDOM/``), then renamed over the target in one step, so a reader
+never sees half a checkpoint. Several outputs of one command are committed together: if the second
+rename fails, the first is undone. Each staging directory holds a marker file naming its creator (pid,
+host, boot and PID-namespace ids, a random token); a staging directory left behind by a killed process
+(SIGKILL, power loss) is removed by the next run for the same target only when its marker says this
+machine and PID namespace made it and that process is gone. Anything else that merely looks like one
+(a user's directory or file with such a name, an input, one made in another container sharing the
+volume) is left alone.
 
->>> with staged(Path("out/model")) as (staging,):    # doctest: +SKIP
+>>> with staged([(Path("out/model"), "dir")]) as (staging,):    # doctest: +SKIP
 ...     write_checkpoint(staging)                      # an exception here leaves nothing behind
 """
 
@@ -16,30 +20,62 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
+import socket
+import stat
 import tempfile
+import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import OutputPathError
 
-__all__ = ["OutputPathError", "check_outputs", "remove_stale_staging", "staged", "write_json_atomic"]
+__all__ = [
+    "OutputPathError",
+    "check_outputs",
+    "check_path_text",
+    "remove_stale_staging",
+    "staged",
+    "write_json_atomic",
+]
 
 _STAGING = "pathsurgeon"
-_STAGING_NAME = re.compile(r"^\.(?P<name>.+)\.pathsurgeon-(?P<pid>\d+)-[A-Za-z0-9_]+(?:\.\w+)?$")
+_STAGING_NAME = re.compile(r"^\.(?P<name>.+)\.pathsurgeon-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+MARKER = ".pathsurgeon-staging"  # inside every staging directory: who made it
+_MAX_NAME_BYTES = 255  # NAME_MAX on Linux, macOS and Windows filesystems
+_MAX_WALK = 100_000  # entries looked at under one input directory (symbolic links, hard links)
+
+PathInputs = dict[str, "str | os.PathLike | Sequence[str | os.PathLike] | None"]
+
+
+def check_path_text(option: str, value: str | os.PathLike | None) -> None:
+    """Refuse a path no filesystem can hold (a NUL byte, a name over 255 bytes) with one line, not an OSError."""
+    if value is None:
+        return
+    text = os.fspath(value)
+    if "\0" in str(text):
+        raise OutputPathError(f"{option} {text!r} contains a NUL byte; pass a plain path")
+    for part in Path(text).parts:
+        if len(os.fsencode(part)) > _MAX_NAME_BYTES:
+            raise OutputPathError(f"{option}: the path component {part[:40]!r}... is longer than "
+                                  f"{_MAX_NAME_BYTES} bytes, which no filesystem accepts; shorten it")
 
 
 def check_outputs(
     outputs: dict[str, tuple[str | os.PathLike | None, str]],
-    inputs: dict[str, str | os.PathLike | None] | None = None,
+    inputs: PathInputs | None = None,
 ) -> None:
     """Refuse output paths that cannot or must not be written, before anything is loaded or computed.
 
     ``outputs`` maps an option name (``--out``) to ``(path, kind)`` with kind ``"dir"`` (must not exist,
-    or be an empty directory) or ``"file"`` (may be replaced, but must not be a directory); ``None``
-    paths are skipped. ``inputs`` maps option names to files or directories that are read: an output
-    may not be, or lie inside, any of them, and two outputs may not overlap.
+    or be an empty directory) or ``"file"`` (may be replaced if it is a regular file); ``None`` paths
+    are skipped. An existing output that is neither a regular file nor a directory (a device, a FIFO, a
+    socket) is refused: replacing it would delete it. ``inputs`` maps option names to the paths (or
+    lists of paths) that are read: an output may not be, or lie inside, any of them, nor any file a
+    symbolic link inside them points to, nor a hard link to a file in them; two outputs may not overlap.
     """
     resolved: dict[str, Path] = {}
     for option, (value, kind) in outputs.items():
@@ -47,13 +83,21 @@ def check_outputs(
             continue
         if str(value).strip() == "":
             raise OutputPathError(f"{option} is empty; pass a path")
+        check_path_text(option, value)
         path = Path(value)
+        if path.name in ("", ".", ".."):
+            raise OutputPathError(f"{option} {str(value)!r} names no new entry in a folder; pass a path such as "
+                                  f"{'DIR/out' if kind == 'dir' else 'DIR/out.json'}")
         if path.is_symlink():
             raise OutputPathError(f"{option} {path} is a symbolic link; pass a plain path (the link is not followed)")
+        mode = _lstat_mode(path)
+        if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise OutputPathError(f"{option} {path} exists and is a {_kind_name(mode)}, not a regular file; "
+                                  "pathsurgeon only replaces regular files: choose another path")
         if kind == "dir":
-            if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            if mode is not None and (not stat.S_ISDIR(mode) or any(path.iterdir())):
                 raise OutputPathError(f"{option} {path} already exists; choose another path or remove it first")
-        elif path.is_dir():
+        elif mode is not None and stat.S_ISDIR(mode):
             raise OutputPathError(f"{option} {path} is a directory; pass a file path")
         _check_parent_writable(option, path)
         resolved[option] = path.resolve()
@@ -62,15 +106,81 @@ def check_outputs(
             if other != option and (path == other_path or other_path in path.parents):
                 where = "is the same path as" if path == other_path else "lies inside"
                 raise OutputPathError(f"{option} {path} {where} {other} {other_path}; give each output its own path")
-        for name, value in (inputs or {}).items():
-            if value is None or str(value).strip() == "":
+    if not resolved:
+        return
+    for name, value in (inputs or {}).items():
+        for source, identities in _read_paths(value):
+            for option, path in resolved.items():
+                same_file = _identity(path) in identities
+                if path == source or source in path.parents or same_file:
+                    where = "lies inside" if source in path.parents else "is"
+                    raise OutputPathError(
+                        f"{option} {path} {where} the input {name} {source}"
+                        f"{' (the same file, hard-linked)' if same_file and path != source else ''}; "
+                        "write outputs somewhere else"
+                    )
+
+
+def _lstat_mode(path: Path) -> int | None:
+    try:
+        return os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as error:  # a name too long, a loop, a component that is a file
+        if error.errno == 20:  # ENOTDIR: a file on the way; _check_parent_writable says which
+            return None
+        raise OutputPathError(f"cannot look at {path} ({error.strerror or error}); fix the path") from error
+
+
+def _kind_name(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISREG(info.st_mode) else None
+
+
+def _read_paths(value: Any) -> Iterator[tuple[Path, set[tuple[int, int]]]]:
+    """Every path an input reads, resolved: the input itself and the targets of symbolic links inside it,
+    each with the (device, inode) of the regular files it holds (to catch hard links)."""
+    if value is None:
+        return
+    values = [value] if isinstance(value, (str, os.PathLike)) else list(value)
+    for item in values:
+        if item is None or str(item).strip() == "":
+            continue
+        path = Path(item)
+        try:
+            if not path.exists():
+                yield path.resolve(), set()
                 continue
-            source = Path(value).resolve()
-            if path == source or source in path.parents:
-                where = "is" if path == source else "lies inside"
-                raise OutputPathError(
-                    f"{option} {path} {where} the input {name} {source}; write outputs somewhere else"
-                )
+        except OSError:
+            continue
+        targets, identities = [path.resolve()], set()
+        if path.is_dir():
+            for count, entry in enumerate(path.rglob("*")):
+                if count >= _MAX_WALK:
+                    break
+                if entry.is_symlink():
+                    with contextlib.suppress(OSError, RuntimeError):
+                        targets.append(entry.resolve())
+                identity = _identity(entry)
+                if identity is not None:
+                    identities.add(identity)
+        else:
+            identity = _identity(path)
+            if identity is not None:
+                identities.add(identity)
+        for target in dict.fromkeys(targets):
+            yield target, identities
 
 
 def _check_parent_writable(option: str, path: Path) -> None:
@@ -92,8 +202,32 @@ def _check_parent_writable(option: str, path: Path) -> None:
     os.unlink(probe)
 
 
-def _staging_path(target: Path) -> str:
+def _staging_prefix(target: Path) -> str:
     return f".{target.name}.{_STAGING}-{os.getpid()}-"
+
+
+def _machine_identity() -> dict[str, str]:
+    """What makes a pid meaningful: the host, this boot, and the PID namespace (containers have their own)."""
+    def read(how) -> str:
+        try:
+            return how().strip()
+        except OSError:
+            return ""
+
+    return {
+        "host": socket.gethostname(),
+        "boot_id": read(lambda: Path("/proc/sys/kernel/random/boot_id").read_text()),
+        "pid_namespace": read(lambda: os.readlink("/proc/self/ns/pid")),
+    }
+
+
+def _make_staging_dir(target: Path) -> Path:
+    """A new private directory next to ``target``, with the marker that says this process made it."""
+    directory = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.absolute().parent))
+    marker = {"creator": _STAGING, "pid": os.getpid(), **_machine_identity(), "token": secrets.token_hex(16),
+              "created": time.time()}
+    (directory / MARKER).write_text(json.dumps(marker))
+    return directory
 
 
 def _pid_alive(pid: int) -> bool:
@@ -103,51 +237,89 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's live process
+    except (PermissionError, OverflowError, ValueError):  # someone else's live process; a pid no kernel has
         return True
     return True
 
 
-def remove_stale_staging(target: Path) -> list[Path]:
-    """Remove staging paths for ``target`` left by processes that no longer run; return what was removed."""
+def _marker(entry: Path) -> dict[str, Any] | None:
+    """The marker of a staging directory pathsurgeon made, or None when ``entry`` is anything else."""
+    try:
+        if entry.is_symlink() or not entry.is_dir():
+            return None
+        marker = entry / MARKER
+        info = os.lstat(marker)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > 4096:
+            return None
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("creator") != _STAGING or not isinstance(data.get("pid"), int):
+        return None
+    return data
+
+
+def remove_stale_staging(target: Path, inputs: PathInputs | None = None) -> list[Path]:
+    """Remove staging directories for ``target`` that this machine's pathsurgeon made and whose process is gone.
+
+    Removed only when all hold: the name is a staging name for ``target``; it is a directory (not a
+    link) holding pathsurgeon's marker; the marker names this host, boot and PID namespace (a pid from
+    another container sharing the volume says nothing here); that pid no longer runs; and it is not, nor
+    holds, any of ``inputs``. A directory from another machine or namespace is left and a warning says
+    so. Returns what was removed.
+    """
     parent = target.absolute().parent
     removed: list[Path] = []
     if not parent.is_dir():
         return removed
+    read = [source for value in (inputs or {}).values() for source, _ in _read_paths(value)]
+    here = _machine_identity()
     for entry in parent.iterdir():
         match = _STAGING_NAME.match(entry.name)
-        if match is None or match["name"] != target.name or _pid_alive(int(match["pid"])):
+        if match is None or match["name"] != target.name:
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        marker = _marker(entry)
+        if marker is None:
+            continue  # not ours: a user's file or directory with a look-alike name
+        resolved = entry.resolve()
+        if any(source == resolved or resolved in source.parents for source in read):
+            continue  # being read by this run
+        if any(marker.get(key) != value for key, value in here.items()):
+            warnings.warn(f"left {entry} alone: a pathsurgeon staging directory made by pid {marker['pid']} on "
+                          f"{marker.get('host')!r} in another PID namespace or boot; remove it by hand once no "
+                          "run uses it", stacklevel=2)
+            continue
+        if _pid_alive(marker["pid"]):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
     return removed
 
 
 @contextlib.contextmanager
-def staged(targets: Sequence[tuple[Path, str]]) -> Iterator[list[Path]]:
+def staged(targets: Sequence[tuple[Path, str]], inputs: PathInputs | None = None) -> Iterator[list[Path]]:
     """Staging paths for ``(target, kind)`` pairs (kind ``"dir"`` or ``"file"``); commit them on success.
 
-    The body writes each staging path; when it returns, the stagings are renamed over their targets
-    in order (an empty target directory is replaced). Any exception, in the body or while committing,
-    leaves every target as it was before and removes every staging path.
+    The body writes each staging path (a directory, or a file named like the target inside a staging
+    directory); when it returns, they are renamed over their targets in order (an empty target
+    directory is replaced). Any exception, in the body or while committing, leaves every target as it
+    was before and removes every staging directory. ``inputs``: paths the caller reads, which the
+    clean-up of stale staging never touches.
     """
+    directories: list[Path] = []
     stagings: list[Path] = []
     try:
         for target, kind in targets:
             target.absolute().parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_staging(target)
-            suffix = target.suffix if kind == "file" else ""
+            remove_stale_staging(target, inputs)
+            directories.append(_make_staging_dir(target))
             if kind == "dir":
-                stagings.append(Path(tempfile.mkdtemp(prefix=_staging_path(target), dir=target.absolute().parent)))
+                stagings.append(directories[-1] / "content")
+                stagings[-1].mkdir()
             else:
-                handle, name = tempfile.mkstemp(prefix=_staging_path(target), suffix=suffix,
-                                                dir=target.absolute().parent)
-                os.close(handle)
-                stagings.append(Path(name))
-            # tempfile makes private (0700 / 0600) paths; the outputs get the permissions of any new file
+                stagings.append(directories[-1] / target.name)
+                stagings[-1].touch()
+            # the outputs get the permissions of any new file (tempfile makes the staging directory 0700)
             stagings[-1].chmod((0o777 if kind == "dir" else 0o666) & ~_umask())
         yield list(stagings)
         for staging in stagings:  # libraries writing into a staged directory may also make private files
@@ -156,11 +328,8 @@ def staged(targets: Sequence[tuple[Path, str]]) -> Iterator[list[Path]]:
                     file.chmod(0o666 & ~_umask())
         _commit(list(zip(stagings, [t for t, _ in targets], [k for _, k in targets], strict=True)))
     except BaseException as error:
-        for staging in stagings:
-            if staging.is_dir() and not staging.is_symlink():
-                shutil.rmtree(staging, ignore_errors=True)
-            else:
-                staging.unlink(missing_ok=True)
+        for directory in directories:
+            shutil.rmtree(directory, ignore_errors=True)
         if isinstance(error, OSError):  # a full disk, a vanished directory: the environment, not a bug
             names = ", ".join(str(t) for t, _ in targets)
             raise OutputPathError(
@@ -168,6 +337,8 @@ def staged(targets: Sequence[tuple[Path, str]]) -> Iterator[list[Path]]:
                 "choose another location"
             ) from error
         raise
+    for directory in directories:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _umask() -> int:
@@ -178,16 +349,20 @@ def _umask() -> int:
 
 def _commit(moves: list[tuple[Path, Path, str]]) -> None:
     """Rename each staging path over its target; on failure put the earlier targets back."""
-    # (target, backup of the file it replaced, staging, whether it replaced an empty directory)
+    # (target, backup directory holding the file it replaced, staging, whether it replaced an empty directory)
     done: list[tuple[Path, Path | None, Path, bool]] = []
     try:
         for staging, target, kind in moves:
             backup, was_empty_dir = None, False
-            if kind == "dir" and target.is_dir() and not any(target.iterdir()):
+            mode = _lstat_mode(target)
+            if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # appeared since the check
+                raise OutputPathError(f"{target} is now a {_kind_name(mode)}; pathsurgeon only replaces regular "
+                                      "files: choose another path")
+            if kind == "dir" and mode is not None and stat.S_ISDIR(mode) and not any(target.iterdir()):
                 target.rmdir()  # an empty directory the user made for us
                 was_empty_dir = True
-            elif kind == "file" and target.exists():
-                backup = Path(tempfile.mkdtemp(prefix=_staging_path(target), dir=target.absolute().parent))
+            elif kind == "file" and mode is not None:
+                backup = _make_staging_dir(target)
                 os.replace(target, backup / "previous")
             try:
                 os.replace(staging, target)
@@ -208,7 +383,7 @@ def _commit(moves: list[tuple[Path, Path, str]]) -> None:
 def _put_back(target: Path, backup: Path | None, was_empty_dir: bool) -> None:
     if backup is not None:
         os.replace(backup / "previous", target)
-        backup.rmdir()
+        shutil.rmtree(backup, ignore_errors=True)
     elif was_empty_dir:
         target.mkdir()
 

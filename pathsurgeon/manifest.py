@@ -24,6 +24,7 @@ __all__ = [
     "READABLE_FORMATS",
     "SCHEMA",
     "SCHEMAS",
+    "STRICT_VALIDATOR",
     "read_manifest",
     "validate_manifest",
 ]
@@ -175,11 +176,37 @@ SCHEMAS: dict[int, dict[str, Any]] = {1: _schema(1, _SOURCE_1, _SURGERY_1), 2: _
 SCHEMA = SCHEMAS[FORMAT_VERSION]
 
 
+def _strict_validator():
+    """Draft 2020-12 with JSON's integer meaning a Python int: the standard counts 5.0 as an integer, which
+    a constructor then gets as a float (``nn.Linear(768, 5.0)`` fails deep inside it)."""
+    import jsonschema
+
+    checker = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool)
+    )
+    return jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=checker)
+
+
+class _LazyValidator:
+    """The strict validator class, built on first use (jsonschema is imported only when a file is read)."""
+
+    def __call__(self, schema: dict[str, Any]):
+        return _strict_validator()(schema)
+
+
+STRICT_VALIDATOR = _LazyValidator()
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
     """Read and validate ``directory/pathsurgeon.json``; raise :class:`ManifestError` on anything off."""
+    import stat
+
     path = directory / MANIFEST
     try:
-        if path.stat().st_size > MAX_BYTES:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read forever
+            raise ManifestError(f"{path} is not a regular file; rewrite it with pathsurgeon add --out")
+        if info.st_size > MAX_BYTES:
             raise ManifestError(f"{path} is larger than {MAX_BYTES // 2**20} MiB; it is not a pathsurgeon manifest")
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
@@ -202,7 +229,7 @@ def validate_manifest(data: Any, where: Path | str = MANIFEST) -> None:
             f"{', '.join(map(str, READABLE_FORMATS))} (upgrade pathsurgeon, or rewrite the directory with "
             "pathsurgeon add --out)"
         )
-    validator = jsonschema.Draft202012Validator(SCHEMAS[version])
+    validator = STRICT_VALIDATOR(SCHEMAS[version])
     error = jsonschema.exceptions.best_match(validator.iter_errors(data))
     if error is None:
         return

@@ -67,7 +67,7 @@ class Constructor:
     why_no_rate: str = ""  # when rate_argument is None and the adapter knows why
     # the same constructor with other values of an argument the model may not keep (timm: img_size),
     # tried in turn when the rebuilt tree differs from the model's in shapes only
-    variants: Callable[[], list[Constructor]] = field(default=lambda: [], repr=False, compare=False)
+    variants: Callable[[], list[Constructor]] = field(default=list, repr=False, compare=False)  # picklable: no lambda
 
     @property
     def rates_from(self) -> str:

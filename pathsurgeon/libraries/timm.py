@@ -9,6 +9,7 @@ model is not rebuilt.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -33,18 +34,25 @@ def candidates(model: nn.Module) -> list[Constructor]:
     arguments = _plain_arguments(model, cfg)
     takes_rate = _accepts(type(model), RATE_ARGUMENT)
 
-    def constructor(arguments: dict[str, Any], variants=lambda: []) -> Constructor:
-        return Constructor("timm", name, arguments, RATE_ARGUMENT if takes_rate else None,
-                           lambda rate: _create(name, arguments, rate), variants=variants)
+    # module-level functions bound with functools.partial, not closures: the constructor is kept in the
+    # surgery record on the model, which must pickle (torch.save(model), EMA copies)
+    variants = functools.partial(_size_variants, name, arguments, takes_rate, type(model), cfg.get("input_size"))
+    return [_constructor(name, arguments, takes_rate, variants)]
 
-    def sizes() -> list[Constructor]:
-        """Many models do not keep their img_size (MViTv2, Hiera, VOLO, LeViT): try the usual ones."""
-        if "img_size" in arguments or not _accepts(type(model), "img_size"):
-            return []
-        default = tuple(cfg.get("input_size") or ())[1:]
-        return [constructor({**arguments, "img_size": size}) for size in IMAGE_SIZES if (size, size) != default]
 
-    return [constructor(arguments, sizes)]
+def _constructor(name: str, arguments: dict[str, Any], takes_rate: bool, variants=None) -> Constructor:
+    kwargs = {"variants": variants} if variants is not None else {}
+    return Constructor("timm", name, arguments, RATE_ARGUMENT if takes_rate else None,
+                       functools.partial(_create, name, arguments), **kwargs)
+
+
+def _size_variants(name: str, arguments: dict[str, Any], takes_rate: bool, cls: type, input_size) -> list[Constructor]:
+    """Many models do not keep their img_size (MViTv2, Hiera, VOLO, LeViT): try the usual ones."""
+    if "img_size" in arguments or not _accepts(cls, "img_size"):
+        return []
+    default = tuple(input_size or ())[1:]
+    return [_constructor(name, {**arguments, "img_size": size}, takes_rate)
+            for size in IMAGE_SIZES if (size, size) != default]
 
 
 # fine-tuning and test sizes, tried for a model that does not keep its img_size

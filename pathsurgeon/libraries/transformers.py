@@ -8,6 +8,7 @@ no library rate: there the report says so and pathsurgeon's recipe decides.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 from torch import nn
@@ -35,7 +36,7 @@ def candidates(model: nn.Module) -> list[Constructor]:
         why = ""
     arguments: dict[str, Any] = {"config": config.to_dict()}
     return [Constructor("transformers", cls.__name__, arguments, None if why else RATE_ARGUMENT,
-                        lambda r: _build(cls, config, r), why_no_rate=why)]
+                        functools.partial(_build, cls, config), why_no_rate=why)]
 
 
 def _takes_a_float(config) -> bool:
