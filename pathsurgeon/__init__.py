@@ -34,6 +34,7 @@ _MODULES = {
         "AlreadySurgeredError",
         "CaptureError",
         "CheckpointError",
+        "ExampleInputsError",
         "InvalidModeError",
         "InvalidRateError",
         "InvalidScheduleError",

@@ -6,6 +6,7 @@ __all__ = [
     "AlreadySurgeredError",
     "CaptureError",
     "CheckpointError",
+    "ExampleInputsError",
     "ManifestError",
     "ModelSpecError",
     "OutputPathError",
@@ -61,6 +62,10 @@ class AlreadySurgeredError(PathSurgeonError, ValueError):
 
 class CaptureError(PathSurgeonError):
     """Neither torch.fx nor torch.export could capture a graph of the model."""
+
+
+class ExampleInputsError(PathSurgeonError, ValueError):
+    """The model does not run on the example inputs pathsurgeon made from its config; pass your own."""
 
 
 class VerificationError(PathSurgeonError):

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PathSurgeonError
+from .errors import ExampleInputsError, PathSurgeonError
 from .tables import table
 
-__all__ = ["ExampleInputs", "example_inputs"]
+__all__ = ["ExampleInputs", "example_inputs", "made_up_inputs_failed"]
 
 EXAMPLE_BATCH = 2
 _SEED = 0
@@ -87,6 +87,21 @@ def example_inputs(model: nn.Module, given: object = None) -> ExampleInputs:
     return ExampleInputs((), {keyword: batch})
 
 
+def made_up_inputs_failed(model: nn.Module, inputs: ExampleInputs, error: BaseException) -> ExampleInputsError:
+    """The error for a model that fails on the inputs :func:`example_inputs` made for it: pass your own."""
+    shapes = ", ".join(
+        f"{key}{tuple(value.shape)}" for key, value in
+        [*(("", a) for a in inputs.args), *((f"{k}=", v) for k, v in inputs.kwargs.items())]
+        if isinstance(value, torch.Tensor)
+    )
+    lines = str(error).strip().splitlines()
+    return ExampleInputsError(
+        f"{type(model).__name__} does not run on the random inputs pathsurgeon made from its config ({shapes}: "
+        f"{type(error).__name__}: {lines[0][:160] if lines else ''}); pass example_inputs= a batch it takes, "
+        "e.g. example_inputs=torch.randn(2, C, H, W)"
+    )
+
+
 _FACTS = table("inputs")
 DEFAULT_IMAGE_SIZE = int(_FACTS["default_image_size"])
 
@@ -102,23 +117,16 @@ def _first(owner: object, names: list[str]) -> object:
 def _input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, str | None]:
     """(C, H, W) of one image and the keyword it is passed as (None: positionally).
 
-    In order (the attribute names are in ``recipes/inputs.toml``): timm's ``pretrained_cfg`` (the
-    patch embedding's size and the first convolution's channels win for a model built with another
-    ``img_size`` or ``in_chans``); a Hugging Face config's ``image_size`` / ``num_channels`` (its
+    In order (the attribute names are in ``recipes/inputs.toml``): what timm states of a model it built
+    (:func:`_timm_input_shape`); a Hugging Face config's ``image_size`` / ``num_channels`` (its
     ``vision_config``'s for a composite model); an ``image_size`` / ``img_size`` the model or its patch
     embedding keeps (torchvision ViT); else 224 × 224 with the channel count of the first convolution or
     the config (3 when only a size is known).
     """
     keyword = _FACTS["hf_pixel_keyword"] if _FACTS["hf_pixel_keyword"] in _forward_parameters(model) else None
-    cfg = _first(model, _FACTS["timm_configs"])
-    if isinstance(cfg, dict) and cfg.get("input_size"):
-        channels, height, width = (int(v) for v in cfg["input_size"])
-        embedding = _first(model, _FACTS["patch_embeddings"])
-        size = _pair(getattr(embedding, "img_size", None))
-        if size is not None:
-            height, width = size
-        channels = _first_convolution_channels(model) or channels
-        return (channels, height, width), keyword
+    timm_shape = _timm_input_shape(model)
+    if timm_shape is not None:
+        return timm_shape, keyword
     config = getattr(model, "config", None)
     vision = _first(config, _FACTS["hf_nested_configs"]) or config
     channels = _first(vision, _FACTS["hf_channels"])
@@ -133,6 +141,17 @@ def _input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, str | None]:
         return None, None
     height, width = size if size is not None else (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
     return (channels, height, width), keyword
+
+
+def _timm_input_shape(model: nn.Module) -> tuple[int, int, int] | None:
+    """(C, H, W) as timm states it for a model it built (``pretrained_cfg``, the ``img_size`` and
+    ``in_chans`` it was built with: :func:`pathsurgeon.libraries.timm.stated_input_size`), never the
+    first convolution's channels (TResNet's stem reads 48 after a space-to-depth); None when not timm's."""
+    if not isinstance(_first(model, _FACTS["timm_configs"]), dict):
+        return None
+    from .libraries.timm import stated_input_size
+
+    return stated_input_size(model)
 
 
 def _pair(size: object) -> tuple[int, int] | None:

@@ -42,7 +42,7 @@ from .changes import (
 from .config import DropPathConfig, config_from_arguments, validate_rate, validate_schedule
 from .errors import NoBranchesError, PathSurgeonError
 from .finder import Selection, find_residual_adds, select
-from .inputs import ExampleInputs, example_inputs
+from .inputs import ExampleInputs, example_inputs, made_up_inputs_failed
 from .plan import make_branch, make_plan, recipe_for
 from .rates import LibraryRates, library_rates, rates_for
 from .report import Branch, Fallback, LeftAlone, Preview, Report
@@ -157,7 +157,7 @@ def find(model: nn.Module, example_inputs: Any = None) -> list[Branch]:
     if not selection.chosen:
         return []
     plan = make_plan(model, selection.blocks, 0.0, "auto", recipe_for(model))
-    shapes = _hook_shapes(model, inputs, selection)
+    shapes = _hook_shapes(model, inputs, selection, made_up=example_inputs is None)
     batch = inputs.batch_size if inputs is not None else None
     return [
         make_branch(a, plan, slot_lib.existing_rate(_module_or_none(model, a.slot)) if a.slot else 0.0, shapes, batch)
@@ -179,7 +179,7 @@ def preview(
     recipe = recipe_for(model)
     plan = make_plan(model, selection.blocks, rate, schedule, recipe)
     rates = rates_for(model, list(captured.view.slot_calls.values()), selection.chosen, plan, rate, schedule, recipe)
-    shapes = _hook_shapes(model, inputs, selection)
+    shapes = _hook_shapes(model, inputs, selection, made_up=example_inputs is None)
     batch = inputs.batch_size if inputs is not None else None
     branches = [make_branch(a, plan, r, shapes, batch) for a, r in zip(selection.chosen, rates.values, strict=True)]
     return Preview(branches, rates.rates_from, rates.note)
@@ -291,7 +291,8 @@ def _observe(
     if not (hooks or skipping or given_inputs):
         inputs = inputs.first_samples(1)
     blocks = selection.blocks if skipping else ()
-    observed = observe(model, inputs, shapes_of=hooks, inputs_of=blocks)
+    with _made_up_inputs_checked(model, inputs, made_up=not given_inputs):
+        observed = observe(model, inputs, shapes_of=hooks, inputs_of=blocks)
     return _Observed(observed.outputs, observed.output_shapes, observed.block_inputs, observed.batch, inputs)
 
 
@@ -386,12 +387,29 @@ def _inputs(model: nn.Module, given: Any, *, required: bool) -> ExampleInputs | 
         return None
 
 
-def _hook_shapes(model: nn.Module, inputs: ExampleInputs | None, selection: Selection) -> dict[str, Any]:
+def _hook_shapes(
+    model: nn.Module, inputs: ExampleInputs | None, selection: Selection, *, made_up: bool
+) -> dict[str, Any]:
     """Output shapes of the modules hooks would go on, from one eval forward (none needed for slots)."""
     hooks = {a.producer for a in selection.chosen if a.slot is None}
     if not hooks or inputs is None:
         return {}
-    return observe(model, inputs, shapes_of=hooks).output_shapes
+    with _made_up_inputs_checked(model, inputs, made_up=made_up):
+        return observe(model, inputs, shapes_of=hooks).output_shapes
+
+
+@contextmanager
+def _made_up_inputs_checked(model: nn.Module, inputs: ExampleInputs, *, made_up: bool) -> Iterator[None]:
+    """A forward on inputs pathsurgeon made from the model's config that fails is the inputs' fault (a
+    size or channel count the config does not state): say so, and to pass ``example_inputs``."""
+    try:
+        yield
+    except PathSurgeonError:
+        raise
+    except Exception as error:
+        if not made_up:
+            raise  # the user's own inputs: the model's error is the user's to read
+        raise made_up_inputs_failed(model, inputs, error) from error
 
 
 def _module_or_none(model: nn.Module, name: str) -> nn.Module | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -76,11 +77,39 @@ def isolated_environment(tmp_path_factory, monkeypatch):
     os.environ.update(saved)
 
 
+LIVE = 1e-3  # a parameter whose every value is below this starts a branch at (almost) nothing
+
+
+def liven(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give the parameters a fresh model starts at (near) zero real values, in place; returns the model.
+
+    timm zero-inits the last BatchNorm of each ResNet / RegNet / ByobNet branch and NFNet's skip gains,
+    and starts layer scales at 1e-6: on a fresh model such a branch adds (almost) nothing, so a model
+    with no drop path at all matches one with it in training mode. Values come from a generator seeded
+    with ``seed`` in ``named_parameters`` order: two models of one architecture get the same values.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, parameter in model.named_parameters():
+            if parameter.is_floating_point() and parameter.numel() and float(parameter.abs().max()) < LIVE:
+                values = torch.empty(parameter.shape).uniform_(0.5, 1.5, generator=generator)
+                parameter.copy_(values.to(parameter.dtype))
+    return model
+
+
 def assert_same_training_output(native: nn.Module, model: nn.Module, x: torch.Tensor, seed: int = 0) -> None:
-    """Training-mode outputs of both models from the same RNG state: equal iff masks are drawn alike."""
+    """Training-mode outputs of both models from the same RNG state: equal iff masks are drawn alike.
+
+    Compared on livened copies (:func:`liven`), and only after checking that the native model's
+    training output depends on the seed: otherwise a model with no drop path at all would pass.
+    """
+    native, model = liven(copy.deepcopy(native)), liven(copy.deepcopy(model))
     native.train()
     model.train()
     torch.manual_seed(seed)
     expected = native(x)
+    torch.manual_seed(seed + 1)
+    other = native(x)
+    assert not torch.allclose(other, expected, atol=1e-4, rtol=0), "drop path changes nothing: a powerless comparison"
     torch.manual_seed(seed)
     torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=0)

@@ -217,6 +217,37 @@ def test_default_inputs_use_the_models_own_image_size():
     assert example_inputs(model).args[0].shape[1] == 1
 
 
+@pytest.mark.parametrize(
+    "name, arguments, stated",
+    [
+        ("csatv2", {}, (3, 512, 512)),  # its first convolution reads the DCT stem's 64 coefficients
+        ("tresnet_m", {}, (3, 224, 224)),  # its stem convolution reads 48 channels after a space-to-depth
+        ("maxvit_tiny_tf_384", {"img_size": 224}, (3, 224, 224)),  # built below its config's 384 px
+        ("vit_tiny_patch16_224", {"img_size": 64, "in_chans": 5}, (5, 64, 64)),
+    ],
+)
+def test_default_inputs_for_timm_are_what_timm_states(name, arguments, stated):
+    """Made-up inputs have timm's stated (C, H, W), and the model runs on them (on the meta device:
+    shapes only, every shape check of the real forward, no compute)."""
+    from pathsurgeon.inputs import example_inputs
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, **arguments)
+    assert tuple(timm.models.get_model_input_config(model)["input_size"]) == stated  # timm's own word
+    inputs = example_inputs(model)
+    assert inputs.args[0].shape == (2, *stated)
+    model.eval()
+    with torch.no_grad():
+        model(*inputs.args)  # the old guesses failed here: 64 / 48 channels, or 384 px windows of 7
+
+
+def test_timm_constructor_arguments_take_no_channels_from_a_stem_convolution():
+    with torch.device("meta"):
+        assert constructor_arguments(timm.create_model("tresnet_m"))["arguments"] == {}  # not in_chans=48
+        model = timm.create_model("maxvit_tiny_tf_384", img_size=224)
+    assert constructor_arguments(model)["arguments"] == {"img_size": 224}
+
+
 # --- constructor arguments (what save/load will record) ---------------------------------------------
 
 def test_constructor_arguments_round_trip_through_the_library():

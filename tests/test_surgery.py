@@ -345,6 +345,30 @@ def test_uncapturable_model_raises_capture_error_and_changes_nothing():
             example_inputs=torch.ones(2, 4))
 
 
+class SpaceToDepthNet(nn.Module):
+    """A residual net whose stem folds 2×2 pixels into channels before its first convolution (as TResNet's
+    does): that convolution reads 12 channels of a 3-channel image, and nothing states the image's."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(12, 8, 3, padding=1))
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+
+    def forward(self, x):
+        x = self.stem(x)
+        return x + self.block(x)
+
+
+def test_a_model_failing_on_made_up_inputs_asks_for_example_inputs():
+    error = refused(SpaceToDepthNet(), pathsurgeon.ExampleInputsError, "does not run on the random inputs",
+                    "(2, 12, 224, 224)", "pass example_inputs=", rate=0.1)
+    assert isinstance(error, pathsurgeon.PathSurgeonError) and isinstance(error.__cause__, RuntimeError)
+    with pytest.raises(pathsurgeon.ExampleInputsError, match="pass example_inputs="):
+        pathsurgeon.find(SpaceToDepthNet())  # its branch is hooked: find runs it for the output shape
+    report = pathsurgeon.add(SpaceToDepthNet(), 0.1, example_inputs=torch.randn(2, 3, 16, 16))
+    assert report.max_abs_diff == 0.0 and len(report.branches) == 1
+
+
 def test_dtype_is_respected(vit):
     vit.double()
     report = pathsurgeon.add(vit, 0.1)  # example inputs made in the model's dtype

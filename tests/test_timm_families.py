@@ -20,6 +20,7 @@ import torch
 from conftest import (
     assert_same_training_output,
     called_drop_paths,
+    liven,
     module_layout,
     parent_rates,
     pathsurgeon_leftovers,
@@ -149,12 +150,33 @@ def test_none_slot_trains_bitwise_like_timm():
     x = _inputs(model, 64)
     report = pathsurgeon.add(model, RATE, example_inputs=x)
     assert {b.mechanism for b in report.branches} == {"slot"}
+    liven(native)  # timm zero-inits each branch's last BatchNorm: without this any model would match
+    liven(model)
     native.train()
     model.train()
+    torch.manual_seed(4)
+    assert not torch.equal(native(x), native(x))  # the masks now move the output
     torch.manual_seed(3)
     expected = native(x)
     torch.manual_seed(3)
     assert torch.equal(model(x), expected)  # the library's own code path, so bitwise
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
+def test_training_comparison_catches_a_model_with_no_drop_path(name):
+    """Fresh timm ResNets zero-init each branch's last BatchNorm, ConvNeXt starts its layer scales at
+    1e-6: unlivened, a model with no drop path at all matches timm's at rate 0.3 (Δ ≈ 0)."""
+    native, bare = _build(name, {}, 0.3), _build(name, {}, 0.0)
+    bare.load_state_dict(native.state_dict())
+    x = _inputs(bare, 64)
+    native.train()
+    bare.train()
+    torch.manual_seed(0)
+    expected = native(x)
+    torch.manual_seed(0)
+    assert torch.allclose(bare(x), expected, atol=2e-6, rtol=0)  # what the old comparison accepted
+    with pytest.raises(AssertionError):
+        assert_same_training_output(native, bare, x, seed=0)
 
 
 def assert_matches_native(name: str, overrides: dict, size: int | None, module: str | None = None):

@@ -1,7 +1,8 @@
 """timm: ``timm.create_model(pretrained_cfg architecture.tag, drop_path_rate=r, **plain arguments)``.
 
 The plain arguments are those fine-tuners change and a built model still shows: ``num_classes``
-(``model.num_classes``), ``in_chans`` (the first convolution), ``img_size`` (the patch embedding's).
+(``model.num_classes``), ``in_chans`` and ``img_size`` (what timm states of the built model:
+:func:`stated_input_size`).
 Only values that differ from the pretrained tag's defaults are passed, so the arguments read as the
 user's own call. Anything else (``depth=4``, ``window_size=4``) shows up as a tree difference and the
 model is not rebuilt.
@@ -83,20 +84,51 @@ def _plain_arguments(model: nn.Module, cfg: dict) -> dict[str, Any]:
     num_classes = getattr(model, "num_classes", None)
     if isinstance(num_classes, int) and num_classes != cfg.get("num_classes"):
         arguments["num_classes"] = num_classes
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    if first_conv is not None and input_size and first_conv.in_channels != input_size[0]:
-        arguments["in_chans"] = first_conv.in_channels
-    size = _image_size(model)
-    takes_size = _accepts(type(model), "img_size")
-    if size is not None and len(input_size) == 3 and size != tuple(input_size[1:]) and takes_size:
+    stated = stated_input_size(model)
+    if stated is None or len(input_size) != 3:
+        return arguments
+    channels, *size = stated
+    if channels != input_size[0]:
+        arguments["in_chans"] = channels
+    if tuple(size) != tuple(input_size[1:]) and _accepts(type(model), "img_size"):
         arguments["img_size"] = size[0] if size[0] == size[1] else list(size)
     return arguments
+
+
+def stated_input_size(model: nn.Module) -> tuple[int, int, int] | None:
+    """(channels, height, width) of the images a timm-built model takes, as timm states them.
+
+    timm's own ``get_model_input_config`` (timm >= 1.0.20): the ``in_chans`` and ``img_size`` the model
+    was built with, else its ``pretrained_cfg["input_size"]`` (csatv2: 512 px; maxvit_tiny_tf_384 built
+    with ``img_size=224``: 224, not its config's 384). Where timm records no size the model's own
+    ``img_size`` (its patch embedding's, e.g. after ``set_input_size``) stands in. Never the first
+    convolution's channels: TResNet's stem convolution reads 48 channels after a space-to-depth of
+    the 3-channel image, csatv2's 64 DCT coefficients. None for a model with no timm config.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if not isinstance(cfg, dict) or len(tuple(cfg.get("input_size") or ())) != 3:
+        return None
+    channels, height, width = (int(v) for v in cfg["input_size"])
+    traits = getattr(model, "_traits", None)
+    try:
+        from timm.models import get_model_input_config
+    except ImportError:  # an older timm: the same facts from the model's attributes
+        get_model_input_config = None
+    if get_model_input_config is not None and isinstance(traits, dict):
+        channels, height, width = (int(v) for v in get_model_input_config(model)["input_size"])
+        if traits.get("img_size") is None and (size := _image_size(model)) is not None:
+            height, width = size
+        return channels, height, width
+    own_channels = getattr(model, "in_chans", None)
+    if isinstance(own_channels, int) and not isinstance(own_channels, bool):
+        channels = own_channels
+    return (channels, *(_image_size(model) or (height, width)))
 
 
 def _image_size(model: nn.Module) -> tuple[int, int] | None:
     for owner in (getattr(model, "patch_embed", None), model):
         size = getattr(owner, "img_size", None)
-        if isinstance(size, int):
+        if isinstance(size, int) and not isinstance(size, bool):
             return (size, size)
         if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):
             return (int(size[0]), int(size[1]))
