@@ -87,6 +87,8 @@ def load_model(
     """Build the model ``spec`` names: a pathsurgeon or HF directory, a timm name, or an HF hub id."""
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError("the model spec is empty; pass a timm model name, an HF hub id or a directory")
+    if weights is not None:  # a 0-byte or truncated file is noticed before a large model is built
+        weights_shapes(weights)
     path = Path(spec)
     try:
         path.exists()

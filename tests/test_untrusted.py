@@ -825,3 +825,10 @@ def test_a_surgered_model_pickles_saves_and_deep_copies(tmp_path):
         pathsurgeon.strip(copied)
         assert not any(isinstance(m, pathsurgeon.DropPath) for m in copied.modules())
     assert max(m.rate for m in model.modules() if isinstance(m, pathsurgeon.DropPath)) == pytest.approx(0.1)
+
+
+def test_an_empty_weights_file_is_noticed_before_the_model_is_built(tmp_path, builds):
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(pathsurgeon.CheckpointError, match="empty"):
+        checkpoint.load_model(MODEL, weights=tmp_path / "empty.safetensors")
+    assert builds == []
