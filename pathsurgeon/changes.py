@@ -155,7 +155,9 @@ class Transaction:
 
     ``do(apply, undo)`` registers ``undo`` *before* calling ``apply``, and every undo restores a saved
     state (it is safe to run when ``apply`` did not finish), so an exception or a KeyboardInterrupt at
-    any point leaves the model as it was before the block.
+    any point leaves the model as it was before the block. The undo itself cannot be interrupted:
+    SIGINT / SIGTERM / SIGHUP arriving while it runs are delivered once it is done, and an undo that
+    raises does not stop the others.
     """
 
     def __init__(self) -> None:

@@ -87,6 +87,8 @@ def load_model(
     """Build the model ``spec`` names: a pathsurgeon or HF directory, a timm name, or an HF hub id."""
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError("the model spec is empty; pass a timm model name, an HF hub id or a directory")
+    if weights is not None:  # a 0-byte or truncated file is noticed before a large model is built
+        weights_shapes(weights)
     path = Path(spec)
     try:
         path.exists()
@@ -121,6 +123,10 @@ def _load_by_name(name: str, require_pretrained: bool, say: Callable[[str], None
     import timm
 
     if timm.is_model(name):
+        if "." in name and _timm_pretrained_cfg(name) is None:
+            tags = [n for n in timm.list_pretrained(name.split(".")[0] + ".*")]
+            raise ModelSpecError(f"timm has no pretrained tag {name.split('.', 1)[1]!r} for {name.split('.')[0]}; "
+                                 f"known: {', '.join(tags[:5]) or 'none'}")
         say(f"loading timm model {name}")
         cached = _cached_timm_weights(name)
         if cached is not None or downloads_allowed():
@@ -149,6 +155,16 @@ def _load_by_name(name: str, require_pretrained: bool, say: Callable[[str], None
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for names"
     raise ModelSpecError(f"unknown model {name!r}: not a timm model, HF hub id or local directory; {hint}")
+
+
+def _timm_pretrained_cfg(name: str):
+    """timm's pretrained config for ``name``, None for an unknown tag (timm raises RuntimeError there)."""
+    import timm
+
+    try:
+        return timm.models.get_pretrained_cfg(name)
+    except RuntimeError:
+        return None
 
 
 def _cached_timm_weights(name: str) -> str | None:
@@ -236,6 +252,18 @@ def _regular_file(path: Path, what: str, fix: str, max_bytes: int | None = None)
     if max_bytes is not None and info.st_size > max_bytes:
         raise CheckpointError(f"{what} {path} is larger than {max_bytes // 2**20} MiB, which no real one is; {fix}")
     return info.st_size
+
+
+def check_weights_file(file: str | os.PathLike) -> None:
+    """Refuse a ``--weights`` path that is missing, a directory, or not a regular file (a FIFO would block)."""
+    file = Path(file)
+    try:
+        if file.is_dir():
+            raise CheckpointError(f"weights file {file} is a directory; pass the file inside it (e.g. "
+                                  f"{file / WEIGHTS})")
+    except OSError as error:
+        raise CheckpointError(f"cannot read weights file {file} ({error.strerror or error}); fix the path") from error
+    _regular_file(file, "weights file", "check the path given to --weights")
 
 
 def weights_shapes(file: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -526,14 +554,17 @@ def _transformers_quiet():
     error line says what matters."""
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights: 100%|███|" is a second line on every load
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _transformers_class(config: dict[str, Any], class_name: str | None, spec: str) -> type:
@@ -619,13 +650,7 @@ def _unusable_tensor(value: torch.Tensor, expected: torch.Tensor) -> str | None:
 def read_weights(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state_dict from a safetensors or torch file (``weights_only=True``), every value a tensor."""
     file = Path(file)
-    try:
-        if file.is_dir():
-            raise CheckpointError(f"weights file {file} is a directory; pass the file inside it (e.g. "
-                                  f"{file / WEIGHTS})")
-    except OSError as error:
-        raise CheckpointError(f"cannot read weights file {file} ({error.strerror or error}); fix the path") from error
-    _regular_file(file, "weights file", "check the path given to --weights")
+    check_weights_file(file)
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -795,7 +820,7 @@ def _rebuild(
         import timm
 
         name = source["name"]
-        if not timm.is_model(name) or ("." in name and timm.models.get_pretrained_cfg(name) is None):
+        if not timm.is_model(name) or ("." in name and _timm_pretrained_cfg(name) is None):
             raise ManifestError(f"{where} names timm model {name!r}, which timm "
                                 f"{timm.__version__} does not know; upgrade timm or fix the name")
         build = lambda: timm.create_model(name, pretrained=False, **kwargs)  # noqa: E731
@@ -816,6 +841,7 @@ def _rebuild(
             build, shapes, f"{where}'s {source['library']} model {name} with {source.get('kwargs', {})}",
             "rewrite the directory with pathsurgeon add --out", error_class=ManifestError,
         )
+        _check_meta_forward(build, source, name, where)
         say(f"rebuilding {source['library']} model {name} from {directory}")
         try:
             model = build()
@@ -829,6 +855,46 @@ def _rebuild(
             str(directory), say, class_name=source["class"], allow_missing_keys=allow_missing_keys
         ).model
     return model, manifest
+
+
+def _check_meta_forward(build: Callable[[], nn.Module], source: dict[str, Any], name: str, where: Path) -> None:
+    """A manifest's arguments may build a model whose own forward fails (timm ResNet with ``global_pool: ""``
+    feeds unpooled maps to its classifier). A forward on the meta device costs nothing: refuse the
+    arguments when it fails and the same model without them runs."""
+    from .libraries import meta_build
+
+    kwargs = source.get("kwargs", {})
+    if not kwargs:
+        return
+
+    def forward_error(make: Callable[[], nn.Module]) -> str | None:
+        try:
+            model = meta_build(make).eval()
+            if source["library"] == "timm":
+                default = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224))
+                size = kwargs.get("img_size", default[1:])
+                size = [size, size] if isinstance(size, int) else list(size)
+                shape = (1, kwargs.get("in_chans", default[0]), *size)
+            else:
+                size = kwargs.get("image_size", 224)
+                shape = (1, 3, size, size)
+            with torch.no_grad():
+                model(torch.empty(shape, device="meta"))
+        except Exception as error:  # noqa: BLE001 - any failure of the model's own forward
+            return f"{type(error).__name__}: {_first_line(error)}"
+        return None
+
+    error = forward_error(build)
+    if error is None:
+        return
+    import timm
+    import torchvision
+
+    plain = (lambda: timm.create_model(name, pretrained=False)) if source["library"] == "timm" else (
+        lambda: torchvision.models.get_model(name, weights=None))
+    if forward_error(plain) is None:
+        raise ManifestError(f"{where}: {name} built with {kwargs} cannot run its own forward ({error}); rewrite "
+                            "the directory with pathsurgeon add --out")
 
 
 def _first_line(error: BaseException) -> str:

@@ -144,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             for attribute, option in _PATH_OPTIONS.items():
                 check_path_text(option, getattr(args, attribute, None))
+            if getattr(args, "weights", None) is not None:  # before minutes of loading the model
+                from .checkpoint import check_weights_file
+
+                check_weights_file(args.weights)
             return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         _say("interrupted; nothing was written")

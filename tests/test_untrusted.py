@@ -410,7 +410,7 @@ def _start_blocked_add(tmp_path: Path, out: Path) -> tuple[subprocess.Popen, Pat
     return process, ready
 
 
-@pytest.mark.parametrize("how, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("how, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
 def test_signal_during_write_leaves_nothing_behind(tmp_path, how, exit_code):
     work = tmp_path / "work"
     work.mkdir()
@@ -456,3 +456,379 @@ def test_cli_leaves_the_environment_as_it_found_it(capsys, monkeypatch):
     code, _, _ = run(capsys, "inspect", "--model", MODEL)
     assert code == 0
     assert dict(os.environ) == before
+
+
+# --- issue 17: nothing lost, nothing hangs -----------------------------------------------------------
+
+
+def fake_hub_cache(cache: Path, repo: str, files: dict[str, bytes]) -> tuple[Path, dict[str, Path]]:
+    """A Hugging Face cache laid out as huggingface_hub writes it: snapshot links to content-named blobs."""
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    snapshot = folder / "snapshots" / ("a" * 40)
+    (folder / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("a" * 40)
+    blobs = {}
+    for name, data in files.items():
+        blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+        blobs[name] = blob
+    return snapshot, blobs
+
+
+def test_outputs_may_not_overwrite_the_cached_files_a_hub_id_or_timm_name_reads(hf_dir, tmp_path, capsys,
+                                                                                 monkeypatch, no_loading):
+    cache = tmp_path / "cache"
+    files = {name: (hf_dir / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    snapshot, blobs = fake_hub_cache(cache, "acme/tiny-vit", files)
+    weights = timm.create_model(MODEL).state_dict()
+    save_file(weights, str(tmp_path / "w.safetensors"))
+    timm_id = timm.models.get_pretrained_cfg(MODEL).hf_hub_id
+    _, timm_blobs = fake_hub_cache(cache, timm_id, {"model.safetensors": (tmp_path / "w.safetensors").read_bytes()})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    before = digest(cache)
+    for model, target in (
+        ("acme/tiny-vit", blobs["model.safetensors"]),  # the blob the snapshot's link points to
+        ("acme/tiny-vit", blobs["config.json"]),
+        ("acme/tiny-vit", snapshot / "new.json"),  # inside the repository's snapshot
+        (MODEL, timm_blobs["model.safetensors"]),  # a timm name reads its pretrained file from the cache
+    ):
+        code, _, err = run(capsys, "add", "--model", model, "--rate", "0.1", "--json", target)
+        assert_refused(code, err, "the input --model")
+    assert digest(cache) == before
+
+
+def test_outputs_that_are_not_regular_files_are_refused(tmp_path, capsys, no_loading):
+    os.mkfifo(tmp_path / "fifo")
+    cases = [(tmp_path / "fifo", "FIFO")]
+    if Path("/dev/null").exists():
+        cases.append((Path("/dev/null"), "character device"))
+    for target, words in cases:
+        for argv in (["add", "--model", MODEL, "--rate", "0.1", "--json", target],
+                     ["export", "--model", MODEL, "--onnx", target]):
+            code, _, err = run(capsys, *argv)
+            assert_refused(code, err, words, "not a regular file")
+    assert (tmp_path / "fifo").is_fifo()
+
+
+def test_stale_staging_cleanup_removes_only_what_pathsurgeon_made(surgered_dir, tmp_path, capsys):
+    """A path named like staging is removed only if its marker says this host and namespace made it, its
+    process is gone, and it is not an input."""
+    from pathsurgeon import files
+
+    work = tmp_path / "work"
+    work.mkdir()
+    source = copy_dir(surgered_dir, work / ".clean.pathsurgeon-99999-x")  # an input with a staging-like name
+    (work / ".clean.pathsurgeon-99999-y").write_text("a user's file")
+    elsewhere = work / ".clean.pathsurgeon-99998-z"  # made in another container sharing the volume
+    elsewhere.mkdir()
+    marker = {"creator": "pathsurgeon", "pid": 99998, "host": "other-host", "boot_id": "x", "pid_namespace": "pid:[1]",
+              "token": "t", "created": 0}
+    (elsewhere / files.MARKER).write_text(json.dumps(marker))
+    before = digest(source)
+    with pytest.warns(UserWarning, match="another PID namespace"):
+        code, _, err = run(capsys, "strip", "--in", source, "--out", work / "clean")
+    assert code == 0, err
+    assert digest(source) == before
+    assert (work / ".clean.pathsurgeon-99999-y").read_text() == "a user's file" and elsewhere.is_dir()
+    # an input that IS a stale staging directory of this machine is still never removed while read
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (source / files.MARKER).write_text(json.dumps({**files._machine_identity(), "creator": "pathsurgeon",
+                                                   "pid": int(dead.stdout), "token": "t", "created": 0}))
+    assert files.remove_stale_staging(work / "clean", {"--in": source}) == []
+    assert files.remove_stale_staging(work / "clean") == [source]  # not an input: it is stale, and ours
+
+
+def sharded_hf_dir(hf_dir: Path, folder: Path) -> Path:
+    model = transformers.ViTForImageClassification.from_pretrained(hf_dir)
+    model.save_pretrained(folder, max_shard_size="40KB")
+    assert (folder / "model.safetensors.index.json").exists()
+    return folder
+
+
+def test_shards_must_be_regular_files_inside_the_directory(hf_dir, tmp_path, capsys):
+    folder = sharded_hf_dir(hf_dir, tmp_path / "sharded")
+    code, _, err = run(capsys, "inspect", "--model", folder)
+    assert code == 0, err  # the untouched sharded directory loads
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    (folder / first).rename(tmp_path / first)  # the shard now lies outside, one level up
+    outside = {k: (f"../{first}" if v == first else v) for k, v in index["weight_map"].items()}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": outside}))
+    code, _, err = run(capsys, "inspect", "--model", folder)
+    assert_refused(code, err, "outside the directory")
+    os.mkfifo(folder / first)  # a FIFO where the shard was: reading it would block forever
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = subprocess.run([sys.executable, "-m", "pathsurgeon.cli", "inspect", "--model", str(folder)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "not a regular file" in result.stderr, result.stderr
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    """The device every timm / torchvision constructor call builds on: only 'meta' costs no memory."""
+    import torchvision
+
+    devices: list[str] = []
+    for module, name in ((timm, "create_model"), (torchvision.models, "get_model")):
+        real = getattr(module, name)
+
+        def recording(*args, real=real, **kwargs):
+            devices.append(torch.empty(0).device.type)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, recording)
+    return devices
+
+
+def test_manifest_sizes_the_weights_do_not_fit_are_refused_before_allocating(surgered_dir, tmp_path, builds):
+    folder = copy_dir(surgered_dir, tmp_path / "big")
+    manifest = _manifest(folder)
+    manifest["source"]["kwargs"] = {"img_size": 4096}  # test_vit: a 65536-row position embedding
+    (folder / "pathsurgeon.json").write_text(json.dumps(manifest))
+    with pytest.raises(pathsurgeon.ManifestError, match="pos_embed of shape"):
+        pathsurgeon.load(folder)
+    assert builds and set(builds) == {"meta"}  # never built where memory is allocated
+    builds.clear()
+    folder = copy_dir(surgered_dir, tmp_path / "empty-weights")
+    (folder / "model.safetensors").write_bytes(b"")
+    with pytest.raises(pathsurgeon.CheckpointError, match="empty"):
+        pathsurgeon.load(folder)
+    assert builds == []  # the weights file is read before anything is built
+
+
+@pytest.fixture
+def no_hf_build(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was built before config.json was checked against the weights")
+
+    monkeypatch.setattr(transformers.ViTForImageClassification, "from_pretrained", forbidden)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: {**c, "num_hidden_layers": 10**7}, "layers"),
+    (lambda c: {**c, "num_labels": 5 * 10**6, "id2label": None, "label2id": None}, "labels"),
+    (lambda c: {**c, "image_size": 8192}, "position_embeddings"),
+    (lambda c: {**c, "padding": "x" * (17 * 2**20)}, "larger than 16 MiB"),
+])
+def test_config_values_the_weights_do_not_fit_are_refused_before_building(hf_dir, tmp_path, capsys, no_hf_build,
+                                                                           edit, words):
+    folder = copy_dir(hf_dir, tmp_path / "crafted")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(edit(config)))
+    code, _, err = run(capsys, "inspect", "--model", folder)
+    assert_refused(code, err, words)
+
+
+def test_a_second_interrupt_during_rollback_does_not_stop_it(monkeypatch):
+    from pathsurgeon import changes, surgery
+
+    model = timm.create_model(MODEL).eval()
+    before = [(n, type(m)) for n, m in model.named_modules()]
+    real, calls = changes.Change.undo, {"n": 0}
+
+    def undo_interrupted(change):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again while the first rollback step runs
+        real(change)
+
+    monkeypatch.setattr(changes.Change, "undo", undo_interrupted)
+    monkeypatch.setattr(surgery, "max_abs_diff", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        pathsurgeon.add(model, 0.1)
+    assert calls["n"] > 1  # every change was undone, after the second interrupt too
+    assert [(n, type(m)) for n, m in model.named_modules()] == before
+    from conftest import pathsurgeon_leftovers
+
+    assert pathsurgeon_leftovers(model) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("kwargs, name, words", [
+    ({"num_classes": 5.0}, MODEL, "num_classes"),
+    ({"global_pool": "zzz"}, MODEL, "cannot be built"),
+    ({"global_pool": ""}, "test_resnet", "cannot run its own forward"),
+    ({"img_size": 64}, "test_resnet", "cannot be built"),
+    ({}, "test_vit.zzz", "does not know"),
+])
+def test_manifest_arguments_a_constructor_rejects_exit_2(surgered_dir, tmp_path, capsys, kwargs, name, words):
+    folder = copy_dir(surgered_dir, tmp_path / "crafted")
+    manifest = _manifest(folder)
+    manifest["source"] = {"library": "timm", "name": name, "kwargs": kwargs}
+    manifest["surgery"] = None
+    (folder / "pathsurgeon.json").write_text(json.dumps(manifest))
+    code, _, err = run(capsys, "strip", "--in", folder, "--out", tmp_path / "clean")
+    assert_refused(code, err, words)
+
+
+@pytest.mark.parametrize("name, kwargs", [("resnet18", {"image_size": 224}), ("vit_b_16", {"image_size": 223})])
+def test_torchvision_manifest_arguments_a_builder_rejects_exit_2(tmp_path, capsys, builds, name, kwargs):
+    import torchvision
+
+    folder = tmp_path / "tv"
+    pathsurgeon.save(torchvision.models.resnet18(num_classes=3), folder)
+    manifest = _manifest(folder)
+    manifest["source"] = {"library": "torchvision", "name": name, "kwargs": kwargs}
+    (folder / "pathsurgeon.json").write_text(json.dumps(manifest))
+    builds.clear()
+    code, _, err = run(capsys, "strip", "--in", folder, "--out", tmp_path / "clean")
+    assert_refused(code, err, name)
+    assert set(builds) == {"meta"}
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: {**c, "vision_config": json.loads("[" * 900 + "]" * 900)}, "nests deeper"),
+    (lambda c: {**c, "hidden_size": "32"}, "hidden_size"),
+    (lambda c: {"model_type": "timm_wrapper", "architecture": MODEL, "architectures": ["TimmWrapperModel"],
+                "model_args": {"checkpoint_path": "{evil}"}}, "model_args"),
+])
+def test_hugging_face_configs_that_crash_transformers_exit_2(hf_dir, tmp_path, capsys, edit, words):
+    marker = tmp_path / "marker"
+    torch.save({"w": _Boom(str(marker))}, tmp_path / "evil.pth")
+    folder = copy_dir(hf_dir, tmp_path / "crafted")
+    config = json.loads((folder / "config.json").read_text())
+    text = json.dumps(edit(config)).replace("{evil}", str(tmp_path / "evil.pth"))
+    (folder / "config.json").write_text(text)
+    code, _, err = run(capsys, "inspect", "--model", folder)
+    assert_refused(code, err, words)
+    assert not marker.exists()
+
+
+def test_weights_of_the_wrong_kind_are_refused_before_the_first_copy(tmp_path):
+    model = timm.create_model(MODEL)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    first, last = next(iter(state)), "head.weight"
+    dense = state[last]
+    cases = {
+        "meta": dense.to("meta"),
+        "sparse": dense.to_sparse(),
+        "complex": dense.to(torch.complex64),
+        "bool": dense.bool(),
+        "int": dense.to(torch.int32),
+        "fp8": dense.to(torch.float8_e4m3fn),
+        "quantized": torch.quantize_per_tensor(dense, 0.1, 0, torch.qint8),
+    }
+    for name, bad in cases.items():
+        crafted = {k: (v + 1 if k == first else v) for k, v in state.items()}  # the first key would be copied
+        crafted[last] = bad
+        torch.save(crafted, tmp_path / f"{name}.pth")
+        with pytest.raises(pathsurgeon.CheckpointError, match=last) as caught:
+            checkpoint.load_weights(model, tmp_path / f"{name}.pth")
+        assert "\n" not in str(caught.value)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items()), name
+    state16 = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state16, tmp_path / "half.pth")
+    checkpoint.load_weights(model, tmp_path / "half.pth")  # a float16 copy of float32 weights is fine
+
+
+@pytest.mark.parametrize("kind", ["pickle", "truncated", "keys"])
+def test_bad_cached_pretrained_weights_of_a_timm_name_exit_2(tmp_path, capsys, monkeypatch, kind):
+    marker = tmp_path / "marker"
+    state = timm.create_model(MODEL).state_dict()
+    save_file(state, str(tmp_path / "w.safetensors"))
+    data = (tmp_path / "w.safetensors").read_bytes()
+    if kind == "truncated":
+        data = data[: len(data) // 2]
+    elif kind == "keys":
+        save_file({"not.a.key": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+        data = (tmp_path / "w.safetensors").read_bytes()
+    cache = tmp_path / "cache"
+    timm_id = timm.models.get_pretrained_cfg(MODEL).hf_hub_id
+    if kind == "pickle":
+        torch.save({"w": _Boom(str(marker))}, tmp_path / "evil.bin")
+        fake_hub_cache(cache, timm_id, {"pytorch_model.bin": (tmp_path / "evil.bin").read_bytes()})
+    else:
+        fake_hub_cache(cache, timm_id, {"model.safetensors": data})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    code, _, err = run(capsys, "add", "--model", MODEL, "--rate", "0.1")
+    assert_refused(code, err)
+    assert not marker.exists()
+
+
+def test_path_options_with_a_component_over_255_bytes_exit_2(tmp_path, capsys):
+    long = tmp_path / ("x" * 300)
+    for argv in (
+        ["add", "--model", long, "--rate", "0.1"],
+        ["add", "--model", MODEL, "--rate", "0.1", "--weights", long],
+        ["add", "--model", MODEL, "--rate", "0.1", "--out", long],
+        ["add", "--model", MODEL, "--rate", "0.1", "--json", long],
+        ["strip", "--in", long, "--out", tmp_path / "o"],
+        ["export", "--model", MODEL, "--onnx", long],
+    ):
+        code, _, err = run(capsys, *argv)
+        assert_refused(code, err, "255 bytes")
+
+
+def test_set_rate_with_a_meta_tensor_is_refused():
+    model = timm.create_model(MODEL).eval()
+    pathsurgeon.add(model, 0.1)
+    with pytest.raises(pathsurgeon.InvalidRateError, match="meta"):
+        pathsurgeon.set_rate(model, torch.tensor(0.2, device="meta"))
+
+
+def test_every_message_is_one_line(hf_dir, tmp_path, capsys, no_loading):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["add", "--model", MODEL, "--rate"])  # argparse
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("pathsurgeon: error"), err
+    code, _, err = run(capsys, "add", "--model", MODEL, "--rate", "0.1", "--weights", tmp_path / "a\nb.pth")
+    assert_refused(code, err, "\\n")
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    code, _, err = run(capsys, "add", "--model", MODEL, "--rate", "0.1", "--weights", tmp_path / "fifo.safetensors")
+    assert_refused(code, err, "not a regular file")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch_cwd = os.getcwd()
+    try:
+        os.chdir(empty)
+        code, _, err = run(capsys, "add", "--model", MODEL, "--rate", "0.1", "--out", ".")
+    finally:
+        os.chdir(monkeypatch_cwd)
+    assert_refused(code, err, "names no new entry")
+
+
+def test_refused_hugging_face_directory_prints_only_our_lines(tmp_path, capsys):
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    image_size=32, patch_size=8, num_labels=3)
+    folder = tmp_path / "backbone"
+    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**saved, "architectures": ["ViTForImageClassification"]}))
+    capsys.readouterr()
+    code, out, err = run(capsys, "inspect", "--model", folder)
+    assert_refused(code, err, "missing keys")
+    assert all(line.startswith("pathsurgeon: ") for line in err.splitlines()), err
+    assert out == ""
+
+
+def test_a_surgered_model_pickles_saves_and_deep_copies(tmp_path):
+    import copy
+    import io
+    import pickle
+
+    model = timm.create_model(MODEL).eval()
+    pathsurgeon.add(model, 0.1, schedule="auto")
+    x = torch.randn(2, 3, 160, 160)
+    expected = model(x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copied in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert torch.equal(copied(x), expected)
+        pathsurgeon.set_rate(copied, 0.2)  # the record still drives the copy's own modules
+        rates = {round(m.rate, 6) for m in copied.modules() if isinstance(m, pathsurgeon.DropPath)}
+        assert max(rates) == pytest.approx(0.2)
+        pathsurgeon.strip(copied)
+        assert not any(isinstance(m, pathsurgeon.DropPath) for m in copied.modules())
+    assert max(m.rate for m in model.modules() if isinstance(m, pathsurgeon.DropPath)) == pytest.approx(0.1)
+
+
+def test_an_empty_weights_file_is_noticed_before_the_model_is_built(tmp_path, builds):
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(pathsurgeon.CheckpointError, match="empty"):
+        checkpoint.load_model(MODEL, weights=tmp_path / "empty.safetensors")
+    assert builds == []
