@@ -108,7 +108,7 @@ def add(
         transaction.do(functools.partial(vars(model).__setitem__, RECORD_ATTRIBUTE, record),
                        functools.partial(vars(model).pop, RECORD_ATTRIBUTE, None))
         with clock("apply"):
-            for change in build_changes(model, planned.branches) + silencing_changes(
+            for change in build_changes(model, planned.branches, planned.norms) + silencing_changes(
                 model, list(captured.view.slot_calls.values()), planned.branches, planned.left_alone
             ):
                 record.changes.append(change)
@@ -303,6 +303,7 @@ class _Planned:
     rates: Any  # rates.BranchRates
     schedule: str | list[float]
     formula: str
+    norms: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # target -> its BatchNorms
 
 
 def _plan(
@@ -337,10 +338,12 @@ def _plan(
             "check the patterns against pathsurgeon.find(model)"
         )
     reasons: dict[str, str] = {}
+    norms: dict[str, tuple[str, ...]] = {}
     if config.mode != "sample":
-        branches = assign_entries(model, branches, chosen, captured.view, config.mode, reasons)
+        branches = assign_entries(model, branches, chosen, captured.view, config.mode, reasons,
+                                  config.batch_norm, norms)
     formula = "library" if rates.library is not None else plan.formula
-    return _Planned(branches, left_alone, reasons, rates, plan.schedule, formula)
+    return _Planned(branches, left_alone, reasons, rates, plan.schedule, formula, norms)
 
 
 # --- helpers ------------------------------------------------------------------------------------------
