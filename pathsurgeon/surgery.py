@@ -72,9 +72,10 @@ def add(
     library does; timm: exactly what ``create_model(name, drop_path_rate=rate)`` gives), 'linear'
     (0 → rate over depth units), 'uniform', or a list with one rate per depth unit (then
     ``rate=None``). ``mode``: 'sample' (timm's per-sample drop path, the same code path and random
-    numbers), 'skip' (per-sample, but dropped samples are not computed) or 'batch' (one draw per branch
-    per mini-batch; a dropped branch is not computed). ``verify``: compare eval outputs before and after
-    on ``example_inputs`` (made from the model's config when not given), each run from the same fixed
+    numbers), 'skip' (per-sample, but dropped samples are not computed), 'batch' (one draw per branch
+    per mini-batch; a dropped branch is not computed, BatchNorms included) or 'fixed_count' (DINOv2's
+    efficient stochastic depth: exactly ``max(int(B * (1 - rate)), 1)`` samples computed, scaled by B/k).
+    ``verify``: compare eval outputs before and after on ``example_inputs`` (made from the model's config when not given), each run from the same fixed
     RNG state: True demands bitwise equality, a float is an absolute tolerance, False skips the check.
     On any failure, an interrupt included, the model is left exactly as it was; the caller's RNG state
     is never changed.
