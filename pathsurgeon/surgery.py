@@ -76,7 +76,8 @@ def add(
     per mini-batch; a dropped branch is not computed, BatchNorms included) or 'fixed_count' (DINOv2's
     efficient stochastic depth: exactly ``max(int(B * (1 - rate)), 1)`` samples computed, scaled by B/k).
     ``verify``: compare eval outputs before and after on ``example_inputs`` (made from the model's config
-    when not given), each run from the same fixed RNG state: True demands bitwise equality, a float is an absolute tolerance, False skips the check.
+    when not given), each run from the same fixed RNG state: True demands bitwise equality, a float is an
+    absolute tolerance, False skips the check.
     On any failure, an interrupt included, the model is left exactly as it was; the caller's RNG state
     is never changed.
     """
