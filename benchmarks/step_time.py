@@ -162,15 +162,16 @@ def block_wise(model: torch.nn.Module, rates: list[float]) -> torch.nn.Module:
 # --- the variants ---------------------------------------------------------------------------------------
 
 
-def _surgered(model, key: str, report_to: list[str], **settings) -> torch.nn.Module:
-    report = pathsurgeon.add(model, pathsurgeon.DropPathConfig(**settings))
+def _surgered(model, key: str, report_to: list[str], size: int | None, **settings) -> torch.nn.Module:
+    inputs = torch.randn(2, 3, size, size) if size else None  # add's checks at the benchmark's image size
+    report = pathsurgeon.add(model, pathsurgeon.DropPathConfig(**settings), example_inputs=inputs)
     if report.fallbacks:
         report_to.append(f"  {key}: {len(report.fallbacks)} of {len(report.branches)} branches computed in full "
                          f"({report.fallbacks[0].reason})")
     return model
 
 
-def timm_variants(name: str, rate: float, notes: list[str]) -> tuple[dict[str, torch.nn.Module], str]:
+def timm_variants(name: str, rate: float, notes: list[str], size: int | None) -> tuple[dict, str]:
     torch.manual_seed(0)
     native = timm.create_model(name, drop_path_rate=rate)
     weights = native.state_dict()
@@ -185,11 +186,11 @@ def timm_variants(name: str, rate: float, notes: list[str]) -> tuple[dict[str, t
     if blocks is not None and all(hasattr(b, "ls1") and hasattr(b, "mlp") for b in blocks):
         built["DINOv2"] = dinov2_blocks(fresh(), [float(getattr(b.drop_path1, "drop_prob", 0.0)) for b in blocks])
     for mode in MODES:
-        built[f"pathsurgeon {mode}"] = _surgered(fresh(), f"pathsurgeon {mode}", notes, rate=rate, mode=mode)
+        built[f"pathsurgeon {mode}"] = _surgered(fresh(), f"pathsurgeon {mode}", notes, size, rate=rate, mode=mode)
     return built, "timm native"
 
 
-def torchvision_variants(name: str, rate: float, notes: list[str]) -> tuple[dict[str, torch.nn.Module], str]:
+def torchvision_variants(name: str, rate: float, notes: list[str], size: int | None) -> tuple[dict, str]:
     torch.manual_seed(0)
     untouched = getattr(torchvision.models, name)()
     count = len(pathsurgeon.find(untouched))
@@ -200,10 +201,10 @@ def torchvision_variants(name: str, rate: float, notes: list[str]) -> tuple[dict
 
     built = {"untouched": untouched, "block-wise": block_wise(fresh(), rates)}
     for mode in MODES:
-        built[f"pathsurgeon {mode}"] = _surgered(fresh(), f"pathsurgeon {mode}", notes, schedule=rates, mode=mode)
+        built[f"pathsurgeon {mode}"] = _surgered(fresh(), f"pathsurgeon {mode}", notes, size, schedule=rates, mode=mode)
     for mode in ("skip", "fixed_count"):
         key = f"pathsurgeon {mode} kept_rows"
-        built[key] = _surgered(fresh(), key, notes, schedule=rates, mode=mode, batch_norm="kept_rows")
+        built[key] = _surgered(fresh(), key, notes, size, schedule=rates, mode=mode, batch_norm="kept_rows")
     return built, "block-wise"
 
 
@@ -252,10 +253,10 @@ def main() -> None:
         print(f"\n{name}")
         notes: list[str] = []
         if name.startswith("torchvision:"):
-            eager, reference = torchvision_variants(name.split(":", 1)[1], args.rate, notes)
+            eager, reference = torchvision_variants(name.split(":", 1)[1], args.rate, notes, args.size)
             size = (3, 224, 224)
         else:
-            eager, reference = timm_variants(name, args.rate, notes)
+            eager, reference = timm_variants(name, args.rate, notes, args.size)
             size = eager["untouched"].pretrained_cfg["input_size"]
         print("\n".join(notes) if notes else "  every branch of every pathsurgeon variant skips as asked")
         if args.size:

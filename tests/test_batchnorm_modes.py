@@ -168,3 +168,17 @@ def test_skip_mode_keeps_batchnorm_branches_in_full_unless_asked():
     assert seen == [drawn[3]]
     with pytest.raises(pathsurgeon.PathSurgeonError, match="batch_norm must be one of"):
         pathsurgeon.DropPathConfig(0.1, batch_norm="yes")
+
+
+def test_batch_norm_choice_round_trips_through_save_and_load(tmp_path):
+    from pathsurgeon.changes import record_of
+
+    model = torchvision.models.resnet18(num_classes=7)
+    config = pathsurgeon.DropPathConfig(0.1, mode="batch", batch_norm="kept_rows")
+    assert pathsurgeon.DropPathConfig.from_dict(config.to_dict()) == config
+    assert "batch_norm" not in config.replace(batch_norm="fallback").to_dict()  # manifests as before
+    report = pathsurgeon.add(model, config, example_inputs=torch.randn(2, 3, 64, 64))
+    pathsurgeon.save(model, tmp_path / "resnet")
+    loaded = pathsurgeon.load(tmp_path / "resnet", verify=False)
+    assert record_of(loaded).config.batch_norm == "kept_rows" and record_of(loaded).mode == "batch"
+    assert [b.entry for b in pathsurgeon.find(loaded)] == [b.entry for b in report.branches]
