@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--rate", type=float, default=0.1)
-    parser.add_argument("--mode", default="sample", choices=("sample", "skip", "batch"))
+    parser.add_argument("--mode", default="sample", choices=("sample", "skip", "batch", "fixed_count"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:

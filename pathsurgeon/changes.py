@@ -90,6 +90,7 @@ class Change:
     # when one slot serves several branches (timm MLP-Mixer, CaiT)
     gathers: list[tuple[nn.Module, int]] = field(default_factory=list)
     silenced: bool = False  # a library drop path held at rate 0 (see silencing_changes); not a branch
+    norms: tuple[nn.Module, ...] = ()  # the BatchNorms on a gathered branch (see skipping.Gather)
 
     def install(self) -> None:
         if self.hooked is not None:
@@ -107,7 +108,7 @@ class Change:
 
     def install_gathers(self) -> None:
         for module, hook_id in self.gathers:
-            module._forward_pre_hooks[hook_id] = Gather(self.drop)
+            module._forward_pre_hooks[hook_id] = Gather(self.drop, self.norms)
 
     def remove_gathers(self) -> None:
         for module, hook_id in self.gathers:
@@ -259,15 +260,25 @@ def refuse_existing_surgery(model: nn.Module) -> None:
 # --- building changes (not applied: the caller's transaction applies them) -----------------------------
 
 
-def build_changes(model: nn.Module, branches: list[Branch]) -> list[Change]:
-    """One change per slot or hooked module (one slot can serve several branches: timm CaiT, MLP-Mixer)."""
+def build_changes(
+    model: nn.Module, branches: list[Branch], norms: dict[str, tuple[str, ...]] | None = None
+) -> list[Change]:
+    """One change per slot or hooked module (one slot can serve several branches: timm CaiT, MLP-Mixer).
+
+    ``norms``: target → the BatchNorms on its gathered branches (from :func:`~pathsurgeon.skipping.assign_entries`).
+    """
     by_target: dict[str, list[Branch]] = {}
     for branch in branches:
         by_target.setdefault(branch.target, []).append(branch)
-    return [_change(model, mine[0], [b.entry for b in mine if b.entry]) for mine in by_target.values()]
+    norms = norms or {}
+    return [
+        _change(model, mine[0], [b.entry for b in mine if b.entry],
+                tuple(model.get_submodule(n) for n in norms.get(mine[0].target, ())))
+        for mine in by_target.values()
+    ]
 
 
-def _change(model: nn.Module, branch: Branch, entries: list[str]) -> Change:
+def _change(model: nn.Module, branch: Branch, entries: list[str], norms: tuple[nn.Module, ...] = ()) -> Change:
     if branch.mechanism == "slot":
         parent_name, _, attr = branch.target.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -284,9 +295,11 @@ def _change(model: nn.Module, branch: Branch, entries: list[str]) -> Change:
         handle = hooked.register_forward_hook(BranchHook(drop))
         hooked._forward_hooks.pop(handle.id)  # installed by Change.install, like every other change
         change = Change(branch.block, branch.target, drop, hook_id=handle.id, hooked=hooked)
+    if entries:
+        change.norms = norms
     for entry in entries:
         gathered = model.get_submodule(entry)
-        handle = gathered.register_forward_pre_hook(Gather(drop))
+        handle = gathered.register_forward_pre_hook(Gather(drop, change.norms))
         gathered._forward_pre_hooks.pop(handle.id)  # installed by Change.install
         change.gathers.append((gathered, handle.id))
     return change

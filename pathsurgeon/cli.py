@@ -58,9 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     _schedule_argument(add)
     add.add_argument(
-        "--mode", default="sample", choices=("sample", "skip", "batch"),
+        "--mode", default="sample", choices=("sample", "skip", "batch", "fixed_count"),
         help="sample: timm's per-sample drop path (default); skip: per-sample, dropped samples not computed; "
-        "batch: one draw per branch per mini-batch, a dropped branch not computed",
+        "batch: one draw per branch per mini-batch, a dropped branch not computed; fixed_count: DINOv2's "
+        "efficient stochastic depth, exactly max(int(B*(1-rate)), 1) samples computed, scaled by B/k",
     )
     add.add_argument("--weights", metavar="FILE", help="load a local checkpoint (.safetensors, or a torch state_dict)")
     _allow_missing_argument(add)

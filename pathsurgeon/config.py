@@ -20,12 +20,14 @@ import torch
 from .errors import InvalidModeError, InvalidRateError, InvalidScheduleError, PathSurgeonError
 
 __all__ = [
+    "BATCH_NORM_CHOICES",
     "MODES",
     "SCHEDULES",
     "DropPathConfig",
     "brief",
     "config_from_arguments",
     "real_number",
+    "validate_batch_norm",
     "validate_mode",
     "validate_rate",
     "validate_schedule",
@@ -33,7 +35,13 @@ __all__ = [
 ]
 
 SCHEDULES = ("auto", "linear", "uniform")
-MODES = ("sample", "skip", "batch")
+MODES = ("sample", "skip", "batch", "fixed_count")
+# What a branch holding a BatchNorm does in the modes that compute part of the batch ('skip',
+# 'fixed_count'): "fallback" computes every sample (the BatchNorm sees the statistics mode 'sample' gives
+# it); "kept_rows" computes the kept samples only, so the BatchNorm normalises with, and updates its
+# running statistics from, the kept samples alone — another estimator, taken only on request. Mode
+# 'batch' needs neither: a kept branch sees the whole batch, a dropped one runs nothing.
+BATCH_NORM_CHOICES = ("fallback", "kept_rows")
 
 
 def real_number(value: object) -> float | None:
@@ -88,6 +96,16 @@ def validate_mode(mode: object) -> str:
     return mode
 
 
+def validate_batch_norm(value: object) -> str:
+    """Return ``value`` if it is one of :data:`BATCH_NORM_CHOICES`, else raise a one-line error."""
+    if not isinstance(value, str) or value not in BATCH_NORM_CHOICES:
+        raise PathSurgeonError(
+            f"batch_norm must be one of {', '.join(repr(c) for c in BATCH_NORM_CHOICES)}, got {brief(value)}; "
+            "pass batch_norm='kept_rows' to let BatchNorm branches skip dropped samples, else leave the default"
+        )
+    return value
+
+
 def validate_schedule(schedule: object, rate: float | None) -> str | list[float]:
     """Check a schedule (and that ``rate`` fits it) without looking at a model."""
     if isinstance(schedule, str):
@@ -139,7 +157,10 @@ class DropPathConfig:
 
     ``rate``: the drop-path rate (the deepest unit's under a linear schedule); None with a list
     ``schedule``. ``schedule``: 'auto' (the model's library's own numbers), 'linear', 'uniform', or one
-    rate per depth unit. ``mode``: 'sample', 'skip' or 'batch' (see the README's training modes).
+    rate per depth unit. ``mode``: 'sample', 'skip', 'batch' or 'fixed_count' (see the README's training
+    modes). ``batch_norm``: what a branch holding a BatchNorm does in modes 'skip' and 'fixed_count':
+    'fallback' (default: every sample computed) or 'kept_rows' (the kept samples only; the BatchNorm's
+    statistics then come from those samples, see :data:`BATCH_NORM_CHOICES`).
     ``verify``: True (eval outputs bitwise equal), a tolerance, or False (no check).
     ``include`` / ``exclude``: glob patterns (``fnmatch``, ``*`` may span dots) over block names
     (``blocks.3``, ``stages.1.blocks.0``). A branch is changed if its block matches an ``include``
@@ -154,6 +175,7 @@ class DropPathConfig:
     verify: bool | float = True
     include: tuple[str, ...] = field(default=())
     exclude: tuple[str, ...] = field(default=())
+    batch_norm: str = "fallback"
 
     def __post_init__(self) -> None:
         rate = validate_rate(self.rate) if self.rate is not None else None
@@ -172,6 +194,7 @@ class DropPathConfig:
             ("verify", verify),
             ("include", _globs(self.include, "include")),
             ("exclude", _globs(self.exclude, "exclude")),
+            ("batch_norm", validate_batch_norm(self.batch_norm)),
         ):
             object.__setattr__(self, name, value)
 
@@ -204,6 +227,7 @@ class DropPathConfig:
             "verify": self.verify,
             "include": list(self.include),
             "exclude": list(self.exclude),
+            **({"batch_norm": self.batch_norm} if self.batch_norm != "fallback" else {}),  # format 2 as before
         }
 
     @classmethod

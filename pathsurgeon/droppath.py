@@ -9,7 +9,11 @@ drawn as Hugging Face draws it (``draw="uniform_floor"``), for the same reason.
 Modes of :class:`DropPath` (how a dropped branch is handled while training; all are the identity in
 eval): ``"sample"``, timm's semantics (every sample computed, dropped ones multiplied by zero), and
 ``"skip"`` / ``"batch"``, where the branch only runs on the samples that keep it — the machinery for
-those lives in :mod:`pathsurgeon.skipping`.
+those lives in :mod:`pathsurgeon.skipping` — and ``"fixed_count"``, DINOv2's efficient stochastic depth
+(``drop_add_residual_stochastic_depth``): exactly ``k = max(int(B * (1 - rate)), 1)`` samples keep the
+branch, drawn by ``randperm(B)[:k]``, and are scaled by ``B / k`` (:func:`fixed_count_rows`). The count is
+fixed per batch rather than Bernoulli-distributed, which is what makes its shapes independent of the
+draw: no host synchronisation, and under ``torch.compile`` one graph for every step and every rate.
 
 Rates change during training (:class:`~pathsurgeon.RateScheduler`), so no compiled graph may depend on
 a rate's value: under ``torch.compile`` the mask comes from the custom op ``pathsurgeon::drop_path_mask``,
@@ -27,7 +31,17 @@ from torch import nn
 
 from .config import MODES, validate_mode, validate_rate
 
-__all__ = ["DRAWS", "MODES", "DropPath", "KeptRows", "drop_path", "drop_path_mask", "mask_shape"]
+__all__ = [
+    "DRAWS",
+    "MODES",
+    "DropPath",
+    "KeptRows",
+    "drop_path",
+    "drop_path_mask",
+    "fixed_count",
+    "fixed_count_rows",
+    "mask_shape",
+]
 
 # How the per-sample keep mask is drawn. "bernoulli": timm's and torchvision's ``bernoulli_(keep)``.
 # "uniform_floor": Hugging Face's ``floor(rand + keep)`` (one copy in every HF model file), used for the
@@ -108,6 +122,36 @@ def _(rate, shape, dtype, device, scale_by_keep, draw="bernoulli"):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def fixed_count(batch: int, rate: float) -> int:
+    """How many of ``batch`` samples keep the branch in mode 'fixed_count': DINOv2's
+    ``max(int(b * (1 - sample_drop_ratio)), 1)``."""
+    return max(int(batch * (1.0 - rate)), 1)
+
+
+@torch.library.custom_op("pathsurgeon::fixed_count_rows", mutates_args=(), **_RANDOM_OP)
+def fixed_count_rows(rate: torch.Tensor, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows that keep the branch in mode 'fixed_count', and their scale ``B / k`` (a 0-d float64 CPU
+    tensor), with the rate read from a 0-d CPU tensor when it runs.
+
+    DINOv2's draw: ``torch.randperm(b, device=x.device)[:k]`` on the default generator. The row count is
+    a size torch.compile treats as unknown (an unbacked size between 1 and ``batch``), so neither a
+    new draw nor a new rate recompiles; it is known on the host as soon as the op returns (computed
+    from the rate), so nothing waits for the device. Rate 0 keeps every row in order and draws nothing.
+    """
+    value = float(rate)
+    if value == 0.0:
+        return torch.arange(batch, device=device), torch.ones((), dtype=torch.float64)
+    count = fixed_count(batch, value)
+    rows = torch.randperm(batch, device=device)[:count]
+    return rows, torch.tensor(batch / count, dtype=torch.float64)
+
+
+@fixed_count_rows.register_fake
+def _(rate, batch, device):
+    count = torch.library.get_ctx().new_dynamic_size(min=1, max=max(batch, 1))
+    return torch.empty(count, dtype=torch.long, device=device), torch.empty((), dtype=torch.float64)
+
+
 def mask_shape(x: torch.Tensor, batch_axis: int) -> list[int]:
     """``(1, ..., B, ..., 1)``: one value per sample along ``batch_axis``, broadcast over the rest."""
     shape = [1] * x.ndim
@@ -125,6 +169,17 @@ class KeptRows(NamedTuple):
     index: torch.Tensor | None
     scale: torch.Tensor
     batch: int
+    # BatchNorms of a branch that ran on no row in training: their count of batches seen is taken back
+    # after the call, so that a dropped branch leaves every BatchNorm buffer as it was (mode 'batch')
+    uncounted: tuple = ()
+
+
+def _take_back_batch_count(norms: tuple) -> None:
+    """Undo the ``num_batches_tracked += 1`` a BatchNorm makes even on an empty batch (its running mean
+    and variance already stay as they were: torch computes nothing for an empty input)."""
+    with torch.no_grad():
+        for norm in norms:
+            norm.num_batches_tracked.sub_(1)
 
 
 class DropPath(nn.Module):
@@ -197,13 +252,24 @@ class DropPath(nn.Module):
                 return x * rows.scale
             full = list(x.shape)
             full[self.batch_axis] = rows.batch
+            if rows.uncounted:
+                _take_back_batch_count(rows.uncounted)
             return x.new_zeros(full).index_copy(self.batch_axis, rows.index, x * rows.scale)
         if self.forced_keep is not None:
             keep = self.forced_keep.to(device=x.device, dtype=x.dtype)
             return x * keep.view(mask_shape(x, self.batch_axis)) * self.scale()
         if self.mode == "batch" and training:  # nothing gathered: the whole batch, computed, kept or zeroed
             return x * self._batch_factor()
+        if self.mode == "fixed_count" and training:  # nothing gathered: every row computed, the same draw
+            return x * self.fixed_count_mask(x)
         return self.sample(x, training)
+
+    def fixed_count_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Mode 'fixed_count' on a branch computed in full: ``B / k`` at the kept rows, 0 elsewhere."""
+        batch = x.shape[self.batch_axis]
+        rows, scale = fixed_count_rows(self._rate_tensor, batch, x.device)
+        mask = x.new_zeros(batch).index_fill(0, rows, 1.0) * scale
+        return mask.view(mask_shape(x, self.batch_axis))
 
     def sample(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         """Per-sample drop path on the whole branch output (mode 'sample', and the others' fallback)."""
@@ -234,6 +300,13 @@ class DropPath(nn.Module):
         if self.rate == 0.0:
             return torch.ones((), dtype=torch.float64)
         return self.scale_tensor() if self.batch_kept() else torch.zeros((), dtype=torch.float64)
+
+    def fixed_rows(self, batch: int, device: torch.device, training: bool) -> KeptRows | None:
+        """Mode 'fixed_count': the kept rows of the coming call (None: every row, nothing drawn)."""
+        if not training or (not torch.compiler.is_compiling() and self.rate == 0.0):  # no guard on the rate
+            return None
+        rows, scale = fixed_count_rows(self._rate_tensor, batch, device)
+        return KeptRows(rows, scale, batch)
 
     def extra_repr(self) -> str:
         text = f"rate={self.rate:.4g}"

@@ -37,7 +37,7 @@ MAX_BYTES = 16 * 1024 * 1024  # a manifest lists branches; a bigger file is not 
 _SIZE = {"type": "integer", "minimum": 1, "maximum": 65536}
 _RATE = {"type": "number", "minimum": 0, "exclusiveMaximum": 1}
 _NAME = {"type": "string", "maxLength": 1000}
-_MODE = {"enum": ["sample", "skip", "batch"]}
+_MODE = {"enum": ["sample", "skip", "batch", "fixed_count"]}
 _SCHEDULE = {
     "oneOf": [
         {"enum": ["auto", "linear", "uniform"]},
@@ -138,6 +138,7 @@ _SURGERY_2 = {
                 "verify": {"oneOf": [{"type": "boolean"}, {"type": "number", "minimum": 0}]},
                 "include": _GLOBS,
                 "exclude": _GLOBS,
+                "batch_norm": {"enum": ["fallback", "kept_rows"]},
             },
         },
         "rate": {"oneOf": [{"type": "null"}, _RATE]},  # in effect when saved (set_rate may have moved it)

@@ -43,11 +43,14 @@ class Gather:
     """Forward pre-hook on a branch's first module: draws its DropPath's kept rows, passes on only those.
 
     The hooked module's first positional argument must be the branch's only input with a batch axis;
-    :func:`pathsurgeon.add` checks that on the model before it hands out a Gather.
+    :func:`pathsurgeon.add` checks that on the model before it hands out a Gather. ``norms``: the
+    BatchNorms on the branch; when the branch runs on no row in training, its DropPath takes back the
+    batch each of them counts (:attr:`KeptRows.uncounted`), so a dropped branch leaves them as they were.
     """
 
-    def __init__(self, drop: DropPath) -> None:
+    def __init__(self, drop: DropPath, norms: tuple[nn.Module, ...] = ()) -> None:
         self.drop = drop
+        self.norms = norms
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
         drop = self.drop
@@ -55,7 +58,12 @@ class Gather:
             drop.kept_rows = None
             return None
         x = args[0]
-        rows = draw_rows(drop, x.shape[drop.batch_axis], x.device, module.training, x.dtype)
+        if drop.mode == "fixed_count" and drop.forced_keep is None:  # no graph break: see fixed_count_rows
+            rows = drop.fixed_rows(x.shape[drop.batch_axis], x.device, module.training)
+        else:
+            rows = draw_rows(drop, x.shape[drop.batch_axis], x.device, module.training, x.dtype)
+            if self.norms and rows is not None and rows.index is not None and rows.index.numel() == 0:
+                rows = rows._replace(uncounted=_counting(self.norms))
         drop.kept_rows = rows
         if rows is None or rows.index is None:
             return None
@@ -89,6 +97,13 @@ def draw_rows(
     return KeptRows(None if index.numel() == batch else index, drop.scale_tensor(), batch)
 
 
+def _counting(norms: tuple[nn.Module, ...]) -> tuple[nn.Module, ...]:
+    """The BatchNorms that add one to ``num_batches_tracked`` when they run now (training, tracking)."""
+    return tuple(
+        n for n in norms if n.training and n.track_running_stats and n.num_batches_tracked is not None
+    )
+
+
 def _none_kept(drop: DropPath, batch: int, device: torch.device) -> KeptRows:
     zero = torch.zeros((), dtype=torch.float64)
     if drop.empty_ok:
@@ -106,8 +121,17 @@ def assign_entries(
     view: GraphView,
     mode: str,
     reasons: dict[str, str],
+    batch_norm: str = "fallback",
+    norms: dict[str, tuple[str, ...]] | None = None,
 ) -> list[Branch]:
-    """The branches in ``mode``, each with the module a Gather goes on; ``reasons`` gets the others."""
+    """The branches in ``mode``, each with the module a Gather goes on; ``reasons`` gets the others.
+
+    A branch holding a BatchNorm is gathered in mode 'batch' (a kept branch runs on the whole batch, a
+    dropped one on no row: its BatchNorms neither compute nor update, as in Huang et al. 2016 and
+    Composer's block-wise stochastic depth) and, with ``batch_norm="kept_rows"``, in modes 'skip' and
+    'fixed_count' (its BatchNorms see the kept rows only); otherwise it computes every sample.
+    ``norms`` (target → BatchNorm names) gets the BatchNorms of every gathered branch.
+    """
     entries = branch_entries(view, selected)
     for branch, residual in zip(branches, selected, strict=True):
         entry = entries[residual.node, residual.slot_call]
@@ -115,11 +139,20 @@ def assign_entries(
             continue
         if entry.module is None:
             reasons[branch.target] = entry.reason
-        elif (norm := _batch_norm_in(model, entry.modules)) is not None:
+            continue
+        found = _batch_norms_in(model, entry.modules)
+        if not found:
+            continue
+        if any(type(model.get_submodule(n)) is nn.SyncBatchNorm for n in found):
+            # its statistics are gathered across ranks: an empty or short batch on one rank changes all
+            reasons[branch.target] = f"{found[0]} is a SyncBatchNorm: every rank must compute the same rows"
+        elif mode == "batch" or batch_norm == "kept_rows":
+            if norms is not None:
+                norms[branch.target] = tuple(dict.fromkeys((*norms.get(branch.target, ()), *found)))
+        else:
             reasons[branch.target] = (
-                f"{norm} is a BatchNorm: in training it mixes samples"
-                if mode == "skip"
-                else f"{norm} is a BatchNorm: it cannot run on an empty batch in training"
+                f"{found[0]} is a BatchNorm: in training it would see the kept samples only "
+                "(pass DropPathConfig(..., batch_norm='kept_rows') to accept that)"
             )
     return [
         dataclasses.replace(
@@ -130,7 +163,9 @@ def assign_entries(
     ]
 
 
-def _batch_norm_in(model: nn.Module, names: Iterable[str]) -> str | None:
+def _batch_norms_in(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """The BatchNorms among (and inside) the modules ``names``, by qualified name, each once."""
+    found: dict[str, None] = {}
     for name in sorted(names):
         try:
             module = model.get_submodule(name)
@@ -138,8 +173,8 @@ def _batch_norm_in(model: nn.Module, names: Iterable[str]) -> str | None:
             continue
         for sub_name, sub in module.named_modules():
             if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-                return f"{name}.{sub_name}" if sub_name else name
-    return None
+                found[f"{name}.{sub_name}" if sub_name else name] = None
+    return list(found)
 
 
 class GatheredChange(Protocol):
@@ -147,6 +182,7 @@ class GatheredChange(Protocol):
 
     block: str
     drop: DropPath
+    norms: tuple[nn.Module, ...]
 
     def install_gathers(self) -> None: ...
 
@@ -182,13 +218,58 @@ def check_gathers(
                 continue
             block = model.get_submodule(name)
             args, kwargs = block_inputs[name]
-            if len(group) > 1 and _together(model, block, group, args, kwargs, batch):
-                continue
+            if not (len(group) > 1 and _together(model, block, group, args, kwargs, batch)):
+                for change in group:
+                    reason = _alone(model, block, change, args, kwargs, batch)
+                    if reason is not None:
+                        failures[change] = reason
             for change in group:
-                reason = _alone(model, block, change, args, kwargs, batch)
-                if reason is not None:
-                    failures[change] = reason
+                if getattr(change, "norms", ()) and change not in failures:
+                    reason = _check_norms_left_alone(model, block, change, args, kwargs, batch)
+                    if reason is not None:
+                        failures[change] = reason
     return failures
+
+
+def _check_norms_left_alone(model, block, change: GatheredChange, args: tuple, kwargs: dict, batch: int):
+    """A gathered branch with BatchNorms, in training: None if a dropped call leaves every buffer of
+    its BatchNorms as it was (nothing computed, nothing counted) and, where one sample can be kept
+    (modes 'skip', 'fixed_count'), the BatchNorms train on it; else why not. The block's buffers (the
+    shortcut's BatchNorms update in training too) and train/eval flags are restored afterwards."""
+    if not change.drop.empty_ok:
+        return (f"{_name_in(model, change.norms[0])} is a BatchNorm and the branch cannot run on an empty batch: "
+                "a dropped branch would still update it")
+    saved = [(buffer, buffer.clone()) for buffer in block.buffers()]
+    before = [[b.clone() for b in norm.buffers()] for norm in change.norms]
+    mode = change.drop.mode
+    try:
+        for keep, what in ((torch.zeros(batch), "no sample kept"), (torch.eye(batch)[0], "one sample kept")):
+            if what == "one sample kept" and mode == "batch":  # a kept branch sees the whole batch there
+                break
+            change.drop.forced_keep = keep
+            try:
+                with training_flags_kept(block, training=True), private_rng(model):
+                    block(*_cloned(args), **_cloned(kwargs))
+            except Exception as error:  # noqa: BLE001 - any failure means: compute this branch in full
+                message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                return f"a BatchNorm branch fails in training with {what} ({type(error).__name__}: {message[:100]})"
+            if what == "no sample kept":
+                after = [list(norm.buffers()) for norm in change.norms]
+                for norm, old, new in zip(change.norms, before, after, strict=True):
+                    if any(not torch.equal(x, y) for x, y in zip(old, new, strict=True)):
+                        return f"{_name_in(model, norm)} is a BatchNorm that a dropped branch still updates"
+        return None
+    finally:
+        change.drop.forced_keep = None
+        change.drop.mode = mode
+        change.drop.kept_rows = None
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _name_in(model: nn.Module, module: nn.Module) -> str:
+    return next((name for name, m in model.named_modules() if m is module), type(module).__name__)
 
 
 def _together(model, block, group: list[GatheredChange], args: tuple, kwargs: dict, batch: int) -> bool:

@@ -72,10 +72,12 @@ def add(
     library does; timm: exactly what ``create_model(name, drop_path_rate=rate)`` gives), 'linear'
     (0 → rate over depth units), 'uniform', or a list with one rate per depth unit (then
     ``rate=None``). ``mode``: 'sample' (timm's per-sample drop path, the same code path and random
-    numbers), 'skip' (per-sample, but dropped samples are not computed) or 'batch' (one draw per branch
-    per mini-batch; a dropped branch is not computed). ``verify``: compare eval outputs before and after
-    on ``example_inputs`` (made from the model's config when not given), each run from the same fixed
-    RNG state: True demands bitwise equality, a float is an absolute tolerance, False skips the check.
+    numbers), 'skip' (per-sample, but dropped samples are not computed), 'batch' (one draw per branch
+    per mini-batch; a dropped branch is not computed, BatchNorms included) or 'fixed_count' (DINOv2's
+    efficient stochastic depth: exactly ``max(int(B * (1 - rate)), 1)`` samples computed, scaled by B/k).
+    ``verify``: compare eval outputs before and after on ``example_inputs`` (made from the model's config
+    when not given), each run from the same fixed RNG state: True demands bitwise equality, a float is an
+    absolute tolerance, False skips the check.
     On any failure, an interrupt included, the model is left exactly as it was; the caller's RNG state
     is never changed.
     """
@@ -108,7 +110,7 @@ def add(
         transaction.do(functools.partial(vars(model).__setitem__, RECORD_ATTRIBUTE, record),
                        functools.partial(vars(model).pop, RECORD_ATTRIBUTE, None))
         with clock("apply"):
-            for change in build_changes(model, planned.branches) + silencing_changes(
+            for change in build_changes(model, planned.branches, planned.norms) + silencing_changes(
                 model, list(captured.view.slot_calls.values()), planned.branches, planned.left_alone
             ):
                 record.changes.append(change)
@@ -304,6 +306,7 @@ class _Planned:
     rates: Any  # rates.BranchRates
     schedule: str | list[float]
     formula: str
+    norms: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # target -> its BatchNorms
 
 
 def _plan(
@@ -338,10 +341,12 @@ def _plan(
             "check the patterns against pathsurgeon.find(model)"
         )
     reasons: dict[str, str] = {}
+    norms: dict[str, tuple[str, ...]] = {}
     if config.mode != "sample":
-        branches = assign_entries(model, branches, chosen, captured.view, config.mode, reasons)
+        branches = assign_entries(model, branches, chosen, captured.view, config.mode, reasons,
+                                  config.batch_norm, norms)
     formula = "library" if rates.library is not None else plan.formula
-    return _Planned(branches, left_alone, reasons, rates, plan.schedule, formula)
+    return _Planned(branches, left_alone, reasons, rates, plan.schedule, formula, norms)
 
 
 # --- helpers ------------------------------------------------------------------------------------------

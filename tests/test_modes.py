@@ -124,7 +124,7 @@ def test_batch_norm_branches_fall_back_and_say_why():
     x = torch.randn(4, 3, 32, 32)
     report = pathsurgeon.add(model, RATE, mode="skip", example_inputs=x[:2])
     assert len(report.fallbacks) == len(report.branches) == 8
-    assert all("BatchNorm" in f.reason and "mixes samples" in f.reason for f in report.fallbacks)
+    assert all("BatchNorm" in f.reason and "kept samples only" in f.reason for f in report.fallbacks)
     assert all(b.mode == "sample" and b.entry is None for b in report.branches)
     assert "compute in full" in report.summary()
     _assert_same_step(_train_step(native, x, 0), _train_step(model, x, 0))  # timm's per-sample semantics
