@@ -780,9 +780,14 @@ def _not_independent(native, x, slots: list[str]) -> list[str]:
 
     if not slots:
         return []
-    other = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(x) if torch.is_tensor(x) else None
-    if other is None:
-        return []  # keyword inputs (Hugging Face): not checked here
+    generator = torch.Generator().manual_seed(7)
+
+    def another(value):
+        if torch.is_tensor(value) and value.is_floating_point():
+            return torch.randn(value.shape, generator=generator).to(value)
+        return value
+
+    other = {k: another(v) for k, v in x.items()} if isinstance(x, dict) else another(x)
     found = []
     for slot in slots:
         parent = slot.rpartition(".")[0]
