@@ -555,6 +555,8 @@ def _default_size(build, parameters: int) -> tuple[str, str | None]:
         return "no inputs made", f"no default inputs: {_line(error)}"
     try:
         report = pathsurgeon.add(model, RATE)
+    except pathsurgeon.NoBranchesError:
+        return f"no residual branch at {size} (add says so)", None
     except Exception as error:  # noqa: BLE001 - a row, not a crash
         return (f"fails at {size}",
                 f"add without example_inputs fails at the default input size {size}: {type(error).__name__}: "
