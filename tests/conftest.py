@@ -106,10 +106,17 @@ def assert_same_training_output(native: nn.Module, model: nn.Module, x: torch.Te
     native, model = liven(copy.deepcopy(native)), liven(copy.deepcopy(model))
     native.train()
     model.train()
-    torch.manual_seed(seed)
-    expected = native(x)
-    torch.manual_seed(seed + 1)
-    other = native(x)
-    assert not torch.allclose(other, expected, atol=1e-4, rtol=0), "drop path changes nothing: a powerless comparison"
-    torch.manual_seed(seed)
-    torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=0)
+    first = None
+    for draw in range(POWER_SEEDS):  # a few seeds: with small rates one seed may keep every branch
+        torch.manual_seed(seed + draw)
+        expected = native(x)
+        torch.manual_seed(seed + draw)
+        torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=0)
+        if first is None:
+            first = expected
+        elif not torch.allclose(expected, first, atol=1e-4, rtol=0):
+            return
+    raise AssertionError(f"drop path changes nothing over {POWER_SEEDS} seeds: a powerless comparison")
+
+
+POWER_SEEDS = 4
