@@ -119,4 +119,4 @@ def assert_same_training_output(native: nn.Module, model: nn.Module, x: torch.Te
     raise AssertionError(f"drop path changes nothing over {POWER_SEEDS} seeds: a powerless comparison")
 
 
-POWER_SEEDS = 4
+POWER_SEEDS = 16  # tiny test models may have one site at a low rate: most seeds keep both samples
