@@ -30,21 +30,60 @@ def candidates(model: nn.Module) -> list[Constructor]:
         )
     tag = cfg.get("tag")
     name = f"{architecture}.{tag}" if tag else architecture
-    arguments = _plain_arguments(model, cfg)
-    takes_rate = _accepts(type(model), RATE_ARGUMENT)
+    arguments = {**_feature_arguments(model), **_plain_arguments(model, cfg)}
+    # a features_only wrapper (FeatureListNet, ...) passes the rate on to the model class it wraps
+    takes_rate = "features_only" in arguments or _accepts(type(model), RATE_ARGUMENT)
 
     def constructor(arguments: dict[str, Any], variants=lambda: []) -> Constructor:
         return Constructor("timm", name, arguments, RATE_ARGUMENT if takes_rate else None,
                            lambda rate: _create(name, arguments, rate), variants=variants)
 
-    def sizes() -> list[Constructor]:
-        """Many models do not keep their img_size (MViTv2, Hiera, VOLO, LeViT): try the usual ones."""
-        if "img_size" in arguments or not _accepts(type(model), "img_size"):
-            return []
-        default = tuple(cfg.get("input_size") or ())[1:]
-        return [constructor({**arguments, "img_size": size}) for size in IMAGE_SIZES if (size, size) != default]
+    def variants() -> list[Constructor]:
+        """Arguments a built model does not keep: the usual img_sizes (MViTv2, Hiera, VOLO, LeViT), the
+        global pool a wrapper chose (open_clip's ``reset_classifier(0, global_pool='')``), the
+        output stride of a features_only model (segmentation_models_pytorch's ``output_stride=16``)."""
+        found: list[Constructor] = []
+        pool = _global_pool(model)
+        others = [{}] + ([{"global_pool": pool}] if pool is not None else [])
+        others += [{"output_stride": stride} for stride in _output_strides(model, arguments)]
+        for other in others:
+            if other:
+                found.append(constructor({**arguments, **other}))
+            if "img_size" in arguments or not _accepts(type(model), "img_size"):
+                continue
+            default = tuple(cfg.get("input_size") or ())[1:]
+            found += [constructor({**arguments, **other, "img_size": size})
+                      for size in IMAGE_SIZES if (size, size) != default]
+        return found
 
-    return [constructor(arguments, sizes)]
+    return [constructor(arguments, variants)]
+
+
+def _global_pool(model: nn.Module) -> str | None:
+    """The global pool type the model was built or reset with (None where it keeps none)."""
+    pool = getattr(model, "global_pool", None)
+    if isinstance(pool, str):
+        return pool
+    pool_type = getattr(pool, "pool_type", None)
+    return pool_type if isinstance(pool_type, str) else None
+
+
+def _feature_arguments(model: nn.Module) -> dict[str, Any]:
+    """``features_only=True`` and the ``out_indices`` of a feature-extraction model (timm's
+    ``create_model(name, features_only=True, out_indices=...)``; segmentation_models_pytorch's encoders)."""
+    info = getattr(model, "feature_info", None)
+    if not (hasattr(info, "out_indices") and hasattr(info, "reduction")) or hasattr(model, "num_classes"):
+        return {}
+    return {"features_only": True, "out_indices": [int(i) for i in info.out_indices]}
+
+
+def _output_strides(model: nn.Module, arguments: dict[str, Any]) -> list[int]:
+    """Output strides to try for a features_only model whose deepest feature is finer than 1/32."""
+    if "features_only" not in arguments:
+        return []
+    reductions = list(model.feature_info.reduction())
+    deepest = max(reductions) if reductions else 32
+    return [deepest] if deepest < 32 else []
 
 
 # fine-tuning and test sizes, tried for a model that does not keep its img_size
