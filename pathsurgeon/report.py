@@ -138,7 +138,7 @@ class Report:
         )
         if self.composite:
             named = ", ".join(f"{p.name} ({p.rates_from})" for p in self.parts)
-            text = (f"{len(self.branches)} branches in {len(self.blocks)} blocks of {len(self.parts)} part{"s" if len(self.parts) > 1 else ""}: "
+            text = (f"{len(self.branches)} branches in {len(self.blocks)} blocks of {len(self.parts)} part{'s' if len(self.parts) > 1 else ''}: "
                     f"{named}; {check}")
         else:
             text = f"{len(self.branches)} branches in {len(self.blocks)} blocks; rates from {self.rates_from}; {check}"
