@@ -56,6 +56,7 @@ __all__ = [
     "select_by_part",
     "split_units",
     "under",
+    "unreached_modules",
 ]
 
 
@@ -460,3 +461,38 @@ def split_units(states: list[PartState], schedule: str | list[float]) -> list[st
         pieces.append(list(schedule[start:start + state.units]))
         start += state.units
     return pieces
+
+
+def unreached_modules(model: nn.Module, view: GraphView) -> list[str]:
+    """The outermost modules holding parameters that no node of a captured graph runs in.
+
+    A graph captured by running the model (torch.export) holds only what the example inputs ran: a
+    SAM's mask decoder takes another path with a point prompt, a CLIP's text tower does not run on
+    an image alone. Residual branches inside such modules cannot be found; the report says so.
+    """
+    ran = {name for stack in view.module_stack.values() for name in stack}
+    unreached: list[str] = []
+    for name, module in model.named_modules():
+        if not name or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        if name in ran or any(r.startswith(name + ".") for r in ran):
+            continue
+        if any(under(name, outer) for outer in unreached):
+            continue
+        unreached.append(name)
+    return _outermost(unreached, ran)
+
+
+def _outermost(names: list[str], ran: set[str]) -> list[str]:
+    """Where every parameter-holding module inside a parent went unrun, name the parent instead."""
+    result = list(names)
+    changed = True
+    while changed:
+        changed = False
+        parents = {n.rpartition(".")[0] for n in result if "." in n}
+        for parent in parents:
+            if parent in ran or any(r.startswith(parent + ".") for r in ran):
+                continue
+            result = [n for n in result if not under(n, parent)] + [parent]
+            changed = True
+    return sorted(result)

@@ -137,9 +137,14 @@ class Report:
             else f"eval check passed with max |Δ| = {self.max_abs_diff:g}"
         )
         if self.composite:
-            named = ", ".join(f"{p.name} ({p.rates_from})" for p in self.parts)
-            text = (f"{len(self.branches)} branches in {len(self.blocks)} blocks of {len(self.parts)} part{'s' if len(self.parts) > 1 else ''}: "
-                    f"{named}; {check}")
+            wrapped = [p for p in self.parts if p.branches]
+            named = ", ".join(f"{p.name} ({p.rates_from})" for p in wrapped)
+            parts = f"{len(wrapped)} part{'s' if len(wrapped) > 1 else ''}"
+            text = f"{len(self.branches)} branches in {len(self.blocks)} blocks of {parts}: {named}"
+            alone = [p.name for p in self.parts if not p.branches]
+            if alone:
+                text += f"; left alone (no library drop path; include= brings them in): {', '.join(alone)}"
+            text += f"; {check}"
         else:
             text = f"{len(self.branches)} branches in {len(self.blocks)} blocks; rates from {self.rates_from}; {check}"
         partly = self.partly_wrapped
@@ -209,6 +214,8 @@ def format_branches(branches: list[Branch], parts: list[PartReport] | None = Non
         return "\n".join([header] + [row(block, mine) for block, mine in blocks.items()])
     rows = [header]
     for part in parts:
+        if not part.branches:
+            continue
         library = part.library or "no library"
         rows.append(f"part {part.name} ({library}, {part.source}): rates from {part.rates_from}")
         rows += [row(block, mine) for block, mine in blocks.items() if mine[0].part == part.path]

@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -41,8 +41,9 @@ from .changes import (
     silencing_changes,
     surgered_submodules,
 )
+from .composite_inputs import composite_inputs
 from .config import DropPathConfig, config_from_arguments, validate_rate, validate_schedule
-from .errors import NoBranchesError, PathSurgeonError
+from .errors import CaptureError, NoBranchesError, PathSurgeonError
 from .finder import find_residual_adds
 from .inputs import ExampleInputs, example_inputs
 from .parts import (
@@ -58,6 +59,7 @@ from .parts import (
     relative,
     select_by_part,
     split_units,
+    unreached_modules,
 )
 from .plan import make_branch, make_plan
 from .report import Branch, Fallback, LeftAlone, PartReport, Preview, Report
@@ -104,14 +106,18 @@ def add(
 
     with clock("capture"):
         inputs = _inputs(model, example_inputs, required=config.tolerance is not None or config.mode != "sample")
-        captured = capture(model, inputs)
+        captured = _with_made_up_inputs(model, inputs, example_inputs, lambda: capture(model, inputs))
     with clock("find"):
         selection = select_by_part(captured.view, find_residual_adds(captured.view), library_parts(model),
                                    config.include, config.exclude, type(model).__name__)
+        selection.selection.left_alone += _unreached(model, captured)
         if not selection.chosen:
             raise _no_branches(model, selection.left_alone)
     with clock("observe"):
-        observation = _observe(model, inputs, selection, config, given_inputs=example_inputs is not None)
+        observation = _with_made_up_inputs(
+            model, inputs, example_inputs,
+            lambda: _observe(model, inputs, selection, config, given_inputs=example_inputs is not None),
+        )
     with clock("plan"):
         planned = _plan(model, captured, selection, config, observation)
 
@@ -156,7 +162,7 @@ def add(
         ))
     return Report(record.branches, difference, captured.method, planned.schedule, planned.formula,
                   planned.left_alone, config.mode, record.fallbacks, planned.rates_from, planned.rates_note,
-                  clock.seconds, _part_reports(planned.part_plans, record.branches))
+                  clock.seconds, _part_reports(planned.part_plans, record.branches, selection))
 
 
 def find(model: nn.Module, example_inputs: Any = None) -> list[Branch]:
@@ -207,7 +213,7 @@ def preview(
         for planned in part_plans for a, r in zip(planned.chosen, planned.rates.values, strict=True)
     ], selection)
     rates_from, note = _rates_summary(part_plans)
-    return Preview(branches, rates_from, note, _part_reports(part_plans, branches))
+    return Preview(branches, rates_from, note, _part_reports(part_plans, branches, selection))
 
 
 def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[float] = "auto") -> list[Branch]:
@@ -295,9 +301,10 @@ class _Clock:
 def _discover(model: nn.Module, given_inputs: Any) -> tuple[Capture, PartSelection, ExampleInputs | None]:
     check_not_sharded(model)
     inputs = _inputs(model, given_inputs, required=False)
-    captured = capture(model, inputs)
+    captured = _with_made_up_inputs(model, inputs, given_inputs, lambda: capture(model, inputs))
     selection = select_by_part(captured.view, find_residual_adds(captured.view), library_parts(model),
                                model_name=type(model).__name__)
+    selection.selection.left_alone += _unreached(model, captured)
     return captured, selection, inputs
 
 
@@ -396,13 +403,20 @@ def _rates_summary(part_plans: list[PartPlan]) -> tuple[str, str]:
     return (sources.pop() if len(sources) == 1 else "per part"), notes
 
 
-def _part_reports(part_plans: list[PartPlan], branches: list[Branch]) -> list[PartReport]:
-    return [
+def _part_reports(part_plans: list[PartPlan], branches: list[Branch], selection: PartSelection) -> list[PartReport]:
+    """The planned parts, then the regions left alone (no library gives them drop path)."""
+    planned = [
         PartReport(p.part.path, p.part.library, p.part.source, p.rates.rates_from, p.rates.note,
                    len({b.block for b in branches if b.part == p.part.path}),
                    sum(1 for b in branches if b.part == p.part.path))
         for p in part_plans
     ]
+    alone = [
+        PartReport(part.path, None, part.source, "left alone",
+                   f"no library gives it drop path; include=['{part.path}.*'] brings it in", 0, 0)
+        for part in selection.parts if part.is_region and not part.default
+    ]
+    return planned + alone
 
 
 def _in_execution_order(branches: list[Branch], selection: PartSelection) -> list[Branch]:
@@ -457,13 +471,51 @@ def _no_branches(model: nn.Module, left_alone: Sequence[LeftAlone] = ()) -> NoBr
 
 def _inputs(model: nn.Module, given: Any, *, required: bool) -> ExampleInputs | None:
     """The example inputs: the user's, or made from the model's config (None where that is impossible
-    and nothing requires them)."""
+    and nothing requires them); a composite's run every tower and prompt path
+    (:mod:`pathsurgeon.composite_inputs`)."""
+    if given is None:
+        made = composite_inputs(model)
+        if made is not None:
+            return made
     if given is not None or required:
         return example_inputs(model, given)
     try:
         return example_inputs(model, None)
     except PathSurgeonError:
         return None
+
+
+def _with_made_up_inputs(model: nn.Module, inputs: ExampleInputs | None, given: Any, run: Callable[[], Any]) -> Any:
+    """``run()``; where pathsurgeon made the inputs up and the model refuses them, a
+    :class:`PathSurgeonError` that says to pass ``example_inputs``, not whatever the model raised."""
+    if given is not None or inputs is None:
+        return run()
+    shown = ", ".join(
+        f"{name}{list(v.shape)}" for name, v in
+        [*((f"arg{i}", a) for i, a in enumerate(inputs.args)), *inputs.kwargs.items()] if hasattr(v, "shape")
+    )
+    hint = (f"the inputs pathsurgeon made up for {type(model).__name__} ({shown}) do not fit it; pass "
+            "example_inputs= with a batch the model takes (a tensor, a tuple of arguments or a dict of keywords)")
+    try:
+        return run()
+    except CaptureError as error:
+        raise CaptureError(f"{error}; {hint}") from error
+    except PathSurgeonError:
+        raise
+    except Exception as error:  # the model's own error on inputs it does not take
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise PathSurgeonError(f"{hint} ({type(error).__name__}: {first})") from error
+
+
+def _unreached(model: nn.Module, captured: Capture) -> list[LeftAlone]:
+    """Modules the example inputs did not run (a graph from torch.export holds only what ran)."""
+    if captured.method != "torch.export":
+        return []
+    return [
+        LeftAlone(name, "not run by the example inputs, so residual branches in it were not looked for; "
+                        "pass example_inputs that run it")
+        for name in unreached_modules(model, captured.view)
+    ]
 
 
 def _hook_shapes(model: nn.Module, inputs: ExampleInputs | None, selection: PartSelection) -> dict[str, Any]:
