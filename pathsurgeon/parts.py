@@ -473,7 +473,11 @@ def unreached_modules(model: nn.Module, view: GraphView) -> list[str]:
     ran = {name for stack in view.module_stack.values() for name in stack}
     unreached: list[str] = []
     for name, module in model.named_modules():
-        if not name or not any(True for _ in module.parameters(recurse=False)):
+        # a residual add belongs to a module whose forward calls a child with parameters: leaves
+        # (an embedding whose weight its parent reads) and containers without a forward cannot hold one
+        if not name or isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
+            continue
+        if not any(any(True for _ in child.parameters()) for child in module.children()):
             continue
         if name in ran or any(r.startswith(name + ".") for r in ran):
             continue

@@ -124,6 +124,7 @@ def add(
     record = Record(config, [], planned.branches, selection.blocks, captured.method, config.rate,
                     planned.schedule, rates_from=planned.rates_from,
                     parts=[PartState.of(p) for p in planned.part_plans])
+    _mirror_library(record)
     difference = None
     with Transaction() as transaction:
         # the record is the first change, so that an interrupt at any later point is undone with the rest
@@ -245,6 +246,7 @@ def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[f
             by_slot = state.library_rates(model, rate, [c.target for c in mine])
         for change in mine:
             rate_of[change.target] = by_slot[change.target] if by_slot is not None else plan.rate_of(change.block)
+    _mirror_library(record)
     new_rates = [0.0 if change.silenced else rate_of[change.target] for change in record.changes]
     branches = [dataclasses.replace(b, rate=rate_of[b.target]) for b in record.branches]
     with Transaction() as transaction:
@@ -392,6 +394,12 @@ def _plan(
     rates_from, note = _rates_summary(part_plans)
     schedule = validate_schedule(config.schedule_argument, config.rate)
     return _Planned(branches, left_alone, reasons, part_plans, schedule, formula, rates_from, note)
+
+
+def _mirror_library(record: Record) -> None:
+    """A model that is one part, itself, keeps its library's rates on the record, as before parts."""
+    if [state.part.path for state in record.parts] == [""]:
+        record.library, record.library_asked = record.parts[0].library, record.parts[0].library_asked
 
 
 def _rates_summary(part_plans: list[PartPlan]) -> tuple[str, str]:

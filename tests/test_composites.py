@@ -12,12 +12,11 @@ import warnings
 
 import pytest
 import torch
+from conftest import called_drop_paths, pathsurgeon_leftovers
 
 import pathsurgeon
 from pathsurgeon import slots as slot_lib
 from pathsurgeon.report import Branch, LeftAlone, partly_wrapped
-
-from .conftest import pathsurgeon_leftovers
 
 RATE = 0.3
 
@@ -33,6 +32,17 @@ def library_rates(model: torch.nn.Module, prefix: str) -> dict[str, float]:
         for name, module in model.named_modules()
         if slot_lib.is_drop_path_module(module) and slot_lib.existing_rate(module) > 0
     }
+
+
+def timm_called_rates(name: str, rate: float, prefix: str, size: int) -> dict[str, float]:
+    """{slot name in the composite: rate} of the drop paths a timm model built at ``rate`` calls (timm
+    also builds drop paths in blocks without a shortcut that it never calls)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, drop_path_rate=rate)
+    called = called_drop_paths(model, torch.randn(2, 3, size, size))
+    return {f"{prefix}.{n}": r for n, r in called.items() if r > 0}
 
 
 def branch_rates(branches) -> dict[str, float]:
@@ -62,15 +72,12 @@ def smp_unet(request):
 
 
 def test_smp_timm_encoder_gets_timms_own_rates_bitwise(smp_unet):
-    import timm
-
     name, model = smp_unet
     state = copy.deepcopy(model.state_dict())
     report = pathsurgeon.add(model, RATE, example_inputs=torch.randn(2, 3, 64, 64))
     try:
         # the plain model's slot names are the features_only model's for these families
-        reference = library_rates(timm.create_model(name, drop_path_rate=RATE), "encoder.model")
-        assert branch_rates(report.branches) == reference
+        assert branch_rates(report.branches) == timm_called_rates(name, RATE, "encoder.model", 64)
         assert {b.part for b in report.branches} == {"encoder.model"}
         assert [(p.path, p.library, p.rates_from) for p in report.parts] == [
             ("encoder.model", "timm", "timm constructor")
@@ -78,8 +85,7 @@ def test_smp_timm_encoder_gets_timms_own_rates_bitwise(smp_unet):
         assert report.max_abs_diff == 0.0
         # set_rate re-rates the part with its library's numbers too
         pathsurgeon.set_rate(model, 0.2)
-        reference = library_rates(timm.create_model(name, drop_path_rate=0.2), "encoder.model")
-        assert branch_rates(pathsurgeon.find(model)) == reference
+        assert branch_rates(pathsurgeon.find(model)) == timm_called_rates(name, 0.2, "encoder.model", 64)
     finally:
         pathsurgeon.strip(model)
     assert pathsurgeon_leftovers(model) == []
@@ -179,10 +185,12 @@ def test_hf_backbone_config_part_gets_the_sub_configs_rates(dpt_on_dinov2):
         reference = library_rates(quiet(lambda: transformers.Dinov2Backbone(sub_config)), "backbone")
         assert branch_rates(report.branches) == reference
         assert [(p.path, p.source, p.rates_from) for p in report.parts] == [
-            ("backbone", "backbone_config", "transformers config")
+            ("backbone", "backbone_config", "transformers config"), ("neck", "region", "left alone")
         ]
+        assert "left alone (no library drop path; include= brings them in): neck" in report.summary()
         neck = [k for k in report.left_alone if k.block.startswith("neck.")]
-        assert neck and all("no library model" in k.reason for k in neck)
+        assert neck and all("no library model" in k.reason or "not run by the example inputs" in k.reason
+                            for k in neck)
     finally:
         pathsurgeon.strip(model)
 
@@ -265,3 +273,38 @@ def test_partly_wrapped_blocks_are_named():
     assert partly_wrapped(branches, left_alone) == {"layers.0": 1}
     report = pathsurgeon.Report(branches, 0.0, "torch.fx", "auto", "linear", left_alone)
     assert "1 blocks only partly wrapped: layers.0 (1 left alone)" in report.summary()
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+
+
+class _TwoInputs(torch.nn.Module):
+    """A residual network whose forward takes an image and a second tensor made-up inputs lack."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU())
+
+    def forward(self, image, scale):
+        x = self.stem(image) * scale
+        return x + self.branch(x)
+
+
+def test_made_up_inputs_that_do_not_fit_say_to_pass_example_inputs():
+    model = _TwoInputs().eval()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(pathsurgeon.PathSurgeonError, match="pass example_inputs="):
+        pathsurgeon.add(model, RATE)
+    assert pathsurgeon_leftovers(model) == []
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    report = pathsurgeon.add(model, RATE, example_inputs=(torch.randn(2, 3, 16, 16), torch.ones(1)))
+    assert [b.block for b in report.branches] == [""]
+    pathsurgeon.strip(model)
+
+
+def test_clip_default_inputs_run_both_towers(hf_clip):
+    given = {"pixel_values": torch.randn(2, 3, 32, 32), "input_ids": torch.randint(2, 100, (2, 5))}
+    found = [(b.target, b.rate) for b in pathsurgeon.preview(hf_clip, RATE)]
+    assert found == [(b.target, b.rate) for b in pathsurgeon.preview(hf_clip, RATE, example_inputs=given)]
+    assert {t.split(".")[0] for t, _ in found} == {"vision_model", "text_model"}
