@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import itertools
 import json
 import platform
 import signal
@@ -111,7 +112,7 @@ def build(source: str, name: str):
         if source == "open_clip":
             import open_clip
 
-            return open_clip.create_model(name, pretrained=None)
+            return open_clip.create_model(name, pretrained=None, device="meta")
         if source == "smp":
             import segmentation_models_pytorch as smp
 
@@ -176,12 +177,19 @@ def check(source: str, name: str) -> dict:
     model = build(source, name)
     parameters = sum(p.numel() for p in model.parameters())
     parts = library_parts(model)
-    preview = pathsurgeon.preview(model, RATE)
-    row = {"parameters": parameters, "parts": []}
+    row = {"parameters": parameters, "parts": [{"path": p.path, "library": p.library, "source": p.source,
+                                                "verdict": "no branches"} for p in parts]}
+    try:
+        preview = pathsurgeon.preview(model, RATE)
+    except pathsurgeon.NoBranchesError as error:
+        return {**row, "status": "no branches", "error": str(error)[:200],
+                "seconds": round(time.perf_counter() - started, 2)}
+    row["parts"] = []
     verdicts = []
     for report in preview.parts:
         if not report.branches:
-            row["parts"].append({"path": report.path, "source": report.source, "verdict": "left alone"})
+            row["parts"].append({"path": report.path, "source": report.source, "verdict": "left alone",
+                                 "library": None})
             continue
         part = next(p for p in parts + [report] if p.path == report.path)
         got = {b.target: b.rate for b in preview if b.part == report.path}
@@ -204,7 +212,8 @@ def check(source: str, name: str) -> dict:
             how = how or "linear over the part's own depth"
         verdicts.append(verdict)
         row["parts"].append({"path": report.path, "library": report.library, "source": report.source,
-                             "rates_from": report.rates_from, "branches": report.branches, "verdict": verdict,
+                             "rates_from": report.rates_from, "rates_note": report.rates_note[:200],
+                             "branches": report.branches, "verdict": verdict,
                              "reference": how, **({"detail": detail} if verdict == "differs" else {})})
     if not verdicts:
         row["status"] = "no branches"
@@ -240,28 +249,30 @@ def run(sources: list[str], budget: float, row_timeout: int, limit: int | None =
         raise RowTimeout
 
     signal.signal(signal.SIGALRM, alarm)
-    for source in sources:
-        for name in names_of(source)[:limit]:
-            if (source, name) in done:
-                continue
-            if time.monotonic() - start > budget:
-                print(f"budget of {budget:.0f} s spent; rerun to continue", flush=True)
-                return
-            row = {"source": source, "name": name, "commit": commit}
-            signal.alarm(row_timeout)
-            try:
-                row.update(check(source, name))
-            except RowTimeout:
-                row.update(status="timeout", error=f"over {row_timeout} s")
-            except Exception as error:  # noqa: BLE001 - a row, not a crash
-                first = (str(error).strip().splitlines() or [""])[0][:300]
-                row.update(status="error", error=f"{type(error).__name__}: {first}",
-                           where=traceback.format_exc().strip().splitlines()[-3:][0][:200])
-            finally:
-                signal.alarm(0)
-            with RESULTS.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
-            print(f"{source:12} {name:50} {row['status']}", flush=True)
+    # round robin over the sources, so that a run cut short by the budget covers each of them
+    queues = [[(source, name) for name in names_of(source)[:limit]] for source in sources]
+    order = [item for group in itertools.zip_longest(*queues) for item in group if item is not None]
+    for source, name in order:
+        if (source, name) in done:
+            continue
+        if time.monotonic() - start > budget:
+            print(f"budget of {budget:.0f} s spent; rerun to continue", flush=True)
+            return
+        row = {"source": source, "name": name, "commit": commit}
+        signal.alarm(row_timeout)
+        try:
+            row.update(check(source, name))
+        except RowTimeout:
+            row.update(status="timeout", error=f"over {row_timeout} s")
+        except Exception as error:  # noqa: BLE001 - a row, not a crash
+            first = (str(error).strip().splitlines() or [""])[0][:300]
+            row.update(status="error", error=f"{type(error).__name__}: {first}",
+                       where=traceback.format_exc().strip().splitlines()[-3:][0][:200])
+        finally:
+            signal.alarm(0)
+        with RESULTS.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        print(f"{source:12} {name:50} {row['status']}", flush=True)
 
 
 def write_doc(command: str) -> None:
@@ -300,7 +311,7 @@ def write_doc(command: str) -> None:
     for row in rows:
         parts = "; ".join(
             f"`{p['path'] or '(model)'}`: " + (
-                "left alone" if p["verdict"] == "left alone" else
+                p["verdict"] if p["verdict"] in ("left alone", "no branches") else
                 f"{p.get('library') or 'none'}, {p['rates_from']}, {p['branches']}, {p['verdict']}"
             )
             for p in row.get("parts", [])
