@@ -225,6 +225,27 @@ class PartSelection:
         return [p.path for p in self.parts] != [""]
 
 
+def _towers(view: GraphView, chosen: list[ResidualAdd]) -> list[tuple[Part, list[ResidualAdd]]]:
+    """A model no library knows, split into towers: top-level children whose residual blocks do not
+    feed one another (open_clip's own image ``visual`` and text ``transformer``), each its own part.
+    Empty where some child's blocks feed another's (stages of one network: one depth) or a residual
+    add sits at the top."""
+    groups: dict[str, list[ResidualAdd]] = {}
+    for add in chosen:
+        if not add.block:
+            return []
+        groups.setdefault(add.block.split(".")[0], []).append(add)
+    if len(groups) < 2:
+        return []
+    position, ancestors = view.position, view.ancestors
+    bits = {name: sum(1 << position[a.node] for a in adds) for name, adds in groups.items()}
+    for name, adds in groups.items():
+        others = sum(b for other, b in bits.items() if other != name)
+        if any(ancestors[a.node] & others for a in adds):
+            return []
+    return [(Part(name, None, "tower"), adds) for name, adds in groups.items()]
+
+
 def _region(block: str, library: list[Part]) -> str:
     """The outermost module that holds ``block`` and no library part ('' at the top)."""
     pieces = block.split(".") if block else []
@@ -256,6 +277,9 @@ def select_by_part(
     """
     if [p.path for p in parts] == [""]:  # one part, the model itself: the selection add always made
         selection = select(view, adds)
+        towers = _towers(view, selection.chosen) if parts[0].library is None else []
+        if towers:
+            return PartSelection(selection, towers, [part for part, _ in towers])
         group = [(parts[0], selection.chosen)] if selection.chosen else []
         return PartSelection(selection, group, parts)
     by_part: dict[str, list[ResidualAdd]] = {}

@@ -308,3 +308,26 @@ def test_clip_default_inputs_run_both_towers(hf_clip):
     found = [(b.target, b.rate) for b in pathsurgeon.preview(hf_clip, RATE)]
     assert found == [(b.target, b.rate) for b in pathsurgeon.preview(hf_clip, RATE, example_inputs=given)]
     assert {t.split(".")[0] for t, _ in found} == {"vision_model", "text_model"}
+
+
+def test_towers_of_a_model_no_library_knows_get_their_own_schedules():
+    from open_clip.model import CLIP
+
+    torch.manual_seed(0)
+    model = quiet(lambda: CLIP(
+        16,
+        vision_cfg={"layers": 3, "width": 32, "head_width": 16, "patch_size": 8, "image_size": 32},
+        text_cfg={"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 2},
+    )).eval()
+    report = pathsurgeon.add(model, RATE)  # default inputs: an image and text (both towers run)
+    try:
+        by_part: dict[str, list[float]] = {}
+        for branch in report.branches:
+            by_part.setdefault(branch.part, []).append(branch.rate)
+        assert list(by_part) == ["visual", "transformer"]
+        assert by_part["visual"] == [r for r in torch.linspace(0, RATE, 3).tolist() for _ in range(2)]
+        assert by_part["transformer"] == [r for r in torch.linspace(0, RATE, 2).tolist() for _ in range(2)]
+        assert [p.source for p in report.parts] == ["tower", "tower"]
+    finally:
+        pathsurgeon.strip(model)
+    assert pathsurgeon_leftovers(model) == []
