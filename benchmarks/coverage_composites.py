@@ -3,7 +3,8 @@
 Not a test. For every open_clip model config with a timm trunk, every segmentation_models_pytorch
 encoder (its own, and ``tu-NAME`` for one timm model per timm family) and every Hugging Face class in
 transformers' vision auto-mappings whose config holds a sub-config, it builds the composite on the
-meta device (no weights, no downloads), asks :func:`pathsurgeon.preview` for the rates ``add`` would
+meta device (no weights, no downloads; Hugging Face configs at their defaults with every
+``image_size`` cut to 64 pixels, which keeps every depth), asks :func:`pathsurgeon.preview` for the rates ``add`` would
 give at rate R, and compares each part's rates with the part's library built directly at R:
 
 - a timm part: ``timm.create_model(architecture, drop_path_rate=R)`` (``features_only=True`` with the
@@ -15,7 +16,7 @@ give at rate R, and compares each part's rates with the part's library built dir
 A row *agrees* when every part does, bitwise. Rows are JSON lines in
 ``benchmarks/coverage_results/composites.jsonl``; ``--write-doc`` writes docs/coverage-composites.md.
 
-    nice -n 19 .venv/bin/python benchmarks/coverage_composites.py --budget 1500 --row-timeout 90
+    nice -n 10 .venv/bin/python benchmarks/coverage_composites.py --budget 900 --row-timeout 60
     .venv/bin/python benchmarks/coverage_composites.py --write-doc
 """
 
@@ -122,7 +123,28 @@ def build(source: str, name: str):
 
         key, class_name = name.split(":")
         config = getattr(transformers, configuration_auto.CONFIG_MAPPING_NAMES[key])()
+        _small_images(config, set())
         return getattr(transformers, class_name)(config)
+
+
+SMALL_IMAGE = 64
+
+
+def _small_images(config, seen: set[int]) -> None:
+    """Every (sub-)config's ``image_size`` down to 64 pixels: the depth, and so every drop-path rate,
+    stays; capturing a default-size model (SAM's 1024, ALIGN's 600 pixels) takes minutes."""
+    import transformers
+
+    if id(config) in seen:
+        return
+    seen.add(id(config))
+    size = getattr(config, "image_size", None)
+    if isinstance(size, int) and size > SMALL_IMAGE:
+        with contextlib.suppress(Exception):
+            config.image_size = SMALL_IMAGE
+    for value in vars(config).values():
+        if isinstance(value, transformers.PretrainedConfig):
+            _small_images(value, seen)
 
 
 # --- the library's own rates for a part ------------------------------------------------------------------

@@ -506,8 +506,9 @@ def _with_made_up_inputs(model: nn.Module, inputs: ExampleInputs | None, given: 
             "example_inputs= with a batch the model takes (a tensor, a tuple of arguments or a dict of keywords)")
     try:
         return run()
-    except CaptureError as error:
-        raise CaptureError(f"{error}; {hint}") from error
+    except CaptureError as error:  # the inputs may be what failed, or not: say which were used
+        raise CaptureError(f"{error}; it ran on inputs pathsurgeon made up ({shown}): if {type(model).__name__} "
+                           "takes others, pass example_inputs=") from error
     except PathSurgeonError:
         raise
     except Exception as error:  # the model's own error on inputs it does not take
