@@ -4,8 +4,9 @@ Not a test. For every open_clip model config with a timm trunk, every segmentati
 encoder (its own, and ``tu-NAME`` for one timm model per timm family) and every Hugging Face class in
 transformers' vision auto-mappings whose config holds a sub-config, it builds the composite on the
 meta device (no weights, no downloads; Hugging Face configs at their defaults with every
-``image_size`` cut to 64 pixels, which keeps every depth), asks :func:`pathsurgeon.preview` for the rates ``add`` would
-give at rate R, and compares each part's rates with the part's library built directly at R:
+``image_size`` cut to 64 pixels and ``num_hidden_layers`` to at most 6), asks
+:func:`pathsurgeon.preview` for the rates ``add`` would give at rate R, and compares each part's
+rates with the part's library built directly at R:
 
 - a timm part: ``timm.create_model(architecture, drop_path_rate=R)`` (``features_only=True`` with the
   part's ``out_indices`` for a feature extractor), every drop-path module with a rate > 0, by name;
@@ -128,11 +129,14 @@ def build(source: str, name: str):
 
 
 SMALL_IMAGE = 64
+FEW_LAYERS = 6
 
 
 def _small_images(config, seen: set[int]) -> None:
-    """Every (sub-)config's ``image_size`` down to 64 pixels: the depth, and so every drop-path rate,
-    stays; capturing a default-size model (SAM's 1024, ALIGN's 600 pixels) takes minutes."""
+    """Every (sub-)config's ``image_size`` down to 64 pixels and ``num_hidden_layers`` to at most 6:
+    capturing a default-size model (SAM's 1024 pixels, ALIGN's EfficientNet-B7 and BERT) takes
+    minutes on the shared machine. The reference is built from the same cut config, so the comparison
+    holds; per-stage ``depths`` lists are kept."""
     import transformers
 
     if id(config) in seen:
@@ -142,6 +146,10 @@ def _small_images(config, seen: set[int]) -> None:
     if isinstance(size, int) and size > SMALL_IMAGE:
         with contextlib.suppress(Exception):
             config.image_size = SMALL_IMAGE
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers > FEW_LAYERS:
+        with contextlib.suppress(Exception):
+            config.num_hidden_layers = FEW_LAYERS
     for value in vars(config).values():
         if isinstance(value, transformers.PretrainedConfig):
             _small_images(value, seen)
