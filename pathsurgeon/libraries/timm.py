@@ -56,7 +56,13 @@ def candidates(model: nn.Module) -> list[Constructor]:
                       for size in IMAGE_SIZES if (size, size) != default]
         return found
 
-    return [constructor(arguments, variants)]
+    found = [constructor(arguments, variants)]
+    pool = _global_pool(model)
+    if pool is not None and _accepts(type(model), "global_pool"):
+        # a pool the model was built or reset with can change its module names (timm EVA builds fc_norm
+        # for 'avg' and norm for 'token'; open_clip builds trunks with global_pool='token')
+        found.append(constructor({**arguments, "global_pool": pool}, variants))
+    return found
 
 
 def _global_pool(model: nn.Module) -> str | None:
