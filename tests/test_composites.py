@@ -331,3 +331,30 @@ def test_towers_of_a_model_no_library_knows_get_their_own_schedules():
     finally:
         pathsurgeon.strip(model)
     assert pathsurgeon_leftovers(model) == []
+
+
+class _Detector(torch.nn.Module):
+    """A detection-style model: a timm feature extractor whose BatchNorms were frozen after the build
+    (as HF DETR's backbones are), and a head."""
+
+    def __init__(self):
+        super().__init__()
+        import timm
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        self.backbone = timm.create_model("resnet18", features_only=True, out_indices=(1, 2, 3, 4))
+        for module in list(self.backbone.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, torch.nn.BatchNorm2d):
+                    setattr(module, name, FrozenBatchNorm2d(child.num_features))
+        self.head = torch.nn.Conv2d(512, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.backbone(x)[-1])
+
+
+def test_a_timm_backbone_with_frozen_batch_norms_still_gets_timms_rates():
+    model = _Detector().eval()
+    preview = pathsurgeon.preview(model, RATE, example_inputs=torch.randn(2, 3, 64, 64))
+    assert preview.parts[0].rates_from == "timm constructor"
+    assert branch_rates(preview) == timm_called_rates("resnet18", RATE, "backbone", 64)
