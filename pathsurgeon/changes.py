@@ -136,6 +136,7 @@ class Record:
     rates_from: str = "linear over found units"
     library: LibraryRates | None = None
     library_asked: bool = False
+    parts: list[Any] = field(default_factory=list)  # parts.PartState, one per planned part: set_rate re-rates each
 
     @property
     def mode(self) -> str:

@@ -109,6 +109,7 @@ _BRANCH = {
         "unit": {"oneOf": [{"type": "null"}, _NAME]},
         "mode": _MODE,
         "entry": {"oneOf": [{"type": "null"}, _NAME]},
+        "part": {"type": "string", "maxLength": 1000},  # the part's module path ('' for the model itself)
     },
 }
 _BRANCHES = {"type": "array", "items": _BRANCH, "maxItems": 100_000}

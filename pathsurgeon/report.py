@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Branch", "Fallback", "LeftAlone", "Preview", "Report", "format_branches"]
+__all__ = ["Branch", "Fallback", "LeftAlone", "PartReport", "Preview", "Report", "format_branches", "partly_wrapped"]
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,9 @@ class Branch:
     ``unit``: the depth unit the schedule counts the block in (the block itself for most families).
     ``mode``: 'sample' (every sample computed, dropped ones zeroed), 'skip' (only kept samples
     computed) or 'batch' (one draw per mini-batch). ``entry``: with 'skip' or 'batch', the module whose
-    input is cut down to the kept samples (None: the branch is computed in full).
+    input is cut down to the kept samples (None: the branch is computed in full). ``part``: the module
+    path of the part the branch belongs to (see :mod:`pathsurgeon.parts`; '' for the model itself);
+    ``index`` counts within that part.
     """
 
     block: str
@@ -32,6 +34,7 @@ class Branch:
     unit: str | None = None
     mode: str = "sample"
     entry: str | None = None
+    part: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,6 +46,29 @@ class LeftAlone:
 
     block: str
     reason: str
+
+
+@dataclass(frozen=True)
+class PartReport:
+    """One part of the model (see :mod:`pathsurgeon.parts`) and where its rates came from.
+
+    ``path``: module path ('' for the model itself); ``library``: the library that built it (None: none
+    known); ``source``: how it was found ('the model', 'timm model', 'backbone_config', 'region', ...);
+    ``rates_from`` / ``rates_note``: as :class:`Report`'s, for this part alone; ``blocks`` /
+    ``branches``: how many it has with drop path.
+    """
+
+    path: str
+    library: str | None
+    source: str
+    rates_from: str
+    rates_note: str
+    blocks: int
+    branches: int
+
+    @property
+    def name(self) -> str:
+        return self.path or "(the model)"
 
 
 @dataclass(frozen=True)
@@ -83,10 +109,21 @@ class Report:
     rates_from: str = "linear over found units"
     rates_note: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    parts: list[PartReport] = field(default_factory=list)
 
     @property
     def blocks(self) -> list[str]:
         return list(dict.fromkeys(b.block for b in self.branches))
+
+    @property
+    def composite(self) -> bool:
+        """True when the model was planned in more than one part, or in one part inside it."""
+        return [p.path for p in self.parts] not in ([], [""])
+
+    @property
+    def partly_wrapped(self) -> dict[str, int]:
+        """Blocks with some residual adds wrapped and some left alone: block -> adds left alone."""
+        return partly_wrapped(self.branches, self.left_alone)
 
     @property
     def skipped(self) -> list[LeftAlone]:
@@ -99,7 +136,22 @@ class Report:
             if self.max_abs_diff is None
             else f"eval check passed with max |Δ| = {self.max_abs_diff:g}"
         )
-        text = f"{len(self.branches)} branches in {len(self.blocks)} blocks; rates from {self.rates_from}; {check}"
+        if self.composite:
+            wrapped = [p for p in self.parts if p.branches]
+            named = ", ".join(f"{p.name} ({p.rates_from})" for p in wrapped)
+            parts = f"{len(wrapped)} part{'s' if len(wrapped) > 1 else ''}"
+            text = f"{len(self.branches)} branches in {len(self.blocks)} blocks of {parts}: {named}"
+            alone = [p.name for p in self.parts if not p.branches]
+            if alone:
+                text += f"; left alone (no library drop path; include= brings them in): {', '.join(alone)}"
+            text += f"; {check}"
+        else:
+            text = f"{len(self.branches)} branches in {len(self.blocks)} blocks; rates from {self.rates_from}; {check}"
+        partly = self.partly_wrapped
+        if partly:
+            shown = ", ".join(f"{block} ({n} left alone)" for block, n in list(partly.items())[:3])
+            more = f" and {len(partly) - 3} more" if len(partly) > 3 else ""
+            text += f"; {len(partly)} blocks only partly wrapped: {shown}{more} (see left_alone)"
         if self.mode != "sample":
             full = len(self.fallbacks)
             skipping = len(self.branches) - full
@@ -119,10 +171,14 @@ class Report:
             "left_alone": [asdict(s) for s in self.left_alone],
             "computed_in_full": [asdict(f) for f in self.fallbacks],
             "timings": dict(self.timings),
+            "parts": [
+                {**asdict(p), "branches": [b.to_dict() for b in self.branches if b.part == p.path]}
+                for p in self.parts
+            ],
         }
 
     def __str__(self) -> str:
-        lines = [format_branches(self.branches), self.summary()]
+        lines = [format_branches(self.branches, self.parts if self.composite else None), self.summary()]
         lines += [f"  computed in full: {f.target}: {f.reason}" for f in self.fallbacks]
         return "\n".join(lines)
 
@@ -131,19 +187,46 @@ class Preview(list):
     """The branches :func:`~pathsurgeon.preview` returns, with ``rates_from`` and ``rates_note`` as in
     :class:`Report`."""
 
-    def __init__(self, branches: list[Branch], rates_from: str, rates_note: str = "") -> None:
+    def __init__(self, branches: list[Branch], rates_from: str, rates_note: str = "",
+                 parts: list[PartReport] | None = None) -> None:
         super().__init__(branches)
         self.rates_from = rates_from
         self.rates_note = rates_note
+        self.parts = list(parts or [])
 
 
-def format_branches(branches: list[Branch]) -> str:
-    """A table with one row per block: block, depth index, number of branches, rate."""
+def format_branches(branches: list[Branch], parts: list[PartReport] | None = None) -> str:
+    """A table with one row per block: block, depth index, number of branches, rate.
+
+    With ``parts`` (a composite), the rows are grouped by part, each under a line naming the part,
+    its library and where its rates came from.
+    """
     blocks: dict[str, list[Branch]] = {}
     for branch in branches:
         blocks.setdefault(branch.block, []).append(branch)
     width = max([len("block")] + [len(b) for b in blocks])
-    rows = [f"{'block':<{width}}  {'index':>5}  {'branches':>8}  {'rate':>8}"]
-    for block, mine in blocks.items():
-        rows.append(f"{block:<{width}}  {mine[0].index:>5}  {len(mine):>8}  {mine[0].rate:>8.4f}")
+    header = f"{'block':<{width}}  {'index':>5}  {'branches':>8}  {'rate':>8}"
+
+    def row(block: str, mine: list[Branch]) -> str:
+        return f"{block:<{width}}  {mine[0].index:>5}  {len(mine):>8}  {mine[0].rate:>8.4f}"
+
+    if not parts:
+        return "\n".join([header] + [row(block, mine) for block, mine in blocks.items()])
+    rows = [header]
+    for part in parts:
+        if not part.branches:
+            continue
+        library = part.library or "no library"
+        rows.append(f"part {part.name} ({library}, {part.source}): rates from {part.rates_from}")
+        rows += [row(block, mine) for block, mine in blocks.items() if mine[0].part == part.path]
     return "\n".join(rows)
+
+
+def partly_wrapped(branches: list[Branch], left_alone: list[LeftAlone]) -> dict[str, int]:
+    """Blocks that have branches with drop path and residual adds left alone: block -> adds left alone."""
+    wrapped = {b.block for b in branches}
+    counts: dict[str, int] = {}
+    for item in left_alone:
+        if item.block in wrapped and not item.reason.startswith(("the library drops", "slot ")):
+            counts[item.block] = counts.get(item.block, 0) + 1
+    return counts

@@ -3,11 +3,13 @@
 :func:`add` reads top to bottom as the pipeline it runs:
 
 1. **validate** every argument (:mod:`pathsurgeon.config`) and the model itself;
-2. **discover**: capture a graph of the model and find its residual branches (:mod:`pathsurgeon.capture`,
-   :mod:`pathsurgeon.finder`); the model is only read;
+2. **discover**: capture a graph of the model, find its residual branches (:mod:`pathsurgeon.capture`,
+   :mod:`pathsurgeon.finder`) and the library models inside it, its parts (:mod:`pathsurgeon.parts`);
+   each part's branches are selected as if it were the whole model; the model is only read;
 3. **observe**: one eval forward of the untouched model — the reference outputs, and the shapes and
    block inputs planning needs (:mod:`pathsurgeon.verify`);
-4. **plan** the rate of every branch (:mod:`pathsurgeon.plan`, :mod:`pathsurgeon.rates`) and, in modes
+4. **plan** the rate of every branch, part by part, each with its own schedule and its own library's
+   rates (:mod:`pathsurgeon.parts`, :mod:`pathsurgeon.plan`, :mod:`pathsurgeon.rates`) and, in modes
    'skip' and 'batch', each branch's way in (:mod:`pathsurgeon.skipping`);
 5. **apply** the changes inside one transaction (:mod:`pathsurgeon.changes`), the record first;
 6. **verify** the eval outputs against the reference, and check the skipping branches;
@@ -20,7 +22,7 @@ import dataclasses
 import functools
 import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -39,13 +41,28 @@ from .changes import (
     silencing_changes,
     surgered_submodules,
 )
+from .composite_inputs import composite_inputs
 from .config import DropPathConfig, config_from_arguments, validate_rate, validate_schedule
-from .errors import NoBranchesError, PathSurgeonError
-from .finder import Selection, find_residual_adds, select
+from .errors import CaptureError, NoBranchesError, PathSurgeonError
+from .finder import find_residual_adds
 from .inputs import ExampleInputs, example_inputs, made_up_inputs_failed
-from .plan import make_branch, make_plan, recipe_for
-from .rates import LibraryRates, library_rates, rates_for
-from .report import Branch, Fallback, LeftAlone, Preview, Report
+from .parts import (
+    PartPlan,
+    PartSelection,
+    PartState,
+    library_parts,
+    part_module,
+    part_of,
+    part_recipe,
+    plan_parts,
+    prefixed,
+    relative,
+    select_by_part,
+    split_units,
+    unreached_modules,
+)
+from .plan import make_branch, make_plan
+from .report import Branch, Fallback, LeftAlone, PartReport, Preview, Report
 from .skipping import assign_entries, check_gathers
 from .verify import Observation, eval_outputs, max_abs_diff, observe, verification_error
 from .wrappers import check_model, check_not_sharded
@@ -91,19 +108,25 @@ def add(
 
     with clock("capture"):
         inputs = _inputs(model, example_inputs, required=config.tolerance is not None or config.mode != "sample")
-        captured = capture(model, inputs)
+        captured = _with_made_up_inputs(model, inputs, example_inputs, lambda: capture(model, inputs))
     with clock("find"):
-        selection = select(captured.view, find_residual_adds(captured.view))
+        selection = select_by_part(captured.view, find_residual_adds(captured.view), library_parts(model),
+                                   config.include, config.exclude, type(model).__name__)
+        selection.selection.left_alone += _unreached(model, captured)
         if not selection.chosen:
             raise _no_branches(model, selection.left_alone)
     with clock("observe"):
-        observation = _observe(model, inputs, selection, config, given_inputs=example_inputs is not None)
+        observation = _with_made_up_inputs(
+            model, inputs, example_inputs,
+            lambda: _observe(model, inputs, selection, config, given_inputs=example_inputs is not None),
+        )
     with clock("plan"):
         planned = _plan(model, captured, selection, config, observation)
 
     record = Record(config, [], planned.branches, selection.blocks, captured.method, config.rate,
-                    planned.schedule, rates_from=planned.rates.rates_from, library=planned.rates.library,
-                    library_asked=planned.rates.library_asked)
+                    planned.schedule, rates_from=planned.rates_from,
+                    parts=[PartState.of(p) for p in planned.part_plans])
+    _mirror_library(record)
     difference = None
     with Transaction() as transaction:
         # the record is the first change, so that an interrupt at any later point is undone with the rest
@@ -111,7 +134,7 @@ def add(
                        functools.partial(vars(model).pop, RECORD_ATTRIBUTE, None))
         with clock("apply"):
             for change in build_changes(model, planned.branches, planned.norms) + silencing_changes(
-                model, list(captured.view.slot_calls.values()), planned.branches, planned.left_alone
+                model, _hooked_parts_slots(captured, planned), planned.branches, planned.left_alone
             ):
                 record.changes.append(change)
                 transaction.do(change.install, change.undo)
@@ -141,8 +164,8 @@ def add(
             Fallback(b.block, b.target, reasons[b.target]) for b in planned.branches if b.target in reasons
         ))
     return Report(record.branches, difference, captured.method, planned.schedule, planned.formula,
-                  planned.left_alone, config.mode, record.fallbacks, planned.rates.rates_from, planned.rates.note,
-                  clock.seconds)
+                  planned.left_alone, config.mode, record.fallbacks, planned.rates_from, planned.rates_note,
+                  clock.seconds, _part_reports(planned.part_plans, record.branches, selection))
 
 
 def find(model: nn.Module, example_inputs: Any = None) -> list[Branch]:
@@ -158,13 +181,20 @@ def find(model: nn.Module, example_inputs: Any = None) -> list[Branch]:
     captured, selection, inputs = _discover(model, example_inputs)
     if not selection.chosen:
         return []
-    plan = make_plan(model, selection.blocks, 0.0, "auto", recipe_for(model))
     shapes = _hook_shapes(model, inputs, selection, made_up=example_inputs is None)
     batch = inputs.batch_size if inputs is not None else None
-    return [
-        make_branch(a, plan, slot_lib.existing_rate(_module_or_none(model, a.slot)) if a.slot else 0.0, shapes, batch)
-        for a in selection.chosen
-    ]
+    branches = []
+    for part, chosen in selection.groups:
+        module = part_module(model, part)
+        blocks = list(dict.fromkeys(relative(a.block, part.path) for a in chosen))
+        plan = prefixed(make_plan(module, blocks, 0.0, "auto", part_recipe(model, part)), part.path)
+        branches += [
+            dataclasses.replace(make_branch(
+                a, plan, slot_lib.existing_rate(_module_or_none(model, a.slot)) if a.slot else 0.0, shapes, batch
+            ), part=part.path)
+            for a in chosen
+        ]
+    return _in_execution_order(branches, selection)
 
 
 def preview(
@@ -178,13 +208,15 @@ def preview(
     captured, selection, inputs = _discover(model, example_inputs)
     if not selection.chosen:
         raise _no_branches(model, selection.left_alone)
-    recipe = recipe_for(model)
-    plan = make_plan(model, selection.blocks, rate, schedule, recipe)
-    rates = rates_for(model, list(captured.view.slot_calls.values()), selection.chosen, plan, rate, schedule, recipe)
+    part_plans = plan_parts(model, selection, list(captured.view.slot_calls.values()), rate, schedule)
     shapes = _hook_shapes(model, inputs, selection, made_up=example_inputs is None)
     batch = inputs.batch_size if inputs is not None else None
-    branches = [make_branch(a, plan, r, shapes, batch) for a, r in zip(selection.chosen, rates.values, strict=True)]
-    return Preview(branches, rates.rates_from, rates.note)
+    branches = _in_execution_order([
+        dataclasses.replace(make_branch(a, planned.plan, r, shapes, batch), part=planned.part.path)
+        for planned in part_plans for a, r in zip(planned.chosen, planned.rates.values, strict=True)
+    ], selection)
+    rates_from, note = _rates_summary(part_plans)
+    return Preview(branches, rates_from, note, _part_reports(part_plans, branches, selection))
 
 
 def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[float] = "auto") -> list[Branch]:
@@ -204,15 +236,21 @@ def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[f
         raise PathSurgeonError(
             f"model carries no pathsurgeon DropPath{where or '; call pathsurgeon.add(model, rate) first'}"
         )
-    plan = make_plan(model, record.blocks, rate, schedule, recipe_for(model))
-    library = _record_library(model, record, rate) if schedule == "auto" else None
-    if library is not None:  # the library's own numbers, from fitted rate laws: no rebuild per call
-        by_slot = library(rate)
-        new_rates = [0.0 if change.silenced else by_slot[change.target] for change in record.changes]
-        branches = [dataclasses.replace(b, rate=by_slot[b.target]) for b in record.branches]
-    else:
-        new_rates = [0.0 if change.silenced else plan.rate_of(change.block) for change in record.changes]
-        branches = [dataclasses.replace(b, rate=plan.rate_of(b.block)) for b in record.branches]
+    states: list[PartState] = record.parts
+    parts = [state.part for state in states]
+    rate_of: dict[str, float] = {}  # target -> new rate, part by part, each with its own schedule
+    for state, part_schedule in zip(states, split_units(states, schedule), strict=True):
+        plan = state.plan(model, rate, part_schedule)
+        mine = [c for c in record.changes if part_of(c.block, parts) is state.part]
+        by_slot = None
+        if schedule == "auto" and all(c.hooked is None for c in mine):
+            # the library's own numbers, from fitted rate laws: no rebuild per call
+            by_slot = state.library_rates(model, rate, [c.target for c in mine])
+        for change in mine:
+            rate_of[change.target] = by_slot[change.target] if by_slot is not None else plan.rate_of(change.block)
+    _mirror_library(record)
+    new_rates = [0.0 if change.silenced else rate_of[change.target] for change in record.changes]
+    branches = [dataclasses.replace(b, rate=rate_of[b.target]) for b in record.branches]
     with Transaction() as transaction:
         for change, new in zip(record.changes, new_rates, strict=True):
             transaction.do(functools.partial(setattr, change.drop, "rate", new),
@@ -264,11 +302,14 @@ class _Clock:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
-def _discover(model: nn.Module, given_inputs: Any) -> tuple[Capture, Selection, ExampleInputs | None]:
+def _discover(model: nn.Module, given_inputs: Any) -> tuple[Capture, PartSelection, ExampleInputs | None]:
     check_not_sharded(model)
     inputs = _inputs(model, given_inputs, required=False)
-    captured = capture(model, inputs)
-    return captured, select(captured.view, find_residual_adds(captured.view)), inputs
+    captured = _with_made_up_inputs(model, inputs, given_inputs, lambda: capture(model, inputs))
+    selection = select_by_part(captured.view, find_residual_adds(captured.view), library_parts(model),
+                               model_name=type(model).__name__)
+    selection.selection.left_alone += _unreached(model, captured)
+    return captured, selection, inputs
 
 
 @dataclass
@@ -277,7 +318,7 @@ class _Observed(Observation):
 
 
 def _observe(
-    model: nn.Module, inputs: ExampleInputs | None, selection: Selection, config: DropPathConfig, given_inputs: bool
+    model: nn.Module, inputs: ExampleInputs | None, selection: PartSelection, config: DropPathConfig, given_inputs: bool
 ) -> _Observed | None:
     """The one eval forward of the untouched model, where anything needs it (else None).
 
@@ -293,8 +334,7 @@ def _observe(
     if not (hooks or skipping or given_inputs):
         inputs = inputs.first_samples(1)
     blocks = selection.blocks if skipping else ()
-    with _made_up_inputs_checked(model, inputs, made_up=not given_inputs):
-        observed = observe(model, inputs, shapes_of=hooks, inputs_of=blocks)
+    observed = observe(model, inputs, shapes_of=hooks, inputs_of=blocks)
     return _Observed(observed.outputs, observed.output_shapes, observed.block_inputs, observed.batch, inputs)
 
 
@@ -303,35 +343,44 @@ class _Planned:
     branches: list[Branch]  # the branches to change (those config selects)
     left_alone: list[LeftAlone]
     reasons: dict[str, str]  # target -> why that branch computes every sample (modes 'skip' and 'batch')
-    rates: Any  # rates.BranchRates
+    part_plans: list[PartPlan]
     schedule: str | list[float]
     formula: str
+    rates_from: str
+    rates_note: str
     norms: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # target -> its BatchNorms
 
 
 def _plan(
-    model: nn.Module, captured: Capture, selection: Selection, config: DropPathConfig, observation: _Observed | None
+    model: nn.Module, captured: Capture, selection: PartSelection, config: DropPathConfig,
+    observation: _Observed | None,
 ) -> _Planned:
-    """Rates over every chosen block (so that excluding blocks moves no other rate), then the branches
-    the config selects, with their way in for modes 'skip' and 'batch'."""
-    recipe = recipe_for(model)
-    plan = make_plan(model, selection.blocks, config.rate, config.schedule_argument, recipe)
-    rates = rates_for(model, list(captured.view.slot_calls.values()), selection.chosen, plan, config.rate,
-                      config.schedule_argument, recipe)
+    """Rates part by part, each over every chosen block of the part (so that excluding blocks moves no
+    other rate), then the branches the config selects, with their way in for modes 'skip' and 'batch'."""
+    part_plans = plan_parts(model, selection, list(captured.view.slot_calls.values()), config.rate,
+                            config.schedule_argument)
     left_alone = list(selection.left_alone)
-    left_alone += [
-        LeftAlone(slot.rpartition(".")[0], f"the library drops {slot} (rate {value:.4g}) off any residual branch; "
-                                           "left alone")
-        for slot, value in rates.left_alone
-        if not any(f"slot {slot} " in k.reason for k in left_alone)  # already listed as off the branch
-    ]
+    for planned in part_plans:
+        left_alone += [
+            LeftAlone(slot.rpartition(".")[0], f"the library drops {slot} (rate {value:.4g}) off any residual "
+                                               "branch; left alone")
+            for slot, value in planned.rates.left_alone
+            if not any(f"slot {slot} " in k.reason for k in left_alone)  # already listed as off the branch
+        ]
     shapes = observation.output_shapes if observation is not None else {}
     batch = observation.batch if observation is not None else None
+    planned_branches = {}  # residual add node -> (add, branch)
+    for planned in part_plans:
+        for residual, rate in zip(planned.chosen, planned.rates.values, strict=True):
+            branch = dataclasses.replace(make_branch(residual, planned.plan, rate, shapes, batch),
+                                         part=planned.part.path)
+            planned_branches[residual.node] = (residual, branch)
     chosen, branches = [], []
-    for residual, rate in zip(selection.chosen, rates.values, strict=True):
+    for residual in selection.chosen:  # execution order
+        branch = planned_branches[residual.node][1]
         if config.selects(residual.block):
             chosen.append(residual)
-            branches.append(make_branch(residual, plan, rate, shapes, batch))
+            branches.append(branch)
         elif not any(k.block == residual.block and "excluded" in k.reason for k in left_alone):
             left_alone.append(LeftAlone(residual.block, "excluded by the config's include / exclude patterns"))
     if not branches:
@@ -345,8 +394,60 @@ def _plan(
     if config.mode != "sample":
         branches = assign_entries(model, branches, chosen, captured.view, config.mode, reasons,
                                   config.batch_norm, norms)
-    formula = "library" if rates.library is not None else plan.formula
-    return _Planned(branches, left_alone, reasons, rates, plan.schedule, formula, norms)
+    formulas = {"library" if p.rates.library is not None else p.plan.formula for p in part_plans}
+    formula = formulas.pop() if len(formulas) == 1 else "per part"
+    rates_from, note = _rates_summary(part_plans)
+    schedule = validate_schedule(config.schedule_argument, config.rate)
+    return _Planned(branches, left_alone, reasons, part_plans, schedule, formula, rates_from, note, norms)
+
+
+def _mirror_library(record: Record) -> None:
+    """A model that is one part, itself, keeps its library's rates on the record, as before parts."""
+    if [state.part.path for state in record.parts] == [""]:
+        record.library, record.library_asked = record.parts[0].library, record.parts[0].library_asked
+
+
+def _rates_summary(part_plans: list[PartPlan]) -> tuple[str, str]:
+    """``rates_from`` and ``rates_note`` of the whole model: the one part's, or 'per part'."""
+    if len(part_plans) == 1 and not part_plans[0].part.path:
+        return part_plans[0].rates.rates_from, part_plans[0].rates.note
+    sources = {p.rates.rates_from for p in part_plans}
+    notes = "; ".join(f"{p.part.name}: {p.rates.note}" for p in part_plans if p.rates.note)
+    return (sources.pop() if len(sources) == 1 else "per part"), notes
+
+
+def _part_reports(part_plans: list[PartPlan], branches: list[Branch], selection: PartSelection) -> list[PartReport]:
+    """The planned parts, then the regions left alone (no library gives them drop path)."""
+    planned = [
+        PartReport(p.part.path, p.part.library, p.part.source, p.rates.rates_from, p.rates.note,
+                   len({b.block for b in branches if b.part == p.part.path}),
+                   sum(1 for b in branches if b.part == p.part.path))
+        for p in part_plans
+    ]
+    alone = [
+        PartReport(part.path, None, part.source, "left alone",
+                   f"no library gives it drop path; include=['{part.path}.*'] brings it in", 0, 0)
+        for part in selection.parts if part.is_region and not part.default
+    ]
+    return planned + alone
+
+
+def _in_execution_order(branches: list[Branch], selection: PartSelection) -> list[Branch]:
+    order = {(a.block, a.slot or a.producer): i for i, a in enumerate(selection.chosen)}
+    return sorted(branches, key=lambda b: order.get((b.block, b.target), len(order)))
+
+
+def _hooked_parts_slots(captured: Capture, planned: _Planned) -> list[str]:
+    """The drop-path slots the model calls inside parts whose branches are hooked (see
+    :func:`~pathsurgeon.changes.silencing_changes`): a slot of another part is filled, not silenced."""
+    parts = [p.part for p in planned.part_plans]
+    hooked = {b.part for b in planned.branches if b.mechanism == "hook"}
+    slots = []
+    for slot in captured.view.slot_calls.values():
+        holder = part_of(slot, parts)
+        if holder is not None and holder.path in hooked:
+            slots.append(slot)
+    return slots
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -383,7 +484,12 @@ def _no_branches(model: nn.Module, left_alone: Sequence[LeftAlone] = ()) -> NoBr
 
 def _inputs(model: nn.Module, given: Any, *, required: bool) -> ExampleInputs | None:
     """The example inputs: the user's, or made from the model's config (None where that is impossible
-    and nothing requires them)."""
+    and nothing requires them); a composite's run every tower and prompt path
+    (:mod:`pathsurgeon.composite_inputs`)."""
+    if given is None:
+        made = composite_inputs(model)
+        if made is not None:
+            return made
     if given is not None or required:
         return example_inputs(model, given)
     try:
@@ -392,8 +498,36 @@ def _inputs(model: nn.Module, given: Any, *, required: bool) -> ExampleInputs | 
         return None
 
 
+def _with_made_up_inputs(model: nn.Module, inputs: ExampleInputs | None, given: Any, run: Callable[[], Any]) -> Any:
+    """``run()``; where pathsurgeon made the inputs up and the model refuses them, an
+    :class:`~pathsurgeon.ExampleInputsError` that says to pass ``example_inputs``, not what the model raised."""
+    if given is not None or inputs is None:
+        return run()
+    try:
+        with _made_up_inputs_checked(model, inputs, made_up=True):
+            return run()
+    except CaptureError as error:  # the inputs may be what failed, or not: say which were used
+        shown = ", ".join(
+            f"{name}{list(v.shape)}" for name, v in
+            [*((f"arg{i}", a) for i, a in enumerate(inputs.args)), *inputs.kwargs.items()] if hasattr(v, "shape")
+        )
+        raise CaptureError(f"{error}; it ran on inputs pathsurgeon made up ({shown}): if {type(model).__name__} "
+                           "takes others, pass example_inputs=") from error
+
+
+def _unreached(model: nn.Module, captured: Capture) -> list[LeftAlone]:
+    """Modules the example inputs did not run (a graph from torch.export holds only what ran)."""
+    if captured.method != "torch.export":
+        return []
+    return [
+        LeftAlone(name, "not run by the example inputs, so residual branches in it were not looked for; "
+                        "pass example_inputs that run it")
+        for name in unreached_modules(model, captured.view)
+    ]
+
+
 def _hook_shapes(
-    model: nn.Module, inputs: ExampleInputs | None, selection: Selection, *, made_up: bool
+    model: nn.Module, inputs: ExampleInputs | None, selection: PartSelection, *, made_up: bool
 ) -> dict[str, Any]:
     """Output shapes of the modules hooks would go on, from one eval forward (none needed for slots)."""
     hooks = {a.producer for a in selection.chosen if a.slot is None}
@@ -426,13 +560,3 @@ def _module_or_none(model: nn.Module, name: str) -> nn.Module | None:
 
 def _set_record_rates(record: Record, branches: list[Branch], rate: float | None, schedule) -> None:
     record.branches, record.rate, record.schedule = branches, rate, schedule
-
-
-def _record_library(model: nn.Module, record: Record, rate: float) -> LibraryRates | None:
-    """The library rates of a surgered model's slots; asked on the first ``auto`` re-rate if add did not."""
-    if not record.library_asked:
-        slots = [change.target for change in record.changes if change.hooked is None]
-        if len(slots) == len(record.changes):
-            record.library = library_rates(model, rate, slots).rates
-        record.library_asked = True
-    return record.library

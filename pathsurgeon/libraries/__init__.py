@@ -167,14 +167,27 @@ def _is_no_op(module: nn.Module | None) -> bool:
     )
 
 
+_BATCHES_TRACKED = "num_batches_tracked"
+
+
+def _both_batch_norms(mine: nn.Module, theirs: nn.Module) -> bool:
+    """A library's BatchNorm and a frozen copy of it put in after the build (``FrozenBatchNorm2d``)."""
+    def is_batch_norm(module: nn.Module) -> bool:
+        return isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module).__name__.endswith(
+            "FrozenBatchNorm2d")
+    return is_batch_norm(mine) and is_batch_norm(theirs)
+
+
 def tree_difference(model: nn.Module, rebuilt: nn.Module) -> str | None:
     """The first difference between two module trees (None: the same architecture).
 
     Compared: state_dict names and shapes in order, and the class of every module, except modules
     that only a rate decides (DropPath or nn.Identity, Dropout or nn.Identity).
     """
-    ours = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
-    theirs = [(k, tuple(v.shape)) for k, v in rebuilt.state_dict().items()]
+    # a batch norm frozen after the build (HF DETR's backbones, detectron-style code) drops its
+    # num_batches_tracked and changes class, not the architecture
+    ours = [(k, tuple(v.shape)) for k, v in model.state_dict().items() if not k.endswith(_BATCHES_TRACKED)]
+    theirs = [(k, tuple(v.shape)) for k, v in rebuilt.state_dict().items() if not k.endswith(_BATCHES_TRACKED)]
     if ours != theirs:
         their_shapes, our_shapes = dict(theirs), dict(ours)
         for key, shape in ours:
@@ -190,7 +203,9 @@ def tree_difference(model: nn.Module, rebuilt: nn.Module) -> str | None:
     their_modules = {n: m for n, m in rebuilt.named_modules() if not _is_no_op(m)}
     for name in our_modules.keys() | their_modules.keys():
         mine, theirs_ = our_modules.get(name), their_modules.get(name)
-        if mine is None or theirs_ is None or type(mine) is not type(theirs_):
+        same_class = mine is not None and theirs_ is not None and (
+            type(mine) is type(theirs_) or _both_batch_norms(mine, theirs_))
+        if not same_class:
             where = name or "the model"
             return (
                 f"{where} is {type(mine).__name__ if mine is not None else 'missing'} here, "

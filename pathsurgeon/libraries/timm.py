@@ -32,13 +32,26 @@ def candidates(model: nn.Module) -> list[Constructor]:
         )
     tag = cfg.get("tag")
     name = f"{architecture}.{tag}" if tag else architecture
-    arguments = _plain_arguments(model, cfg)
-    takes_rate = _accepts(type(model), RATE_ARGUMENT)
+    arguments = {**_feature_arguments(model), **_plain_arguments(model, cfg)}
+    # a features_only wrapper (FeatureListNet, ...) passes the rate on to the model class it wraps
+    takes_rate = "features_only" in arguments or _accepts(type(model), RATE_ARGUMENT)
 
     # module-level functions bound with functools.partial, not closures: the constructor is kept in the
     # surgery record on the model, which must pickle (torch.save(model), EMA copies)
-    variants = functools.partial(_size_variants, name, arguments, takes_rate, type(model), cfg.get("input_size"))
-    return [_constructor(name, arguments, takes_rate, variants)]
+    pool = _global_pool(model)
+    others = ({"global_pool": pool},) if pool is not None else ()
+    others += tuple({"output_stride": stride} for stride in _output_strides(model, arguments))
+    default = tuple(cfg.get("input_size") or ())[1:]
+    sizes = () if "img_size" in arguments or not _accepts(type(model), "img_size") else tuple(
+        size for size in IMAGE_SIZES if (size, size) != default
+    )
+    variants = functools.partial(_variants, name, arguments, takes_rate, others, sizes)
+    found = [_constructor(name, arguments, takes_rate, variants)]
+    if pool is not None and _accepts(type(model), "global_pool"):
+        # a pool the model was built or reset with can change its module names (timm EVA builds fc_norm
+        # for 'avg' and norm for 'token'; open_clip builds trunks with global_pool='token')
+        found.append(_constructor(name, {**arguments, "global_pool": pool}, takes_rate, variants))
+    return found
 
 
 def _constructor(name: str, arguments: dict[str, Any], takes_rate: bool, variants=None) -> Constructor:
@@ -47,13 +60,46 @@ def _constructor(name: str, arguments: dict[str, Any], takes_rate: bool, variant
                        functools.partial(_create, name, arguments), **kwargs)
 
 
-def _size_variants(name: str, arguments: dict[str, Any], takes_rate: bool, cls: type, input_size) -> list[Constructor]:
-    """Many models do not keep their img_size (MViTv2, Hiera, VOLO, LeViT): try the usual ones."""
-    if "img_size" in arguments or not _accepts(cls, "img_size"):
+def _variants(
+    name: str, arguments: dict[str, Any], takes_rate: bool, others: tuple, sizes: tuple
+) -> list[Constructor]:
+    """Arguments a built model does not keep: the global pool a wrapper chose (open_clip's
+    ``reset_classifier(0, global_pool='')``), the output stride of a features_only model
+    (segmentation_models_pytorch's ``output_stride=16``), and the usual img_sizes (MViTv2, Hiera, VOLO,
+    LeViT), each size with each of the others. Plain data only, so the constructor pickles."""
+    found: list[Constructor] = []
+    for other in ({}, *others):
+        if other:
+            found.append(_constructor(name, {**arguments, **other}, takes_rate))
+        found += [_constructor(name, {**arguments, **other, "img_size": size}, takes_rate) for size in sizes]
+    return found
+
+
+def _global_pool(model: nn.Module) -> str | None:
+    """The global pool type the model was built or reset with (None where it keeps none)."""
+    pool = getattr(model, "global_pool", None)
+    if isinstance(pool, str):
+        return pool
+    pool_type = getattr(pool, "pool_type", None)
+    return pool_type if isinstance(pool_type, str) else None
+
+
+def _feature_arguments(model: nn.Module) -> dict[str, Any]:
+    """``features_only=True`` and the ``out_indices`` of a feature-extraction model (timm's
+    ``create_model(name, features_only=True, out_indices=...)``; segmentation_models_pytorch's encoders)."""
+    info = getattr(model, "feature_info", None)
+    if not (hasattr(info, "out_indices") and hasattr(info, "reduction")) or hasattr(model, "num_classes"):
+        return {}
+    return {"features_only": True, "out_indices": [int(i) for i in info.out_indices]}
+
+
+def _output_strides(model: nn.Module, arguments: dict[str, Any]) -> list[int]:
+    """Output strides to try for a features_only model whose deepest feature is finer than 1/32."""
+    if "features_only" not in arguments:
         return []
-    default = tuple(input_size or ())[1:]
-    return [_constructor(name, {**arguments, "img_size": size}, takes_rate)
-            for size in IMAGE_SIZES if (size, size) != default]
+    reductions = list(model.feature_info.reduction())
+    deepest = max(reductions) if reductions else 32
+    return [deepest] if deepest < 32 else []
 
 
 # fine-tuning and test sizes, tried for a model that does not keep its img_size

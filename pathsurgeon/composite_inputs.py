@@ -1,0 +1,119 @@
+"""Example inputs for composites, made from their configs: every tower and prompt path runs.
+
+A whole-model image batch (:func:`pathsurgeon.inputs.example_inputs`) leaves the text tower of a CLIP
+and the prompt path of a SAM unrun, or fails outright. Here: image and text for two-tower models
+(open_clip's ``CLIP``, Hugging Face models whose forward takes both ``pixel_values`` and
+``input_ids``), image and one point prompt for SAM-style models. None where the model is none of
+these (the image batch is then made as for any model).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from .inputs import EXAMPLE_BATCH, ExampleInputs
+
+__all__ = ["composite_inputs"]
+
+_SEED = 0
+TEXT_TOKENS = 16  # enough positions to run every text layer; fewer than any text tower's context
+
+
+def composite_inputs(model: nn.Module) -> ExampleInputs | None:
+    """Inputs that run every part of a two-tower or prompted composite (None: not one of those)."""
+    for make in (_open_clip_inputs, _hf_image_text_inputs, _hf_prompted_inputs):
+        made = make(model)
+        if made is not None:
+            return made
+    return None
+
+
+def _parameters(model: nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    reference = next(iter(model.parameters()), None)
+    device = reference.device if reference is not None else torch.device("cpu")
+    dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
+    return device, dtype
+
+
+def _size(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) >= 2 and all(isinstance(v, int) for v in value[:2]):
+        return (int(value[0]), int(value[1]))
+    return None
+
+
+def _images(model: nn.Module, channels: int, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    device, dtype = _placement(model)
+    return torch.randn((EXAMPLE_BATCH, channels, *size), generator=generator).to(device=device, dtype=dtype)
+
+
+def _tokens(model: nn.Module, vocabulary: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    device, _ = _placement(model)
+    return torch.randint(0, vocabulary, (EXAMPLE_BATCH, length), generator=generator).to(device)
+
+
+def _open_clip_inputs(model: nn.Module) -> ExampleInputs | None:
+    """open_clip ``CLIP`` / ``CustomTextCLIP``: ``forward(image, text)``, sizes kept on the model."""
+    if not type(model).__module__.startswith("open_clip.") or not {"image", "text"} <= _parameters(model):
+        return None
+    visual = getattr(model, "visual", None)
+    size = _size(getattr(visual, "image_size", None))
+    context = getattr(model, "context_length", None) or getattr(getattr(model, "text", None), "context_length", None)
+    vocabulary = getattr(model, "vocab_size", None) or getattr(getattr(model, "text", None), "vocab_size", None)
+    if size is None or not isinstance(context, int) or not isinstance(vocabulary, int):
+        return None
+    generator = torch.Generator().manual_seed(_SEED)
+    return ExampleInputs((_images(model, 3, size, generator), _tokens(model, vocabulary, context, generator)), {})
+
+
+def _hf_image_text_inputs(model: nn.Module) -> ExampleInputs | None:
+    """Hugging Face two-tower models (CLIP, SigLIP, ...): ``pixel_values`` and ``input_ids`` from the
+    ``vision_config`` and ``text_config``."""
+    if not {"pixel_values", "input_ids"} <= _parameters(model):
+        return None
+    config = getattr(model, "config", None)
+    vision, text = getattr(config, "vision_config", None), getattr(config, "text_config", None)
+    size = _size(getattr(vision, "image_size", None))
+    channels = getattr(vision, "num_channels", 3)
+    vocabulary = getattr(text, "vocab_size", None)
+    if size is None or not isinstance(vocabulary, int) or not isinstance(channels, int):
+        return None
+    positions = getattr(text, "max_position_embeddings", None) or TEXT_TOKENS
+    generator = torch.Generator().manual_seed(_SEED)
+    return ExampleInputs((), {
+        "pixel_values": _images(model, channels, size, generator),
+        "input_ids": _tokens(model, vocabulary, min(int(positions), TEXT_TOKENS), generator),
+    })
+
+
+def _hf_prompted_inputs(model: nn.Module) -> ExampleInputs | None:
+    """Hugging Face SAM-style models: the image and one point prompt per image, so that the prompt
+    encoder and mask decoder run as they do in use (without a prompt SAM takes another path)."""
+    if not {"pixel_values", "input_points", "input_labels"} <= _parameters(model):
+        return None
+    config = getattr(model, "config", None)
+    vision = getattr(config, "vision_config", None) or config
+    size = _size(getattr(vision, "image_size", None))
+    channels = getattr(vision, "num_channels", 3)
+    if size is None or not isinstance(channels, int):
+        return None
+    generator = torch.Generator().manual_seed(_SEED)
+    device, dtype = _placement(model)
+    points = torch.rand((EXAMPLE_BATCH, 1, 1, 2), generator=generator) * torch.tensor(size[::-1], dtype=torch.float32)
+    return ExampleInputs((), {
+        "pixel_values": _images(model, channels, size, generator),
+        "input_points": points.to(device=device, dtype=dtype),
+        "input_labels": torch.ones((EXAMPLE_BATCH, 1, 1), dtype=torch.long, device=device),
+    })

@@ -1,0 +1,360 @@
+"""Models inside models: every part gets its own library's drop path, its own schedule.
+
+Ground truth is the library that built each part, asked directly: timm's ``create_model(name,
+drop_path_rate=r)`` (features_only where segmentation_models_pytorch builds it so), a Hugging Face
+sub-model built from its sub-config with ``drop_path_rate=r``. Tiny configs, random weights, no downloads.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import called_drop_paths, pathsurgeon_leftovers
+
+import pathsurgeon
+from pathsurgeon import slots as slot_lib
+from pathsurgeon.report import Branch, LeftAlone, partly_wrapped
+
+RATE = 0.3
+
+transformers = pytest.importorskip("transformers")
+smp = pytest.importorskip("segmentation_models_pytorch")
+open_clip = pytest.importorskip("open_clip")
+
+
+def library_rates(model: torch.nn.Module, prefix: str) -> dict[str, float]:
+    """{slot name in the composite: rate} of every drop-path module the library built (rate > 0)."""
+    return {
+        f"{prefix}.{name}": slot_lib.existing_rate(module)
+        for name, module in model.named_modules()
+        if slot_lib.is_drop_path_module(module) and slot_lib.existing_rate(module) > 0
+    }
+
+
+def timm_called_rates(name: str, rate: float, prefix: str, size: int) -> dict[str, float]:
+    """{slot name in the composite: rate} of the drop paths a timm model built at ``rate`` calls (timm
+    also builds drop paths in blocks without a shortcut that it never calls)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, drop_path_rate=rate)
+    called = called_drop_paths(model, torch.randn(2, 3, size, size))
+    return {f"{prefix}.{n}": r for n, r in called.items() if r > 0}
+
+
+def branch_rates(branches) -> dict[str, float]:
+    return {b.target: b.rate for b in branches if b.rate > 0}
+
+
+def eval_outputs(model, inputs):
+    with torch.no_grad():
+        out = model(*inputs) if isinstance(inputs, tuple) else model(**inputs)
+    return out
+
+
+def quiet(build):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build()
+
+
+# --- segmentation_models_pytorch: timm encoders at encoder.model -------------------------------------
+
+
+@pytest.fixture(scope="module", params=["resnet18", "efficientnet_b0"])
+def smp_unet(request):
+    torch.manual_seed(0)
+    model = smp.Unet(f"tu-{request.param}", encoder_weights=None, decoder_channels=(16, 16, 16, 16, 16)).eval()
+    return request.param, model
+
+
+def test_smp_timm_encoder_gets_timms_own_rates_bitwise(smp_unet):
+    name, model = smp_unet
+    state = copy.deepcopy(model.state_dict())
+    report = pathsurgeon.add(model, RATE, example_inputs=torch.randn(2, 3, 64, 64))
+    try:
+        # the plain model's slot names are the features_only model's for these families
+        assert branch_rates(report.branches) == timm_called_rates(name, RATE, "encoder.model", 64)
+        assert {b.part for b in report.branches} == {"encoder.model"}
+        assert [(p.path, p.library, p.rates_from) for p in report.parts] == [
+            ("encoder.model", "timm", "timm constructor")
+        ]
+        assert report.max_abs_diff == 0.0
+        # set_rate re-rates the part with its library's numbers too
+        pathsurgeon.set_rate(model, 0.2)
+        assert branch_rates(pathsurgeon.find(model)) == timm_called_rates(name, 0.2, "encoder.model", 64)
+    finally:
+        pathsurgeon.strip(model)
+    assert pathsurgeon_leftovers(model) == []
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+# --- open_clip: a timm trunk at visual.trunk, its own text transformer -------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip_with_timm_trunk():
+    from open_clip.model import CLIP
+
+    torch.manual_seed(0)
+    model = quiet(lambda: CLIP(
+        64,
+        vision_cfg={"timm_model_name": "test_vit", "timm_pool": "token", "timm_proj": None, "image_size": 160},
+        text_cfg={"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 3},
+    )).eval()
+    inputs = (torch.randn(2, 3, 160, 160), torch.randint(0, 100, (2, 8)))
+    return model, inputs
+
+
+def test_open_clip_trunk_gets_timms_rates_and_text_tower_is_left_alone(clip_with_timm_trunk):
+    import timm
+
+    model, inputs = clip_with_timm_trunk
+    report = pathsurgeon.add(model, RATE, example_inputs=inputs)
+    try:
+        reference = library_rates(timm.create_model("test_vit", drop_path_rate=RATE), "visual.trunk")
+        assert branch_rates(report.branches) == reference
+        assert {b.part for b in report.branches} == {"visual.trunk"}
+        text_blocks = {k.block for k in report.left_alone if k.block.startswith("transformer.")}
+        assert text_blocks == {f"transformer.resblocks.{i}" for i in range(3)}
+        assert all("include=['transformer.*']" in k.reason for k in report.left_alone
+                   if k.block.startswith("transformer."))
+        assert "visual.trunk (timm constructor)" in report.summary()
+    finally:
+        pathsurgeon.strip(model)
+    assert pathsurgeon_leftovers(model) == []
+
+
+def test_include_brings_a_region_in_with_its_own_schedule(clip_with_timm_trunk):
+    import timm
+
+    model, inputs = clip_with_timm_trunk
+    before = eval_outputs(model, inputs)
+    config = pathsurgeon.DropPathConfig(RATE, include=["visual.trunk.*", "transformer.*"])
+    report = pathsurgeon.add(model, config, example_inputs=inputs)
+    try:
+        trunk = [b for b in report.branches if b.part == "visual.trunk"]
+        text = [b for b in report.branches if b.part == "transformer"]
+        # the trunk's rates do not move when another part comes in
+        reference = library_rates(timm.create_model("test_vit", drop_path_rate=RATE), "visual.trunk")
+        assert branch_rates(trunk) == reference
+        # the text tower: linear over its own three blocks, from 0, not continuing the trunk's schedule
+        by_block = {b.block: b.rate for b in text}
+        expected = torch.linspace(0, RATE, 3).tolist()
+        assert [by_block[f"transformer.resblocks.{i}"] for i in range(3)] == expected
+        assert [b.index for b in text if b.block == "transformer.resblocks.0"][0] == 0
+        parts = report.to_dict()["parts"]
+        assert [(p["path"], p["rates_from"]) for p in parts] == [
+            ("visual.trunk", "timm constructor"), ("transformer", "linear over found units")
+        ]
+        assert sum(len(p["branches"]) for p in parts) == len(report.branches)
+        assert "part transformer" in str(report)
+    finally:
+        pathsurgeon.strip(model)
+    assert all(torch.equal(a, b) for a, b in zip(before, eval_outputs(model, inputs), strict=True))
+
+
+# --- Hugging Face: backbone_config and vision_config / text_config -----------------------------------
+
+
+def _dinov2_config(**extra):
+    return transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32,
+        patch_size=8, out_features=["stage1", "stage2", "stage3", "stage4"], reshape_hidden_states=False, **extra
+    )
+
+
+@pytest.fixture(scope="module")
+def dpt_on_dinov2():
+    torch.manual_seed(0)
+    config = transformers.DPTConfig(backbone_config=_dinov2_config(), neck_hidden_sizes=[16, 16, 32, 32],
+                                    fusion_hidden_size=16, hidden_size=32, is_hybrid=False, head_in_index=-1)
+    return quiet(lambda: transformers.DPTForDepthEstimation(config)).eval()
+
+
+def test_hf_backbone_config_part_gets_the_sub_configs_rates(dpt_on_dinov2):
+    model = dpt_on_dinov2
+    report = pathsurgeon.add(model, RATE, example_inputs=torch.randn(2, 3, 32, 32))
+    try:
+        # HF DINOv2 builds one constant rate (not 0 -> r) from its backbone_config's drop_path_rate
+        sub_config = copy.deepcopy(model.config.backbone_config)
+        sub_config.drop_path_rate = RATE
+        reference = library_rates(quiet(lambda: transformers.Dinov2Backbone(sub_config)), "backbone")
+        assert branch_rates(report.branches) == reference
+        assert [(p.path, p.source, p.rates_from) for p in report.parts] == [
+            ("backbone", "backbone_config", "transformers config"), ("neck", "region", "left alone")
+        ]
+        assert "left alone (no library drop path; include= brings them in): neck" in report.summary()
+        neck = [k for k in report.left_alone if k.block.startswith("neck.")]
+        assert neck and all("no library model" in k.reason or "not run by the example inputs" in k.reason
+                            for k in neck)
+    finally:
+        pathsurgeon.strip(model)
+
+
+def test_hf_convnext_backbone_in_upernet_bitwise():
+    torch.manual_seed(0)
+    backbone = transformers.ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 2, 1],
+                                           out_features=["stage1", "stage2", "stage3", "stage4"])
+    model = quiet(lambda: transformers.UperNetForSemanticSegmentation(
+        transformers.UperNetConfig(backbone_config=backbone, hidden_size=16, auxiliary_in_channels=32)
+    )).eval()
+    report = pathsurgeon.add(model, RATE, example_inputs=torch.randn(2, 3, 64, 64))
+    try:
+        sub_config = copy.deepcopy(backbone)
+        sub_config.drop_path_rate = RATE
+        reference = library_rates(quiet(lambda: transformers.ConvNextBackbone(sub_config)), "backbone")
+        assert branch_rates(report.branches) == reference
+        assert report.parts[0].rates_from == "transformers config"
+    finally:
+        pathsurgeon.strip(model)
+
+
+@pytest.fixture(scope="module")
+def hf_clip():
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+                     "vocab_size": 100, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        vision_config={"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
+                       "intermediate_size": 64, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    return quiet(lambda: transformers.CLIPModel(config)).eval()
+
+
+def test_clip_towers_each_get_their_own_schedule(hf_clip):
+    inputs = {"pixel_values": torch.randn(2, 3, 32, 32), "input_ids": torch.randint(2, 100, (2, 7))}
+    report = pathsurgeon.add(hf_clip, RATE, example_inputs=inputs)
+    try:
+        vision = [b.rate for b in report.branches if b.part == "vision_model"]
+        text = [b.rate for b in report.branches if b.part == "text_model"]
+        # each tower from 0 to the rate over its own layers, two branches per layer
+        assert vision == [r for r in torch.linspace(0, RATE, 3).tolist() for _ in range(2)]
+        assert text == [r for r in torch.linspace(0, RATE, 2).tolist() for _ in range(2)]
+        assert [(p.path, p.source) for p in report.parts] == [("vision_model", "vision_config"),
+                                                             ("text_model", "text_config")]
+        assert "2 parts" in report.summary() and "vision_model" in report.summary()
+    finally:
+        pathsurgeon.strip(hf_clip)
+
+
+# --- a model that is itself a library model: as before ----------------------------------------------
+
+
+def test_plain_library_model_is_one_part_and_reports_as_before():
+    import timm
+
+    model = timm.create_model("test_vit", drop_path_rate=0.0).eval()
+    report = pathsurgeon.add(model, RATE, example_inputs=torch.randn(2, 3, 160, 160))
+    try:
+        assert [(p.path, p.source) for p in report.parts] == [("", "the model")]
+        assert not report.composite
+        assert report.summary().startswith(f"{len(report.branches)} branches in {len(report.blocks)} blocks; "
+                                           "rates from timm constructor;")
+        assert "part " not in str(report)
+        assert branch_rates(report.branches) == {
+            k[1:]: v for k, v in library_rates(timm.create_model("test_vit", drop_path_rate=RATE), "").items()
+        }
+    finally:
+        pathsurgeon.strip(model)
+
+
+def test_partly_wrapped_blocks_are_named():
+    branches = [Branch("layers.0", 0, 0.1, "hook", "layers.0.mlp"),
+                Branch("layers.1", 1, 0.2, "hook", "layers.1.mlp")]
+    inline = "branch is computed inline in the block; no module to hook"
+    left_alone = [LeftAlone("layers.0", inline),
+                  LeftAlone("layers.0", "the library drops layers.0.drop (rate 0.1) off any residual branch; left"),
+                  LeftAlone("head", inline)]
+    assert partly_wrapped(branches, left_alone) == {"layers.0": 1}
+    report = pathsurgeon.Report(branches, 0.0, "torch.fx", "auto", "linear", left_alone)
+    assert "1 blocks only partly wrapped: layers.0 (1 left alone)" in report.summary()
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+
+
+class _TwoInputs(torch.nn.Module):
+    """A residual network whose forward takes an image and a second tensor made-up inputs lack."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU())
+
+    def forward(self, image, scale):
+        x = self.stem(image) * scale
+        return x + self.branch(x)
+
+
+def test_made_up_inputs_that_do_not_fit_say_to_pass_example_inputs():
+    model = _TwoInputs().eval()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(pathsurgeon.PathSurgeonError, match="pass example_inputs="):
+        pathsurgeon.add(model, RATE)
+    assert pathsurgeon_leftovers(model) == []
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    report = pathsurgeon.add(model, RATE, example_inputs=(torch.randn(2, 3, 16, 16), torch.ones(1)))
+    assert [b.block for b in report.branches] == [""]
+    pathsurgeon.strip(model)
+
+
+def test_clip_default_inputs_run_both_towers(hf_clip):
+    given = {"pixel_values": torch.randn(2, 3, 32, 32), "input_ids": torch.randint(2, 100, (2, 5))}
+    found = [(b.target, b.rate) for b in pathsurgeon.preview(hf_clip, RATE)]
+    assert found == [(b.target, b.rate) for b in pathsurgeon.preview(hf_clip, RATE, example_inputs=given)]
+    assert {t.split(".")[0] for t, _ in found} == {"vision_model", "text_model"}
+
+
+def test_towers_of_a_model_no_library_knows_get_their_own_schedules():
+    from open_clip.model import CLIP
+
+    torch.manual_seed(0)
+    model = quiet(lambda: CLIP(
+        16,
+        vision_cfg={"layers": 3, "width": 32, "head_width": 16, "patch_size": 8, "image_size": 32},
+        text_cfg={"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 2},
+    )).eval()
+    report = pathsurgeon.add(model, RATE)  # default inputs: an image and text (both towers run)
+    try:
+        by_part: dict[str, list[float]] = {}
+        for branch in report.branches:
+            by_part.setdefault(branch.part, []).append(branch.rate)
+        assert list(by_part) == ["visual", "transformer"]
+        assert by_part["visual"] == [r for r in torch.linspace(0, RATE, 3).tolist() for _ in range(2)]
+        assert by_part["transformer"] == [r for r in torch.linspace(0, RATE, 2).tolist() for _ in range(2)]
+        assert [p.source for p in report.parts] == ["tower", "tower"]
+    finally:
+        pathsurgeon.strip(model)
+    assert pathsurgeon_leftovers(model) == []
+
+
+class _Detector(torch.nn.Module):
+    """A detection-style model: a timm feature extractor whose BatchNorms were frozen after the build
+    (as HF DETR's backbones are), and a head."""
+
+    def __init__(self):
+        super().__init__()
+        import timm
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        self.backbone = timm.create_model("resnet18", features_only=True, out_indices=(1, 2, 3, 4))
+        for module in list(self.backbone.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, torch.nn.BatchNorm2d):
+                    setattr(module, name, FrozenBatchNorm2d(child.num_features))
+        self.head = torch.nn.Conv2d(512, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.backbone(x)[-1])
+
+
+def test_a_timm_backbone_with_frozen_batch_norms_still_gets_timms_rates():
+    model = _Detector().eval()
+    preview = pathsurgeon.preview(model, RATE, example_inputs=torch.randn(2, 3, 64, 64))
+    assert preview.parts[0].rates_from == "timm constructor"
+    assert branch_rates(preview) == timm_called_rates("resnet18", RATE, "backbone", 64)
