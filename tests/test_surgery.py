@@ -212,8 +212,8 @@ def test_verification_failure_rolls_back_and_names_the_block(vit, monkeypatch):
 
     original_change = changes._change
 
-    def tagging_change(model, branch, entries):
-        change = original_change(model, branch, entries)
+    def tagging_change(model, branch, *rest):
+        change = original_change(model, branch, *rest)
         change.drop._test_name = branch.target
         return change
 
