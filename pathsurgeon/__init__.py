@@ -44,6 +44,7 @@ _MODULES = {
         "OutputPathError",
         "PathSurgeonError",
         "SavedBranchesMovedError",
+        "ScriptingError",
         "UntrustedCodeError",
         "VerificationError",
         "WrappedModelError",

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from . import slots as slot_lib
-from .droppath import DropPath
-from .errors import AlreadySurgeredError
+from .droppath import DropPath, traced_drop_path
+from .errors import AlreadySurgeredError, ScriptingError
 from .report import Branch, Fallback, LeftAlone
 from .skipping import Gather
 
@@ -63,9 +63,23 @@ class BranchHook:
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         if isinstance(output, torch.Tensor):
             return self.drop.apply_to(output, module.training)
-        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-            return (self.drop.apply_to(output[0], module.training), *output[1:])
+        if isinstance(output, fx.Proxy):  # torch.fx traces through the hooked module: the drop goes in the graph
+            return traced_drop_path(self.drop, output, module.training)
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor | fx.Proxy):
+            first = output[0]
+            dropped = (traced_drop_path(self.drop, first, module.training) if isinstance(first, fx.Proxy)
+                       else self.drop.apply_to(first, module.training))
+            return (dropped, *output[1:])
         return output
+
+    @property
+    def __name__(self) -> str:
+        # torch.jit.script compiles a module's forward hooks from their source, by name; this one holds a
+        # Python object (its DropPath) that TorchScript cannot reach, so say so instead of failing obscurely
+        raise ScriptingError(
+            "torch.jit.script cannot compile pathsurgeon's drop-path forward hooks (they hold a Python "
+            "DropPath): script the model after pathsurgeon.strip(model)"
+        )
 
 
 @dataclass(eq=False)
