@@ -45,6 +45,7 @@ _MODULES = {
         "OutputPathError",
         "PathSurgeonError",
         "SavedBranchesMovedError",
+        "ScriptingError",
         "UntrustedCodeError",
         "VerificationError",
         "WrappedModelError",

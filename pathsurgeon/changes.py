@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from . import slots as slot_lib
-from .droppath import DropPath
-from .errors import AlreadySurgeredError
+from .droppath import DropPath, traced_drop_path
+from .errors import AlreadySurgeredError, ScriptingError
 from .report import Branch, Fallback, LeftAlone
 from .skipping import Gather
 
@@ -49,6 +49,7 @@ __all__ = [
     "refuse_existing_surgery",
     "silencing_changes",
     "surgered_submodules",
+    "unrecorded_changes",
 ]
 
 RECORD_ATTRIBUTE = "_pathsurgeon"
@@ -66,9 +67,23 @@ class BranchHook:
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         if isinstance(output, torch.Tensor):
             return self.drop.apply_to(output, module.training)
-        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-            return (self.drop.apply_to(output[0], module.training), *output[1:])
+        if isinstance(output, fx.Proxy):  # torch.fx traces through the hooked module: the drop goes in the graph
+            return traced_drop_path(self.drop, output, module.training)
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor | fx.Proxy):
+            first = output[0]
+            dropped = (traced_drop_path(self.drop, first, module.training) if isinstance(first, fx.Proxy)
+                       else self.drop.apply_to(first, module.training))
+            return (dropped, *output[1:])
         return output
+
+    @property
+    def __name__(self) -> str:
+        # torch.jit.script compiles a module's forward hooks from their source, by name; this one holds a
+        # Python object (its DropPath) that TorchScript cannot reach, so say so instead of failing obscurely
+        raise ScriptingError(
+            "torch.jit.script cannot compile pathsurgeon's drop-path forward hooks (they hold a Python "
+            "DropPath): script the model after pathsurgeon.strip(model)"
+        )
 
 
 @dataclass(eq=False)
@@ -93,6 +108,10 @@ class Change:
     norms: tuple[nn.Module, ...] = ()  # the BatchNorms on a gathered branch (see skipping.Gather)
 
     def install(self) -> None:
+        if self.parent is not None:
+            # what the slot held, kept on the DropPath too: a tree that outlives its record (PEFT's
+            # merge_and_unload returns the model inside the PeftModel that held it) can still be stripped
+            self.drop.replaced = self.original
         if self.hooked is not None:
             self.hooked._forward_hooks[self.hook_id] = BranchHook(self.drop)
         else:
@@ -253,9 +272,38 @@ def refuse_existing_surgery(model: nn.Module) -> None:
             leftover = "a pathsurgeon gather hook"
         if leftover is not None:
             raise AlreadySurgeredError(
-                f"{name or 'the model'} holds {leftover} that no surgery record in this model accounts for (copied "
-                "out of a surgered model?); strip the model it came from before copying, or rebuild this one"
+                f"{name or 'the model'} holds {leftover} that no surgery record in this model accounts for (taken "
+                "out of a surgered model, e.g. by PEFT's merge_and_unload?); call pathsurgeon.strip(model) first"
             )
+
+
+def unrecorded_changes(model: nn.Module) -> list[Change]:
+    """pathsurgeon's modules and hooks in ``model``'s tree that no record in the tree accounts for.
+
+    A record lives on the module ``add`` was given; a tree taken out of that module (PEFT's
+    ``merge_and_unload()`` returns the base model inside the ``PeftModel``) carries the changes without
+    it. Each one is rebuilt as a :class:`Change` from what it holds, so ``strip`` undoes it all the same.
+    """
+    recorded = {id(c.drop) for name in surgered_submodules(model, include_root=True)
+                for c in record_of(model.get_submodule(name)).changes}
+    found: list[Change] = []
+    for name, module in model.named_modules():
+        for attr, child in list(module._modules.items()):
+            if isinstance(child, DropPath) and child.inserted and id(child) not in recorded:
+                original = getattr(child, "replaced", None)
+                if original is None:  # inserted by a version that did not keep it: an empty slot is what it was
+                    original = slot_lib.SlotContent(nn.Identity(), True)
+                found.append(Change(name, f"{name}.{attr}".lstrip("."), child, parent=module, attr=attr,
+                                    original=original))
+        for hook_id, hook in list(module._forward_hooks.items()):
+            if isinstance(hook, BranchHook) and id(hook.drop) not in recorded:
+                found.append(Change(name, name, hook.drop, hook_id=hook_id, hooked=module))
+    by_drop = {id(change.drop): change for change in found}
+    for module in model.modules():  # a Gather belongs to the change of the DropPath it feeds
+        for hook_id, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, Gather) and id(hook.drop) in by_drop:
+                by_drop[id(hook.drop)].gathers.append((module, hook_id))
+    return found
 
 
 # --- building changes (not applied: the caller's transaction applies them) -----------------------------

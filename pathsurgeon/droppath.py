@@ -39,8 +39,10 @@ __all__ = [
     "drop_path",
     "drop_path_mask",
     "fixed_count",
+    "fixed_count_mask",
     "fixed_count_rows",
     "mask_shape",
+    "traced_drop_path",
 ]
 
 # How the per-sample keep mask is drawn. "bernoulli": timm's and torchvision's ``bernoulli_(keep)``.
@@ -152,11 +154,54 @@ def _(rate, batch, device):
     return torch.empty(count, dtype=torch.long, device=device), torch.empty((), dtype=torch.float64)
 
 
-def mask_shape(x: torch.Tensor, batch_axis: int) -> list[int]:
-    """``(1, ..., B, ..., 1)``: one value per sample along ``batch_axis``, broadcast over the rest."""
-    shape = [1] * x.ndim
-    shape[batch_axis] = x.shape[batch_axis]
-    return shape
+def fixed_count_mask(x: torch.Tensor, rate: float, batch_axis: int) -> torch.Tensor:
+    """Mode 'fixed_count' as a mask on a branch computed in full, for TorchScript and torch.fx graphs:
+    ``B / k`` at DINOv2's ``k`` rows (``randperm(B)[:k]``, the same draw as eager), 0 elsewhere."""
+    batch = x.size(batch_axis)
+    count = max(int(batch * (1.0 - rate)), 1)
+    rows = torch.randperm(batch, device=x.device)[:count]
+    mask = torch.zeros([batch], dtype=x.dtype, device=x.device).index_fill(0, rows, 1.0) * (batch / count)
+    shape = [1] * x.dim()
+    shape[batch_axis] = batch
+    return mask.view(shape)
+
+
+# traced as one call: its count is plain Python arithmetic on the batch size
+torch.fx.wrap("fixed_count_mask")
+
+
+def mask_shape(x: torch.Tensor, batch_axis: int) -> tuple[int, ...]:
+    """``(1, ..., B, ..., 1)``: one value per sample along ``batch_axis``, broadcast over the rest.
+
+    Built by tuple arithmetic, as timm builds its ``(B,) + (1,) * (ndim - 1)``, never by item assignment:
+    under torch.fx ``x.ndim`` is a Proxy, and the arithmetic is then recorded in the graph.
+    """
+    return (1,) * batch_axis + (x.shape[batch_axis],) + (1,) * (x.ndim - batch_axis - 1)
+
+
+def traced_drop_path(drop: DropPath, x: torch.fx.Proxy, training: bool) -> torch.fx.Proxy:
+    """``drop``'s drop path written into a torch.fx graph being traced (for a DropPath the traced module
+    cannot call, a hook's): the same draws as eager. Modes 'sample' and 'skip': the per-sample mask
+    (every sample computed); mode 'batch': one draw for the batch on the CPU generator, as eager draws
+    it. Like timm's, the rate and the training flag at tracing time are fixed in the graph."""
+    if not training or drop.rate == 0.0:
+        return x
+    keep = 1.0 - drop.rate
+    if drop.mode == "batch":
+        kept = x.new_empty((1,), dtype=torch.float32, device=torch.device("cpu")).bernoulli_(keep)
+        return x * (kept.reshape(()).double() * drop.scale())
+    if drop.mode == "fixed_count":  # a leaf of the graph: the count depends on the batch size
+        return x * fixed_count_mask(x, drop.rate, drop.batch_axis)
+    # drop_path's draws, written so that every result is used: torchvision's feature extraction removes
+    # nodes whose result nobody reads, an in-place ``mask.div_(keep)`` among them (timm's own drop_path
+    # loses its rescale that way); ``torch.rand(shape, ...)`` is ``empty(shape).uniform_()``
+    if drop.draw == "uniform_floor":
+        mask = torch.floor(x.new_empty(mask_shape(x, drop.batch_axis)).uniform_() + keep)
+        return x.div(keep) * mask
+    mask = x.new_empty(mask_shape(x, drop.batch_axis)).bernoulli_(keep)
+    if keep > 0.0 and drop.scale_by_keep:
+        mask = mask.div(keep)
+    return x * mask
 
 
 class KeptRows(NamedTuple):
@@ -238,8 +283,59 @@ class DropPath(nn.Module):
     def drop_prob(self, value: float) -> None:
         self.rate = value
 
+    # TorchScript compiles forward and what it calls (see _scripted_forward), never these properties: their
+    # setters validate in plain Python, and a property that fails to compile stays half-defined on the class
+    # ("Can't redefine method: __drop_prob_getter") for every later torch.jit.script in the process.
+    __jit_unused_properties__ = ["rate", "drop_prob"]
+    __jit_ignored_attributes__ = ["rate", "drop_prob"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(x)
+        else:
+            return self._python_forward(x)
+
+    @torch.jit.unused
+    def _python_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return self._traced_call(x)
         return self.apply_to(x, self.training)
+
+    def _traced_call(self, x: torch.fx.Proxy) -> torch.fx.Proxy:
+        """Under torch.fx symbolic tracing: one ``call_module`` node for this module, whatever the tracer's
+        leaf rules, so the traced module calls this very DropPath at run time. It then drops in training
+        and not in eval (a graph traced in eval mode keeps the drop for training), follows ``set_rate``,
+        scatters the rows its Gather kept in modes 'skip' and 'batch', and draws its masks exactly as the
+        untouched model does. A DropPath outside the traced tree (a hook's) is written into the graph."""
+        tracer = x.tracer
+        try:
+            path = tracer.path_of_module(self)
+        except NameError:
+            return traced_drop_path(self, x, self.training)
+        return tracer.create_proxy("call_module", path, (x,), {})
+
+    def _scripted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Under TorchScript: the eager semantics without Gather hooks (a TorchScript module runs none;
+        pathsurgeon refuses to script a model that has them): mode 'skip' computes every sample and masks
+        it with the same draw, mode 'batch' draws once for the batch on the CPU generator."""
+        if not self.training or self._rate == 0.0:
+            return x
+        keep = 1.0 - self._rate
+        if self.mode == "batch":
+            kept = torch.empty(1).bernoulli_(keep).reshape(()).double()
+            scale = 1.0 / keep if self.scale_by_keep else 1.0
+            return x * (kept * scale)
+        if self.mode == "fixed_count":
+            return x * fixed_count_mask(x, self._rate, self.batch_axis)
+        shape = [1] * x.dim()
+        shape[self.batch_axis] = x.size(self.batch_axis)
+        if self.draw == "uniform_floor":
+            mask = torch.floor(torch.rand(shape, dtype=x.dtype, device=x.device) + keep)
+            return x.div(keep) * mask
+        mask = x.new_empty(shape).bernoulli_(keep)
+        if keep > 0.0 and self.scale_by_keep:
+            mask.div_(keep)
+        return x * mask
 
     def apply_to(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         """Drop path on the branch output ``x``; ``training`` is the flag of the module it belongs to."""
@@ -277,7 +373,7 @@ class DropPath(nn.Module):
             return x
         if torch.compiler.is_compiling():  # the same draw, but the graph must not depend on the rate
             shape = mask_shape(x, self.batch_axis)
-            mask = drop_path_mask(self._rate_tensor, shape, x.dtype, x.device, self.scale_by_keep, self.draw)
+            mask = drop_path_mask(self._rate_tensor, list(shape), x.dtype, x.device, self.scale_by_keep, self.draw)
             return x * mask
         return drop_path(x, self.rate, training, self.scale_by_keep, self.batch_axis, self.draw)
 

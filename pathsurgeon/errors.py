@@ -18,6 +18,7 @@ __all__ = [
     "NoPublishedRateError",
     "PathSurgeonError",
     "SavedBranchesMovedError",
+    "ScriptingError",
     "VerificationError",
     "WrappedModelError",
 ]
@@ -94,3 +95,11 @@ class OutputPathError(PathSurgeonError, ValueError):
 
 class SavedBranchesMovedError(PathSurgeonError):
     """``pathsurgeon.load`` found other branches in the rebuilt model than the checkpoint saved."""
+
+
+class ScriptingError(PathSurgeonError, AttributeError):
+    """torch.jit.script met one of pathsurgeon's Python hooks, which TorchScript cannot compile.
+
+    An AttributeError too: TorchScript raises it where it reads the hook's ``__name__``, and code that
+    probes with ``getattr(hook, "__name__", default)`` must keep getting its default.
+    """

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils import _pytree
 
 from .droppath import DropPath, KeptRows
+from .errors import ScriptingError
 from .finder import ResidualAdd, branch_entries
 from .runstate import private_rng, training_flags_kept
 from .verify import max_abs_diff, tensor_leaves
@@ -51,6 +52,15 @@ class Gather:
     def __init__(self, drop: DropPath, norms: tuple[nn.Module, ...] = ()) -> None:
         self.drop = drop
         self.norms = norms
+
+    @property
+    def __name__(self) -> str:
+        # torch.jit.script compiles forward pre-hooks from their source, by name; a Gather draws rows in
+        # Python and cannot be compiled (under torch.fx it passes a Proxy on untouched: see __call__)
+        raise ScriptingError(
+            f"torch.jit.script cannot compile the Python pre-hooks of mode {self.drop.mode!r}: add with "
+            "mode='sample', or script the model after pathsurgeon.strip(model)"
+        )
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
         drop = self.drop

@@ -40,6 +40,7 @@ from .changes import (
     refuse_existing_surgery,
     silencing_changes,
     surgered_submodules,
+    unrecorded_changes,
 )
 from .composite_inputs import composite_inputs
 from .config import DropPathConfig, config_from_arguments, validate_rate, validate_schedule
@@ -276,12 +277,15 @@ def strip(model: nn.Module) -> nn.Module:
                 transaction.do(change.undo, change.install)
             transaction.do(functools.partial(vars(owner).pop, RECORD_ATTRIBUTE),
                            functools.partial(vars(owner).__setitem__, RECORD_ATTRIBUTE, record))
+        for change in unrecorded_changes(model):  # their record stayed on a wrapper (PEFT's merge_and_unload)
+            transaction.do(change.undo, change.install)
     return model
 
 
 def is_surgered(model: nn.Module) -> bool:
-    """True while ``model``, or any module inside it, carries pathsurgeon's changes."""
-    return bool(surgered_submodules(model, include_root=True))
+    """True while ``model``, or any module inside it, carries pathsurgeon's changes (with or without the
+    record: a tree taken out of the surgered model, as PEFT's ``merge_and_unload()`` returns it, counts)."""
+    return bool(surgered_submodules(model, include_root=True)) or bool(unrecorded_changes(model))
 
 
 # --- the stages of add -------------------------------------------------------------------------------
