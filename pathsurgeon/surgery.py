@@ -373,15 +373,17 @@ def _plan(
         ]
     shapes = observation.output_shapes if observation is not None else {}
     batch = observation.batch if observation is not None else None
-    planned_branches = {}  # residual add node -> (add, branch)
+    # one add node may close several residual branches (parallel paths summed before the add: timm
+    # ParallelThingsBlock), so a branch is known by its add and its own slot or producer
+    planned_branches = {}  # (add node, slot, producer) -> branch
     for planned in part_plans:
         for residual, rate in zip(planned.chosen, planned.rates.values, strict=True):
             branch = dataclasses.replace(make_branch(residual, planned.plan, rate, shapes, batch),
                                          part=planned.part.path)
-            planned_branches[residual.node] = (residual, branch)
+            planned_branches[residual.node, residual.slot, residual.producer] = branch
     chosen, branches = [], []
     for residual in selection.chosen:  # execution order
-        branch = planned_branches[residual.node][1]
+        branch = planned_branches[residual.node, residual.slot, residual.producer]
         if config.selects(residual.block):
             chosen.append(residual)
             branches.append(branch)
