@@ -1036,7 +1036,9 @@ def _read_results() -> tuple[dict[str, dict[str, dict]], list[tuple[str, str, in
     """{library: {model: row}} (a re-check's row replaces the shard's) and what each file holds."""
     rows: dict[str, dict[str, dict]] = {lib: {} for lib in LIBRARIES}
     files = []
-    for path in sorted(RESULTS.glob("*.jsonl"), key=lambda p: ("recheck" in p.name, p.name)):
+    # this sweep's files are <library>-*.jsonl; composites.jsonl there is coverage_composites.py's
+    ours = [p for p in RESULTS.glob("*.jsonl") if p.name.split("-")[0] in LIBRARIES]
+    for path in sorted(ours, key=lambda p: ("recheck" in p.name, p.name)):
         header, count, commits = None, 0, Counter()
         for line in path.read_text().splitlines():
             try:
@@ -1069,6 +1071,9 @@ def write_doc() -> None:
         f"torchvision {_version('torchvision')}, transformers {_version('transformers')} on "
         f"{platform.machine()} CPU. What each status means, for the checks each row ran under: below. "
         "Each row names the commit it ran at and the version of the checks (`checks` in the data).",
+        "",
+        "Models inside models (open_clip, segmentation_models_pytorch, Hugging Face composites) are swept "
+        "part by part by `benchmarks/coverage_composites.py`: [coverage-composites.md](coverage-composites.md).",
         "",
         "## What ran",
         "",
