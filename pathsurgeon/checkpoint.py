@@ -283,12 +283,7 @@ def weights_shapes(file: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     except Exception as error:  # noqa: BLE001 - a truncated file, a pickle weights_only refuses, not a zip
         raise CheckpointError(f"cannot read {file} ({_first_line(error)}); the file is truncated or not a "
                               "safetensors file or torch state_dict saved with weights_only=True") from error
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
-            state = state[key]
-            break
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{file} holds {type(state).__name__}, not a state_dict; save model.state_dict()")
+    state = _unwrapped_state_dict(state, file)
     return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
@@ -669,12 +664,7 @@ def read_weights(file: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"cannot read {file} as a torch checkpoint with weights_only=True ({type(error).__name__}); "
                 "save it as a state_dict or safetensors file"
             ) from error
-        for key in ("state_dict", "model", "module"):
-            if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
-                state = state[key]
-                break
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{file} holds {type(state).__name__}, not a state_dict; save model.state_dict()")
+        state = _unwrapped_state_dict(state, file)
     bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{file}: entry {bad[0]!r} is not a tensor; save model.state_dict()")
@@ -901,3 +891,14 @@ def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0][:200] if text else type(error).__name__
 
+
+def _unwrapped_state_dict(state: Any, file: Path) -> Mapping:
+    """The state_dict inside a training checkpoint (``{"state_dict": ...}``, ``{"model": ...}``,
+    ``{"module": ...}``) or the object itself; refused unless it is a mapping."""
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+            state = state[key]
+            break
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{file} holds {type(state).__name__}, not a state_dict; save model.state_dict()")
+    return state

@@ -274,13 +274,19 @@ def test_weights_that_do_not_fit_leave_the_model_untouched(tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
-def test_hugging_face_checkpoint_missing_its_head_is_refused_unless_allowed(tmp_path, capsys):
+def _headless_classifier_folder(tmp_path):
+    """A Hugging Face directory whose config names a classifier but whose weights are a bare ViTModel."""
     config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                     image_size=32, patch_size=8, num_labels=3)
     folder = tmp_path / "backbone"
     transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
     saved = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**saved, "architectures": ["ViTForImageClassification"]}))
+    return folder
+
+
+def test_hugging_face_checkpoint_missing_its_head_is_refused_unless_allowed(tmp_path, capsys):
+    folder = _headless_classifier_folder(tmp_path)
     code, _, err = run(capsys, "inspect", "--model", folder)
     assert_refused(code, err, "missing keys", "classifier", "--allow-missing-keys")
     code, out, err = run(capsys, "inspect", "--model", folder, "--allow-missing-keys")
@@ -792,12 +798,7 @@ def test_every_message_is_one_line(hf_dir, tmp_path, capsys, no_loading):
 
 
 def test_refused_hugging_face_directory_prints_only_our_lines(tmp_path, capsys):
-    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                    image_size=32, patch_size=8, num_labels=3)
-    folder = tmp_path / "backbone"
-    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
-    saved = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**saved, "architectures": ["ViTForImageClassification"]}))
+    folder = _headless_classifier_folder(tmp_path)
     capsys.readouterr()
     code, out, err = run(capsys, "inspect", "--model", folder)
     assert_refused(code, err, "missing keys")
