@@ -92,6 +92,49 @@ def test_smp_timm_encoder_gets_timms_own_rates_bitwise(smp_unet):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("name", ["dpn68", "dpn68b"])
+def test_smp_dpn_encoder_slicing_its_stages_maps_branches_to_real_modules(name):
+    # smp's DPN encoder runs ``self.features[a:b](x)``: torch.export names the temporary Sequential
+    # ``features.slice(a, b, None)``; branches must land on the model's own blocks (features.conv2_1, ...)
+    from segmentation_models_pytorch.encoders._dpn import DualPathBlock
+
+    torch.manual_seed(0)
+    model = smp.Unet(name, encoder_weights=None, encoder_depth=3, decoder_channels=(8, 8, 8)).eval()
+    inputs = (torch.randn(2, 3, 32, 32),)
+    state = copy.deepcopy(model.state_dict())
+    before = eval_outputs(model, inputs)
+    report = pathsurgeon.add(model, RATE, example_inputs=inputs)
+    try:
+        # the blocks depth 3 runs: the stages up to the third stage index of the encoder, each a
+        # DualPathBlock with one residual add, ``x_s1 + out1``; out1 is c1x1_c1's output (b variant)
+        # or a channel slice of c1x1_c's (whose rest joins the dense path, as timm RexNet's drop path
+        # also covers the channels its block concatenates)
+        features = model.encoder.features
+        ran = list(features.named_children())[1: model.encoder._stage_idxs[1]]
+        expected = {
+            f"encoder.features.{block_name}": f"encoder.features.{block_name}.{'c1x1_c1' if block.b else 'c1x1_c'}"
+            for block_name, block in ran
+            if isinstance(block, DualPathBlock)
+        }
+        assert expected and {b.block: b.target for b in report.branches} == expected
+        assert all(b.mechanism == "hook" for b in report.branches)
+        assert [b.rate for b in report.branches] == torch.linspace(0, RATE, len(expected)).tolist()
+        assert report.max_abs_diff == 0.0
+        assert torch.equal(before, eval_outputs(model, inputs))
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        # the hooks run: in training a sample of a wrapped block's branch is dropped now and then
+        model.train()
+        with torch.no_grad():
+            outputs = {tuple(model(*inputs).flatten()[:4].tolist()) for _ in range(8)}
+        model.eval()
+        assert len(outputs) > 1
+        model.load_state_dict(state)  # the training forwards moved the BatchNorm statistics
+    finally:
+        pathsurgeon.strip(model)
+    assert pathsurgeon_leftovers(model) == []
+    assert torch.equal(before, eval_outputs(model, inputs))
+
+
 # --- open_clip: a timm trunk at visual.trunk, its own text transformer -------------------------------
 
 
