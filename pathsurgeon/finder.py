@@ -385,17 +385,52 @@ def select(view: GraphView, adds: list[ResidualAdd]) -> Selection:
 
 
 def _hookable_producers(view: GraphView, adds: list[ResidualAdd]) -> set[str]:
-    """Producers whose every output leaving the module is the branch operand of a residual add."""
+    """Producers whose every output leaving the module is the branch operand of a residual add, and is
+    used nowhere else.
+
+    A hook drops the whole output, so an output that also feeds the block elsewhere (HF SAM's two-way
+    layer: ``layer_norm1``'s output is both added to a positional embedding, which looks like a residual
+    add, and the token stream itself) would drop more than a branch. Two uses that take a part of the
+    output are allowed: another element of a tuple (the hook drops the first) and another channel slice
+    (smp DPN: ``resid = x_s1 + out[:, :c]``, ``dense = cat(x_s2, out[:, c:])``; timm RexNet's own drop
+    path covers the channels its block concatenates in the same way).
+    """
     branch_nodes: dict[str, set[fx.Node]] = {}
+    on_branch: dict[str, set[fx.Node]] = {}
     for a in adds:
         if a.producer is not None:
             branch_nodes.setdefault(a.producer, set()).add(a.producer_output)
+            on_branch.setdefault(a.producer, set()).update(_looked_through(view, a))
     hookable = set()
     for producer, branches in branch_nodes.items():
         outputs = set()
         for node, stack in view.module_stack.items():
             if producer in stack and any(producer not in view.module_stack.get(u, ()) for u in node.users):
                 outputs.add(node)
-        if outputs <= branches:
+        if outputs <= branches and all(
+            user in on_branch[producer] or _takes_a_part(user) for node in outputs for user in node.users
+        ):
             hookable.add(producer)
     return hookable
+
+
+def _looked_through(view: GraphView, add: ResidualAdd) -> set[fx.Node]:
+    """The nodes from the producer's output to the add, both included (see :func:`_producer`)."""
+    nodes = {add.node, add.branch}
+    current = add.branch
+    for _ in range(MAX_SCALE_HOPS + 1):
+        if current is add.producer_output:
+            break
+        inputs = [i for i in list(current.all_input_nodes) if i in view.tensor_nodes and i in view.data]
+        if len(inputs) != 1:
+            break
+        current = inputs[0]
+        nodes.add(current)
+    return nodes
+
+
+def _takes_a_part(node: fx.Node) -> bool:
+    """Indexing that takes a part of a value: a tuple element or a slice (not a reshape of all of it)."""
+    if node.op == "call_function":
+        return node.target is operator.getitem or str(node.target) in {"aten.slice.Tensor", "aten.narrow.default"}
+    return node.op == "call_method" and node.target == "narrow"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -200,9 +201,11 @@ def from_export(
     slot_calls: dict[fx.Node, str] = {}
     tensor_nodes: set[fx.Node] = set()
     constant_nodes: set[fx.Node] = set()
+    real_path = _RealPaths(model)
     for node in graph.nodes:
         stack = node.meta.get("nn_module_stack") or {}
-        module_stack[node] = tuple(path for path, _ in stack.values() if path)
+        real = (real_path(path) for path, _ in stack.values() if path)
+        module_stack[node] = tuple(path for path in real if path)
         value = node.meta.get("val")
         # ops with several outputs (max(dim) -> values, indices) count too; getitem takes them apart
         if isinstance(value, torch.Tensor) or (
@@ -219,6 +222,47 @@ def from_export(
             elif any(inp in parameter_nodes for inp in node.all_input_nodes):
                 parameter_users.add(node)
     return GraphView(graph, module_stack, parameter_users, slot_calls, tensor_nodes, parameter_nodes, constant_nodes)
+
+
+_SLICE = re.compile(r"slice\((-?\d+|None), (-?\d+|None), (-?\d+|None)\)")
+
+
+class _RealPaths:
+    """Module paths as torch.export names them, mapped to the paths of the modules in the model's tree.
+
+    A forward that slices a container (smp's DPN encoder: ``self.features[1:4](x)``) runs a temporary
+    ``Sequential`` that export names ``features.slice(1, 4, None)``; its children are the model's own
+    modules. Each such path maps to the real path of the module it reaches (``features.conv2_1``; a sliced
+    ``ModuleList`` renumbers from 0, so the object, not the name, decides), and the temporary container
+    itself to None: it is not in the tree, so nothing can be wrapped or hooked there.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+        self._real_names: dict[int, str] | None = None  # built on the first sliced path only
+        self._cache: dict[str, str | None] = {}
+
+    def __call__(self, path: str) -> str | None:
+        if "slice(" not in path:
+            return path
+        if path not in self._cache:
+            self._cache[path] = self._resolve(path)
+        return self._cache[path]
+
+    def _resolve(self, path: str) -> str | None:
+        module: object = self._model
+        for part in path.split("."):
+            match = _SLICE.fullmatch(part)
+            try:
+                if match:
+                    module = module[slice(*(None if v == "None" else int(v) for v in match.groups()))]
+                else:
+                    module = getattr(module, part)
+            except (AttributeError, IndexError, KeyError, TypeError):
+                return None
+        if self._real_names is None:
+            self._real_names = {id(m): name for name, m in self._model.named_modules(remove_duplicate=False)}
+        return self._real_names.get(id(module))
 
 
 def _data_flow(view: GraphView) -> tuple[set[fx.Node], set[fx.Node]]:

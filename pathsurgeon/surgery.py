@@ -233,6 +233,14 @@ def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[f
     record = record_of(model)
     if record is None:
         inner = surgered_submodules(model)
+        if not inner and (unrecorded := unrecorded_changes(model)):
+            # a tree taken out of the model add was given: the rates are planned from the record there
+            raise PathSurgeonError(
+                f"model holds pathsurgeon's drop path on {len(unrecorded)} branches but not their record, which "
+                "stayed on the model add was given (PEFT's merge_and_unload returns the model inside the "
+                "PeftModel): call set_rate on the model add was given (it re-rates this tree too), or "
+                "pathsurgeon.strip(model) then pathsurgeon.add(model, rate)"
+            )
         where = f"; its submodule {inner[0]!r} is: call set_rate on model.{inner[0]}" if inner else ""
         raise PathSurgeonError(
             f"model carries no pathsurgeon DropPath{where or '; call pathsurgeon.add(model, rate) first'}"

@@ -92,6 +92,49 @@ def test_smp_timm_encoder_gets_timms_own_rates_bitwise(smp_unet):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("name", ["dpn68", "dpn68b"])
+def test_smp_dpn_encoder_slicing_its_stages_maps_branches_to_real_modules(name):
+    # smp's DPN encoder runs ``self.features[a:b](x)``: torch.export names the temporary Sequential
+    # ``features.slice(a, b, None)``; branches must land on the model's own blocks (features.conv2_1, ...)
+    from segmentation_models_pytorch.encoders._dpn import DualPathBlock
+
+    torch.manual_seed(0)
+    model = smp.Unet(name, encoder_weights=None, encoder_depth=3, decoder_channels=(8, 8, 8)).eval()
+    inputs = (torch.randn(2, 3, 32, 32),)
+    state = copy.deepcopy(model.state_dict())
+    before = eval_outputs(model, inputs)
+    report = pathsurgeon.add(model, RATE, example_inputs=inputs)
+    try:
+        # the blocks depth 3 runs: the stages up to the third stage index of the encoder, each a
+        # DualPathBlock with one residual add, ``x_s1 + out1``; out1 is c1x1_c1's output (b variant)
+        # or a channel slice of c1x1_c's (whose rest joins the dense path, as timm RexNet's drop path
+        # also covers the channels its block concatenates)
+        features = model.encoder.features
+        ran = list(features.named_children())[1: model.encoder._stage_idxs[1]]
+        expected = {
+            f"encoder.features.{block_name}": f"encoder.features.{block_name}.{'c1x1_c1' if block.b else 'c1x1_c'}"
+            for block_name, block in ran
+            if isinstance(block, DualPathBlock)
+        }
+        assert expected and {b.block: b.target for b in report.branches} == expected
+        assert all(b.mechanism == "hook" for b in report.branches)
+        assert [b.rate for b in report.branches] == torch.linspace(0, RATE, len(expected)).tolist()
+        assert report.max_abs_diff == 0.0
+        assert torch.equal(before, eval_outputs(model, inputs))
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        # the hooks run: in training a sample of a wrapped block's branch is dropped now and then
+        model.train()
+        with torch.no_grad():
+            outputs = {tuple(model(*inputs).flatten()[:4].tolist()) for _ in range(8)}
+        model.eval()
+        assert len(outputs) > 1
+        model.load_state_dict(state)  # the training forwards moved the BatchNorm statistics
+    finally:
+        pathsurgeon.strip(model)
+    assert pathsurgeon_leftovers(model) == []
+    assert torch.equal(before, eval_outputs(model, inputs))
+
+
 # --- open_clip: a timm trunk at visual.trunk, its own text transformer -------------------------------
 
 
@@ -240,6 +283,127 @@ def test_clip_towers_each_get_their_own_schedule(hf_clip):
         assert "2 parts" in report.summary() and "vision_model" in report.summary()
     finally:
         pathsurgeon.strip(hf_clip)
+
+
+# --- parts left alone by default, brought in by include= with their own schedule ----------------------
+
+
+def _outputs_equal(a, b) -> bool:
+    tensors = [(x, y) for x, y in zip(a.values(), b.values(), strict=True) if isinstance(x, torch.Tensor)]
+    return bool(tensors) and all(torch.equal(x, y) for x, y in tensors)
+
+
+@pytest.fixture(scope="module")
+def hf_sam():
+    torch.manual_seed(0)
+    config = transformers.SamConfig(
+        vision_config={"hidden_size": 32, "output_channels": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "mlp_dim": 64, "image_size": 64, "patch_size": 16, "window_size": 2,
+                       "global_attn_indexes": [1], "num_pos_feats": 8},
+        prompt_encoder_config={"hidden_size": 16, "image_size": 64, "patch_size": 16, "mask_input_channels": 4,
+                               "image_embedding_size": 4},
+        mask_decoder_config={"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_dim": 32,
+                             "iou_head_hidden_dim": 16},
+    )
+    model = quiet(lambda: transformers.SamModel(config)).eval()
+    inputs = {"pixel_values": torch.randn(2, 3, 64, 64), "input_points": torch.rand(2, 1, 1, 2) * 64}
+    return model, inputs
+
+
+def _sam_decoder_residuals(model) -> dict[str, str]:
+    """{hooked module: block} of the residual adds SamTwoWayTransformer's own code makes: per layer
+    ``queries + self_attn`` (not in a layer built with ``skip_first_layer_pe``), ``queries +
+    cross_attn_token_to_image``, ``queries + mlp``, ``keys + cross_attn_image_to_token``; then
+    ``queries + final_attn_token_to_image``. (Its ``queries + query_point_embedding`` adds are no residuals.)"""
+    transformer = model.mask_decoder.transformer
+    expected = {}
+    for index, layer in enumerate(transformer.layers):
+        block = f"mask_decoder.transformer.layers.{index}"
+        names = ([] if layer.skip_first_layer_pe else ["self_attn"]) + [
+            "cross_attn_token_to_image", "mlp", "cross_attn_image_to_token"]
+        expected.update({f"{block}.{name}": block for name in names})
+    expected["mask_decoder.transformer.final_attn_token_to_image"] = "mask_decoder.transformer"
+    return expected
+
+
+def test_sam_mask_decoder_is_left_alone_by_default_and_include_brings_it_in_on_its_own_schedule(hf_sam):
+    model, inputs = hf_sam
+    before = eval_outputs(model, inputs)
+    default = pathsurgeon.add(model, RATE, example_inputs=inputs)
+    pathsurgeon.strip(model)
+    assert {b.part for b in default.branches} == {"vision_encoder"}
+    decoder = [k for k in default.left_alone if k.block.startswith("mask_decoder.")]
+    assert {k.block for k in decoder} == set(_sam_decoder_residuals(model).values())
+    assert all("include=['mask_decoder.*'] brings it in" in k.reason for k in decoder)
+    assert ("mask_decoder", "region", "left alone") in [(p.path, p.source, p.rates_from) for p in default.parts]
+    assert "left alone (no library drop path; include= brings them in): mask_decoder" in default.summary()
+
+    config = pathsurgeon.DropPathConfig(RATE, include=["vision_encoder.*", "mask_decoder.*"])
+    report = pathsurgeon.add(model, config, example_inputs=inputs)
+    try:
+        # the vision encoder's branches and rates do not move when the decoder comes in
+        vision = [(b.target, b.rate) for b in report.branches if b.part == "vision_encoder"]
+        assert vision == [(b.target, b.rate) for b in default.branches]
+        # the decoder: exactly its residual branches, linear over its own blocks from 0 at index 0,
+        # not continuing the vision encoder's schedule (which ends at the rate)
+        decoder = [b for b in report.branches if b.part == "mask_decoder"]
+        assert {b.target: b.block for b in decoder} == _sam_decoder_residuals(model)
+        blocks = list(dict.fromkeys(b.block for b in decoder))
+        ramp = dict(zip(blocks, torch.linspace(0, RATE, len(blocks)).tolist(), strict=True))
+        assert all(b.rate == ramp[b.block] for b in decoder)
+        assert decoder[0].index == 0 and decoder[0].rate == 0.0 and vision[-1][1] == pytest.approx(RATE)
+        assert ("mask_decoder", "linear over found units") in [(p["path"], p["rates_from"])
+                                                               for p in report.to_dict()["parts"]]
+        assert report.max_abs_diff == 0.0
+        # the two-way layers' positional-embedding adds look like residual adds; never hooked (a hook
+        # on layer_norm1 would drop the whole token stream)
+        assert not any(b.target.endswith(("layer_norm1", "layer_norm3")) for b in report.branches)
+    finally:
+        pathsurgeon.strip(model)
+    assert pathsurgeon_leftovers(model) == []
+    assert _outputs_equal(before, eval_outputs(model, inputs))
+
+
+def test_detr_encoder_is_left_alone_by_default_and_include_brings_it_in_on_its_own_schedule():
+    torch.manual_seed(0)
+    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1],
+                                         layer_type="basic", out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = transformers.DetrConfig(
+        use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=16,
+        encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5, num_labels=3,
+    )
+    model = quiet(lambda: transformers.DetrForObjectDetection(config)).eval()
+    inputs = {"pixel_values": torch.randn(2, 3, 64, 64)}
+    before = eval_outputs(model, inputs)
+    default = pathsurgeon.add(model, RATE, example_inputs=inputs)
+    pathsurgeon.strip(model)
+    assert {b.part for b in default.branches} == {"model.backbone.model"}
+    encoder = [k for k in default.left_alone if k.block.startswith("model.encoder.")]
+    assert {f"model.encoder.layers.{i}" for i in range(config.encoder_layers)} <= {k.block for k in encoder}
+    assert all("include=['model.encoder.*'] brings it in" in k.reason for k in encoder)
+    regions = [(p.path, p.rates_from) for p in default.parts if p.source == "region"]
+    assert regions == [("model.encoder", "left alone"), ("model.decoder", "left alone")]
+
+    report = pathsurgeon.add(model, pathsurgeon.DropPathConfig(RATE, include=["model.backbone.*", "model.encoder.*"]),
+                             example_inputs=inputs)
+    try:
+        backbone_branches = [(b.target, b.rate) for b in report.branches if b.part == "model.backbone.model"]
+        assert backbone_branches == [(b.target, b.rate) for b in default.branches]
+        # one schedule per part: the encoder's layers from 0 to the rate over its own layers, not
+        # chained from the backbone (whose last block is at the rate); the decoder stays left alone
+        encoder = [b for b in report.branches if b.part == "model.encoder"]
+        ramp = torch.linspace(0, RATE, config.encoder_layers).tolist()
+        assert {b.block: b.rate for b in encoder} == {f"model.encoder.layers.{i}": r for i, r in enumerate(ramp)}
+        assert {b.block: b.index for b in encoder} == {f"model.encoder.layers.{i}": i
+                                                      for i in range(config.encoder_layers)}
+        assert not any(b.part == "model.decoder" for b in report.branches)
+        assert any("include=['model.decoder.*']" in k.reason for k in report.left_alone)
+        assert report.max_abs_diff == 0.0
+    finally:
+        pathsurgeon.strip(model)
+    assert pathsurgeon_leftovers(model) == []
+    assert _outputs_equal(before, eval_outputs(model, inputs))
 
 
 # --- a model that is itself a library model: as before ----------------------------------------------

@@ -153,3 +153,51 @@ class ScaledSlot(nn.Module):
 def test_slot_found_behind_scaling():
     [add] = residual_adds(ScaledSlot(), slots={"drop_path"})
     assert add.slot == "drop_path"
+
+
+class StreamAddedTo(nn.Module):
+    """HF SAM's two-way layer in small: the norm's output is the token stream, and one add adds it to a
+    tensor it was computed from (``queries + query_point_embedding``), which looks like a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.mlp = nn.Linear(8, 8)
+
+    def forward(self, x):
+        stream = self.norm(x + self.proj(x))
+        query = stream + x
+        return stream + self.mlp(query)
+
+
+class ChannelSplit(nn.Module):
+    """smp DPN's block in small: one conv output, a channel slice added to the input, the rest concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 1)
+
+    def forward(self, x):
+        out = self.conv(x)
+        return torch.cat([x + out[:, :4], out[:, 4:]], dim=1)
+
+
+def _selection(module: nn.Module):
+    from pathsurgeon.finder import select
+
+    view = GraphView.from_graph_module(fx.symbolic_trace(module))
+    return select(view, find_residual_adds(view))
+
+
+def test_a_module_whose_output_is_used_off_the_branch_is_not_hooked():
+    selection = _selection(StreamAddedTo())
+    assert [a.producer for a in selection.chosen] == ["proj", "mlp"]
+    assert [(k.block, k.reason) for k in selection.left_alone] == [
+        ("", "norm output is also used off the residual branch")
+    ]
+
+
+def test_a_channel_slice_taken_elsewhere_still_lets_the_branch_be_hooked():
+    [add] = _selection(ChannelSplit()).chosen
+    assert add.producer == "conv"

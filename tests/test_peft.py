@@ -85,3 +85,25 @@ def test_strip_of_a_tree_without_its_record_puts_back_what_the_slot_held():
     assert isinstance(merged.blocks[0].drop_path1, pathsurgeon.DropPath)
     pathsurgeon.strip(merged)
     assert merged.blocks[0].drop_path1 is original
+
+
+def test_set_rate_on_a_merged_tree_says_where_the_record_is_and_the_peft_model_still_re_rates_it():
+    x = torch.randn(2, 3, 32, 32)
+    model = _lora(_vit())
+    pathsurgeon.add(model, 0.2, example_inputs=x)
+    merged = model.merge_and_unload()
+
+    def rates():
+        return {n: m.rate for n, m in merged.named_modules() if isinstance(m, pathsurgeon.DropPath)}
+
+    before = rates()
+    assert before and max(before.values()) > 0
+    # the record stayed on the PeftModel: no silent no-op and no "call add first" (add would refuse)
+    with pytest.raises(pathsurgeon.PathSurgeonError, match="call set_rate on the model add was given"):
+        pathsurgeon.set_rate(merged, 0.1)
+    assert rates() == before
+    branches = pathsurgeon.set_rate(model, 0.1)
+    assert rates() == {b.target.removeprefix("base_model.model."): b.rate for b in branches}
+    assert rates() != before
+    pathsurgeon.strip(merged)
+    assert pathsurgeon_leftovers(merged) == []
