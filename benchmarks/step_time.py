@@ -216,6 +216,9 @@ def measure(models, images, labels, rounds: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {k: [] for k in models}
     for round_index in range(rounds + 2):
         for key, model in models.items():
+            # every variant of a round starts from one seed: block-wise and mode 'batch' draw one number per
+            # block in forward order, so they drop the same blocks (a paired comparison, not draw luck)
+            torch.manual_seed(round_index)
             elapsed = timed_step(model, optimizers[key], images, labels)
             if round_index >= 2:  # two warm-up rounds (and, compiled, the compilation) not counted
                 times[key].append(elapsed)

@@ -350,7 +350,9 @@ class DropPath(nn.Module):
             full[self.batch_axis] = rows.batch
             if rows.uncounted:
                 _take_back_batch_count(rows.uncounted)
-            return x.new_zeros(full).index_copy(self.batch_axis, rows.index, x * rows.scale)
+            # in place on fresh zeros: no copy of the full-size tensor; an empty index (no row kept) still
+            # connects the branch to the graph, so its parameters get zero gradients, as in mode 'sample'
+            return x.new_zeros(full).index_copy_(self.batch_axis, rows.index, x * rows.scale)
         if self.forced_keep is not None:
             keep = self.forced_keep.to(device=x.device, dtype=x.dtype)
             return x * keep.view(mask_shape(x, self.batch_axis)) * self.scale()

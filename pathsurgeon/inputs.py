@@ -36,13 +36,17 @@ class ExampleInputs:
 
     def first_samples(self, count: int) -> ExampleInputs:
         """The same inputs cut to their first ``count`` samples (every tensor with the batch's length)."""
+        return self.samples(0, count)
+
+    def samples(self, start: int, stop: int) -> ExampleInputs:
+        """The same inputs cut to samples ``start:stop`` (every tensor with the batch's length)."""
         batch = self.batch_size
-        if batch is None or batch <= count:
+        if batch is None or (start == 0 and batch <= stop):
             return self
 
         def cut(value: Any) -> Any:
             if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
-                return value[:count]
+                return value[start:stop]
             return value
 
         return ExampleInputs(tuple(cut(v) for v in self.args), {k: cut(v) for k, v in self.kwargs.items()})

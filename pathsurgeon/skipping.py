@@ -28,13 +28,14 @@ from .droppath import DropPath, KeptRows
 from .errors import ScriptingError
 from .finder import ResidualAdd, branch_entries
 from .runstate import private_rng, training_flags_kept
-from .verify import max_abs_diff, tensor_leaves
+from .verify import eval_outputs, max_abs_diff, observe, tensor_leaves
 
 if TYPE_CHECKING:  # pragma: no cover
     from .graph import GraphView
+    from .inputs import ExampleInputs
     from .report import Branch
 
-__all__ = ["Gather", "assign_entries", "check_gathers", "draw_rows"]
+__all__ = ["Gather", "assign_entries", "check_gathers", "check_whole_model", "draw_rows"]
 
 
 # --- at training time ---------------------------------------------------------------------------------
@@ -202,21 +203,108 @@ class GatheredChange(Protocol):
 _CHECK_TOLERANCE = 1e-5
 
 
-def check_gathers(
-    model: nn.Module, changes: list[GatheredChange], block_inputs: dict[str, tuple[tuple, dict]], batch: int | None
-) -> dict[GatheredChange, str]:
-    """Run each gathered branch's block with fixed masks, on kept rows and in full; return the failures.
+def check_whole_model(model: nn.Module, changes: list[GatheredChange], inputs: ExampleInputs) -> bool:
+    """Every gathered branch at once, on whole-model eval forwards: the cheap first try of the check.
 
-    In eval mode (no dropout, no BatchNorm updates) with the drop forced on: first some samples kept,
-    then none. Both runs of a block get the inputs it received in the example forward
-    (``block_inputs``: block name → ``(args, kwargs)``) and the same RNG state. The branches of one
-    block are checked together first (each keeps other samples, as independent draws would); only a
-    block where that fails is checked branch by branch, to name the branch.
+    With the drop forced on, sample 0 keeping every branch and the other samples none, the model on
+    kept rows must give what it gives in full (each branch computed on the whole batch, then masked:
+    a branch that mixes samples shows at sample 0); with no sample kept (each branch on an empty
+    batch), the samples after the first must give what they give in full. Three forwards, about three
+    samples' worth, where checking block by block re-runs each block four times. False on any error,
+    difference, or outputs whose batch axis is not plain: the caller then checks block by block
+    (:func:`check_gathers`), which names the branches that must compute every sample. Every change is
+    back as it was, with ``empty_ok`` set where this passed.
+    """
+    batch = inputs.batch_size
+    if not changes or batch is None or batch < 2:
+        return False
+    first = torch.zeros(batch)
+    first[0] = 1.0
+    saved = [(c.drop.mode, c.drop.empty_ok) for c in changes]
+    passed = False
+    try:
+        for change in changes:
+            change.drop.forced_keep = first
+            change.remove_gathers()
+            change.drop.mode = "sample"
+        full = eval_outputs(model, inputs)  # the model's own code on every row, each branch masked
+        for change, (mode, _) in zip(changes, saved, strict=True):
+            change.install_gathers()
+            change.drop.mode = mode
+        kept = eval_outputs(model, inputs)
+        for change in changes:
+            change.drop.forced_keep = torch.zeros(batch - 1)
+            change.drop.empty_ok = True
+        none_kept = eval_outputs(model, inputs.samples(1, batch))
+        axes = _batch_axes(full, none_kept)
+        passed = (
+            axes is not None
+            and max_abs_diff(full, kept) <= _tolerance(full)
+            and max_abs_diff([t.narrow(a, 1, batch - 1) for t, a in zip(full, axes, strict=True)], none_kept)
+            <= _tolerance(full)
+        )
+    except Exception:  # noqa: BLE001 - checked block by block, which says why
+        passed = False
+    finally:
+        for change, (mode, empty_ok) in zip(changes, saved, strict=True):
+            change.drop.forced_keep = None
+            change.drop.kept_rows = None
+            change.drop.mode = mode
+            change.drop.empty_ok = True if passed else empty_ok
+            change.install_gathers()
+    return passed
+
+
+def _batch_axes(outputs: list[torch.Tensor], fewer: list[torch.Tensor]) -> list[int] | None:
+    """Per output, the one axis where the batch's outputs and those of all but its first sample differ
+    in length (by one), or None if any output has not exactly one such axis."""
+    if len(outputs) != len(fewer):
+        return None
+    axes = []
+    for whole, part in zip(outputs, fewer, strict=True):
+        if whole.dim() != part.dim():
+            return None
+        differ = [i for i, (a, b) in enumerate(zip(whole.shape, part.shape, strict=True)) if a != b]
+        if len(differ) != 1 or whole.shape[differ[0]] != part.shape[differ[0]] + 1:
+            return None
+        axes.append(differ[0])
+    return axes
+
+
+def _tolerance(outputs: list[torch.Tensor]) -> float:
+    scale = max((float(t.abs().max()) for t in outputs if t.numel() and t.is_floating_point()), default=1.0)
+    return _CHECK_TOLERANCE * (1.0 + scale)
+
+
+def check_gathers(
+    model: nn.Module,
+    changes: list[GatheredChange],
+    inputs: ExampleInputs,
+    block_inputs: dict[str, tuple[tuple, dict]] | None = None,
+) -> dict[GatheredChange, str]:
+    """Check that the gathered branches compute on kept rows what they compute in full; the failures.
+
+    First all at once on the whole model (:func:`check_whole_model`). Where that fails, each block on
+    its own, run with fixed masks, on kept rows and in full, in eval mode (no dropout, no BatchNorm
+    updates) with the drop forced on: first some samples kept, then none. Both runs of a block get the
+    inputs it receives in an eval forward of ``inputs`` (``block_inputs``: block name → ``(args,
+    kwargs)``, recorded here if not given) and the same RNG state. The branches of one block are
+    checked together first (each keeps other samples, as independent draws would); only a block where
+    that fails is checked branch by branch, to name the branch. Branches with BatchNorms are then
+    checked in training (:func:`_check_norms_left_alone`).
     """
     if not changes:
         return {}
+    batch = inputs.batch_size
     if batch is None or batch < 2:
         return {c: "the check needs example inputs with a batch of at least 2" for c in changes}
+    compared = check_whole_model(model, changes, inputs)
+    if compared:  # only the BatchNorm checks are left
+        changes = [c for c in changes if getattr(c, "norms", ())]
+        if not changes:
+            return {}
+    if block_inputs is None:  # an eval forward: the surgered model computes there what the untouched one did
+        block_inputs = observe(model, inputs, inputs_of={c.block for c in changes}).block_inputs
     blocks: dict[str, list[GatheredChange]] = {}
     for change in changes:
         blocks.setdefault(change.block, []).append(change)
@@ -228,7 +316,7 @@ def check_gathers(
                 continue
             block = model.get_submodule(name)
             args, kwargs = block_inputs[name]
-            if not (len(group) > 1 and _together(model, block, group, args, kwargs, batch)):
+            if not compared and not (len(group) > 1 and _together(model, block, group, args, kwargs, batch)):
                 for change in group:
                     reason = _alone(model, block, change, args, kwargs, batch)
                     if reason is not None:
@@ -349,8 +437,7 @@ def _compare_kept(
             change.drop.mode = mode
             change.install_gathers()
             change.drop.kept_rows = None
-    scale = max((float(t.abs().max()) for t in full if t.numel() and t.is_floating_point()), default=1.0)
-    if max_abs_diff(full, kept) <= _CHECK_TOLERANCE * (1.0 + scale):
+    if max_abs_diff(full, kept) <= _tolerance(full):
         return None
     kind = "some samples" if any(bool(keep.any()) for keep in keeps) else "no sample"
     return f"computing kept samples only changes the block's output ({kind} kept)"

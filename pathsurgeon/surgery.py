@@ -149,7 +149,9 @@ def add(
             reasons = dict(planned.reasons)  # target -> why that branch computes every sample
             gathered = [c for c in record.changes if c.gathers]
             if gathered:
-                failed = check_gathers(model, gathered, observation.block_inputs, observation.batch)
+                seen = observation is not None and observation.batch == inputs.batch_size
+                blocks = observation.block_inputs if seen else None
+                failed = check_gathers(model, gathered, inputs, blocks or None)
                 for change, reason in failed.items():
                     change.remove_gathers()
                     change.gathers = []
@@ -334,18 +336,19 @@ def _observe(
 ) -> _Observed | None:
     """The one eval forward of the untouched model, where anything needs it (else None).
 
-    Needed for the eval check (the reference outputs), for hooked branches (their batch axis) and for
-    modes 'skip' and 'batch' (the block inputs their check re-runs). Made-up inputs are cut to one
-    sample when only the check needs them: every op in eval mode treats samples alike, and the
-    surgery's modules are the identity there, so one sample shows any change the full batch would.
+    Needed for the eval check (the reference outputs) and for hooked branches (their batch axis).
+    Made-up inputs are cut to one sample when only the eval check needs them: every op in eval mode
+    treats samples alike, and the surgery's modules are the identity there, so one sample shows any
+    change the full batch would. Where the forward sees the whole batch anyway, it also records the
+    block inputs a block-by-block skip check would re-run (else that check records them itself).
     """
     hooks = {a.producer for a in selection.chosen if a.slot is None}
     skipping = config.mode != "sample"
-    if inputs is None or (config.tolerance is None and not hooks and not skipping):
+    if inputs is None or (config.tolerance is None and not hooks):
         return None
-    if not (hooks or skipping or given_inputs):
+    if not (hooks or given_inputs):
         inputs = inputs.first_samples(1)
-    blocks = selection.blocks if skipping else ()
+    blocks = selection.blocks if skipping and (inputs.batch_size or 0) >= 2 else ()  # else the check records them
     observed = observe(model, inputs, shapes_of=hooks, inputs_of=blocks)
     return _Observed(observed.outputs, observed.output_shapes, observed.block_inputs, observed.batch, inputs)
 

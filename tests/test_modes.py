@@ -8,6 +8,7 @@ same numbers as timm's DropPath when the branch itself draws none), and torchvis
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import timm
@@ -155,6 +156,24 @@ def test_cross_sample_branch_is_detected_by_the_check():
     assert set(by_target) == {"0.drop_path1", "1.drop_path1"}
     assert all("changes the block's output" in reason for reason in by_target.values())
     assert {b.target: b.mode for b in report.branches}["0.drop_path2"] == "skip"
+
+
+def test_skip_check_runs_each_block_five_times_when_every_branch_agrees():
+    """Issue 20, item 4: the skip check runs on the whole model (three forwards: in full, on kept rows,
+    with none kept) and only falls back to re-running blocks one by one where that fails; with the
+    eval check's two forwards (untouched and surgered, on one made-up sample), five calls per block."""
+    _, model, _ = _pair("vit", 0.0)
+    calls = dict.fromkeys(range(len(model.blocks)), 0)
+
+    def count(index, module, args):
+        if type(args[0]) is torch.Tensor:  # real forwards, not the capture's fake tensors
+            calls[index] += 1
+
+    for index, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(functools.partial(count, index))
+    report = pathsurgeon.add(model, RATE, mode="skip")  # made-up inputs: a batch of 2
+    assert not report.fallbacks and all(b.mode == "skip" for b in report.branches)
+    assert set(calls.values()) == {5}
 
 
 def test_eval_is_identity_and_strip_restores_the_model_in_every_mode():
