@@ -18,6 +18,7 @@ A row *agrees* when every part does, bitwise. Rows are JSON lines in
 ``benchmarks/coverage_results/composites.jsonl``; ``--write-doc`` writes docs/coverage-composites.md.
 
     nice -n 10 .venv/bin/python benchmarks/coverage_composites.py --budget 900 --row-timeout 60
+    .venv/bin/python benchmarks/coverage_composites.py --source smp --only "dpn*" --redo error   # a re-check
     .venv/bin/python benchmarks/coverage_composites.py --write-doc
 """
 
@@ -27,6 +28,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import fnmatch
 import itertools
 import json
 import platform
@@ -268,7 +270,18 @@ def done_rows() -> set[tuple[str, str]]:
     return {(r["source"], r["name"]) for r in map(json.loads, RESULTS.read_text().splitlines()) if r}
 
 
-def run(sources: list[str], budget: float, row_timeout: int, limit: int | None = None) -> None:
+def forget(only: str, statuses: set[str]) -> None:
+    """Remove the rows of the models ``only`` matches whose status is in ``statuses`` (they run again)."""
+    if not RESULTS.exists():
+        return
+    kept = [line for line in RESULTS.read_text().splitlines()
+            if line and not (fnmatch.fnmatch(json.loads(line)["name"], only) and json.loads(line)["status"] in statuses)]
+    staging = RESULTS.with_name(f".{RESULTS.name}.staging")
+    staging.write_text("".join(line + "\n" for line in kept))
+    staging.replace(RESULTS)
+
+
+def run(sources: list[str], budget: float, row_timeout: int, limit: int | None = None, only: str | None = None) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     done = done_rows()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -283,7 +296,7 @@ def run(sources: list[str], budget: float, row_timeout: int, limit: int | None =
     queues = [[(source, name) for name in names_of(source)[:limit]] for source in sources]
     order = [item for group in itertools.zip_longest(*queues) for item in group if item is not None]
     for source, name in order:
-        if (source, name) in done:
+        if (source, name) in done or (only and not fnmatch.fnmatch(name, only)):
             continue
         if time.monotonic() - start > budget:
             print(f"budget of {budget:.0f} s spent; rerun to continue", flush=True)
@@ -368,6 +381,8 @@ def main() -> None:
     parser.add_argument("--row-timeout", type=int, default=120, help="seconds per model (default 120)")
     parser.add_argument("--limit", type=int, help="only the first N models of each source (a trial run)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON lines file (default: %(default)s)")
+    parser.add_argument("--only", help="glob over model names: run only those")
+    parser.add_argument("--redo", default="", help="comma-separated statuses of --only's rows to run again (error)")
     parser.add_argument("--write-doc", metavar="COMMAND", nargs="?", const="",
                         help="write docs/coverage-composites.md from the results; COMMAND: how they were run")
     arguments = parser.parse_args()
@@ -376,7 +391,10 @@ def main() -> None:
         write_doc(arguments.write_doc or "see the docstring")
         return
     with contextlib.suppress(KeyboardInterrupt):
-        run(arguments.source or list(SOURCES), arguments.budget, arguments.row_timeout, arguments.limit)
+        if arguments.only and arguments.redo:
+            forget(arguments.only, set(arguments.redo.split(",")))
+        run(arguments.source or list(SOURCES), arguments.budget, arguments.row_timeout, arguments.limit,
+            arguments.only)
 
 
 if __name__ == "__main__":

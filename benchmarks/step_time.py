@@ -1,7 +1,10 @@
 """Training-step time and memory of every pathsurgeon mode next to the methods it is measured against.
 
 Not a test. Every variant of one model shares the same weights and is stepped in the same process,
-interleaved (A B C ..., A B C ..., ...) so that drift in machine load hits all variants alike.
+interleaved (A B C ..., A B C ..., ...) so that drift in machine load hits all variants alike. Every
+variant of a round starts from the same seed: the block-wise method and mode ``batch`` draw one number
+per block in forward order, so they drop the same blocks in the same round (a paired comparison; with
+independent draws, which blocks a few rounds happen to drop moves a ratio by several percent).
 
 For a timm model (``--models vit_tiny_patch16_224 convnext_atto``):
 
