@@ -386,8 +386,11 @@ def test_unsupported_opset_is_refused_before_exporting(tmp_path, capsys, opset, 
 # Runs the CLI with the checkpoint writer blocked half-way, so that a signal arrives while the staging
 # directory holds part of the checkpoint.
 HARNESS = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
+# Ctrl-C as in a terminal: a run started in the background by a non-interactive shell (pytest under
+# `cmd &`) inherits SIGINT ignored, and the CLI rightly keeps that disposition
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import safetensors.torch
 real = safetensors.torch.save_file
 def slow_save(state, path, metadata=None):
@@ -628,12 +631,15 @@ def test_config_values_the_weights_do_not_fit_are_refused_before_building(hf_dir
     assert_refused(code, err, words)
 
 
-def test_a_second_interrupt_during_rollback_does_not_stop_it(monkeypatch):
+def test_a_second_interrupt_during_rollback_does_not_stop_it(monkeypatch, request):
     from pathsurgeon import changes, surgery
 
     model = timm.create_model(MODEL).eval()
     before = [(n, type(m)) for n, m in model.named_modules()]
     real, calls = changes.Change.undo, {"n": 0}
+    # Ctrl-C as in a terminal, even where the suite was started in the background with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
 
     def undo_interrupted(change):
         calls["n"] += 1
