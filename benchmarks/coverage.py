@@ -758,7 +758,8 @@ def _training_difference(native, model, x, not_residual, problems: list, at: str
                         f"only {power:.1e} on livened weights")
     elif not worst <= 1e-6:
         problems.append(f"train-mode outputs differ{at} by {worst:.2e} under one seed")
-    return f"{worst:.1e} (seed: {power:.1e})" if seeds == len(SEEDS) else f"{worst:.1e} (seed: {power:.1e}, {seeds} seeds)"
+    more = "" if seeds == len(SEEDS) else f", {seeds} seeds"
+    return f"{worst:.1e} (seed: {power:.1e}{more})"
 
 
 def _largest_difference(reference, got) -> float:

@@ -274,10 +274,10 @@ def forget(only: str, statuses: set[str]) -> None:
     """Remove the rows of the models ``only`` matches whose status is in ``statuses`` (they run again)."""
     if not RESULTS.exists():
         return
-    kept = [line for line in RESULTS.read_text().splitlines()
-            if line and not (fnmatch.fnmatch(json.loads(line)["name"], only) and json.loads(line)["status"] in statuses)]
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line]
+    kept = [r for r in rows if not (fnmatch.fnmatch(r["name"], only) and r["status"] in statuses)]
     staging = RESULTS.with_name(f".{RESULTS.name}.staging")
-    staging.write_text("".join(line + "\n" for line in kept))
+    staging.write_text("".join(json.dumps(r) + "\n" for r in kept))
     staging.replace(RESULTS)
 
 

@@ -9,13 +9,12 @@ these (the image batch is then made as for any model).
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
-from .inputs import EXAMPLE_BATCH, ExampleInputs
+from .inputs import EXAMPLE_BATCH, ExampleInputs, forward_parameters, placement
 
 __all__ = ["composite_inputs"]
 
@@ -32,20 +31,6 @@ def composite_inputs(model: nn.Module) -> ExampleInputs | None:
     return None
 
 
-def _parameters(model: nn.Module) -> set[str]:
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    reference = next(iter(model.parameters()), None)
-    device = reference.device if reference is not None else torch.device("cpu")
-    dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
-    return device, dtype
-
-
 def _size(value: Any) -> tuple[int, int] | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return (value, value)
@@ -55,18 +40,18 @@ def _size(value: Any) -> tuple[int, int] | None:
 
 
 def _images(model: nn.Module, channels: int, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    device, dtype = _placement(model)
+    device, dtype = placement(model)
     return torch.randn((EXAMPLE_BATCH, channels, *size), generator=generator).to(device=device, dtype=dtype)
 
 
 def _tokens(model: nn.Module, vocabulary: int, length: int, generator: torch.Generator) -> torch.Tensor:
-    device, _ = _placement(model)
+    device, _ = placement(model)
     return torch.randint(0, vocabulary, (EXAMPLE_BATCH, length), generator=generator).to(device)
 
 
 def _open_clip_inputs(model: nn.Module) -> ExampleInputs | None:
     """open_clip ``CLIP`` / ``CustomTextCLIP``: ``forward(image, text)``, sizes kept on the model."""
-    if not type(model).__module__.startswith("open_clip.") or not {"image", "text"} <= _parameters(model):
+    if not type(model).__module__.startswith("open_clip.") or not {"image", "text"} <= forward_parameters(model):
         return None
     visual = getattr(model, "visual", None)
     size = _size(getattr(visual, "image_size", None))
@@ -81,7 +66,7 @@ def _open_clip_inputs(model: nn.Module) -> ExampleInputs | None:
 def _hf_image_text_inputs(model: nn.Module) -> ExampleInputs | None:
     """Hugging Face two-tower models (CLIP, SigLIP, ...): ``pixel_values`` and ``input_ids`` from the
     ``vision_config`` and ``text_config``."""
-    if not {"pixel_values", "input_ids"} <= _parameters(model):
+    if not {"pixel_values", "input_ids"} <= forward_parameters(model):
         return None
     config = getattr(model, "config", None)
     vision, text = getattr(config, "vision_config", None), getattr(config, "text_config", None)
@@ -101,7 +86,7 @@ def _hf_image_text_inputs(model: nn.Module) -> ExampleInputs | None:
 def _hf_prompted_inputs(model: nn.Module) -> ExampleInputs | None:
     """Hugging Face SAM-style models: the image and one point prompt per image, so that the prompt
     encoder and mask decoder run as they do in use (without a prompt SAM takes another path)."""
-    if not {"pixel_values", "input_points", "input_labels"} <= _parameters(model):
+    if not {"pixel_values", "input_points", "input_labels"} <= forward_parameters(model):
         return None
     config = getattr(model, "config", None)
     vision = getattr(config, "vision_config", None) or config
@@ -110,7 +95,7 @@ def _hf_prompted_inputs(model: nn.Module) -> ExampleInputs | None:
     if size is None or not isinstance(channels, int):
         return None
     generator = torch.Generator().manual_seed(_SEED)
-    device, dtype = _placement(model)
+    device, dtype = placement(model)
     points = torch.rand((EXAMPLE_BATCH, 1, 1, 2), generator=generator) * torch.tensor(size[::-1], dtype=torch.float32)
     return ExampleInputs((), {
         "pixel_values": _images(model, channels, size, generator),

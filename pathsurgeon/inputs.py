@@ -81,9 +81,7 @@ def example_inputs(model: nn.Module, given: object = None) -> ExampleInputs:
             "channel count in its config, no convolution to read channels from); "
             "pass example_inputs=torch.randn(2, C, H, W) or a dict of keyword arguments"
         )
-    reference = next(iter(model.parameters()), None)
-    device = reference.device if reference is not None else torch.device("cpu")
-    dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
+    device, dtype = placement(model)
     generator = torch.Generator().manual_seed(_SEED)
     batch = torch.randn((EXAMPLE_BATCH, *shape), generator=generator).to(device=device, dtype=dtype)
     if keyword is None:
@@ -127,7 +125,7 @@ def _input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, str | None]:
     embedding keeps (torchvision ViT); else 224 × 224 with the channel count of the first convolution or
     the config (3 when only a size is known).
     """
-    keyword = _FACTS["hf_pixel_keyword"] if _FACTS["hf_pixel_keyword"] in _forward_parameters(model) else None
+    keyword = _FACTS["hf_pixel_keyword"] if _FACTS["hf_pixel_keyword"] in forward_parameters(model) else None
     timm_shape = _timm_input_shape(model)
     if timm_shape is not None:
         return timm_shape, keyword
@@ -182,7 +180,15 @@ def _first_convolution_channels(model: nn.Module) -> int | None:
     return None
 
 
-def _forward_parameters(model: nn.Module) -> set[str]:
+def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where made-up inputs go: the device of the model's parameters, their dtype if floating point."""
+    reference = next(iter(model.parameters()), None)
+    device = reference.device if reference is not None else torch.device("cpu")
+    dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
+    return device, dtype
+
+
+def forward_parameters(model: nn.Module) -> set[str]:
     try:
         return set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
@@ -194,7 +200,7 @@ TOKENS = 64  # enough positions to run every layer; far fewer than a whole image
 
 def _token_inputs(model: nn.Module) -> ExampleInputs | None:
     """Models that read an image as token ids (HF ImageGPT: colour-cluster ids): random ids."""
-    parameters = _forward_parameters(model)
+    parameters = forward_parameters(model)
     config = getattr(model, "config", None)
     vocabulary = getattr(config, "vocab_size", None)
     if "pixel_values" in parameters or "input_ids" not in parameters or not isinstance(vocabulary, int):
@@ -211,7 +217,7 @@ def _token_inputs(model: nn.Module) -> ExampleInputs | None:
 
 def _patch_inputs(model: nn.Module) -> ExampleInputs | None:
     """Models that take images already cut into patches, with their grid (HF SigLIP2's NaFlex)."""
-    if "spatial_shapes" not in _forward_parameters(model):
+    if "spatial_shapes" not in forward_parameters(model):
         return None
     config = getattr(model, "config", None)
     vision = getattr(config, "vision_config", None) or config
@@ -219,9 +225,7 @@ def _patch_inputs(model: nn.Module) -> ExampleInputs | None:
     if not all(isinstance(v, int) for v in (patches, patch, channels)):
         return None
     side = math.isqrt(patches)
-    reference = next(iter(model.parameters()), None)
-    device = reference.device if reference is not None else torch.device("cpu")
-    dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
+    device, dtype = placement(model)
     generator = torch.Generator().manual_seed(_SEED)
     pixels = torch.randn((EXAMPLE_BATCH, side * side, channels * patch * patch), generator=generator)
     return ExampleInputs((), {
