@@ -42,6 +42,28 @@ from collections import Counter
 from pathlib import Path
 
 RATE = 0.2
+PLACEMENT_BY_DESIGN = "placement differs by design"
+STATUSES = ("agrees", "not residual", PLACEMENT_BY_DESIGN, "differs", "no branches", "needs example_inputs",
+            "cannot build", "error", "timeout")
+STATUS_NOTES = (
+    "- **agrees**: every part has exactly its library's rates, bitwise, on the same sites (a part whose "
+    "library has no drop path: linear over its own depth, from 0).",
+    "- **not residual**: as *agrees* on the residual branches; the part's library also drops sites that "
+    "are not residual branches (a strided block's whole output, concatenated features), which "
+    "pathsurgeon leaves alone, as in the main sweep.",
+    "- **placement differs by design**: timm ResNeSt drops the block input on its way into the "
+    "downsampling shortcut; pathsurgeon hooks the residual branches instead (README, Known limits).",
+    "- **needs example_inputs**: the model does not run on the inputs pathsurgeon makes up from its config "
+    "(text or task inputs it cannot guess, a size its heads reject); `add` says so with an "
+    "`ExampleInputsError` and leaves the model as it was.",
+    "- **cannot build**: the composite's own library fails to build it (smp: mostly \"Unsupported model "
+    "downsampling pattern\", a `tu-` encoder with no feature pyramid it can use; Hugging Face: a default "
+    "config that does not build); pathsurgeon never sees a model.",
+    "- A row whose note says *built on the cpu* ran on real tensors: on the meta device the model calls "
+    "`.item()` or has data-dependent shapes that neither torch.fx nor torch.export gets through; *cut by "
+    "... only*: the model does not build or run with both cuts (DPT's heads read fixed layer indices, "
+    "SAM's prompt encoder has a fixed embedding size).",
+)
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "coverage_results" / "composites.jsonl"
 DOC = ROOT / "docs" / "coverage-composites.md"
@@ -108,15 +130,15 @@ def transformers_names() -> list[str]:
     return sorted(names)
 
 
-def build(source: str, name: str):
+def build(source: str, name: str, device: str = "meta", cut: tuple[str, ...] = ("size", "layers")):
     import torch
 
-    with warnings.catch_warnings(), torch.device("meta"):
+    with warnings.catch_warnings(), torch.device(device):
         warnings.simplefilter("ignore")
         if source == "open_clip":
             import open_clip
 
-            return open_clip.create_model(name, pretrained=None, device="meta")
+            return open_clip.create_model(name, pretrained=None, device=device)
         if source == "smp":
             import segmentation_models_pytorch as smp
 
@@ -126,7 +148,7 @@ def build(source: str, name: str):
 
         key, class_name = name.split(":")
         config = getattr(transformers, configuration_auto.CONFIG_MAPPING_NAMES[key])()
-        _small_images(config, set())
+        _small_images(config, set(), cut)
         return getattr(transformers, class_name)(config)
 
 
@@ -134,27 +156,29 @@ SMALL_IMAGE = 64
 FEW_LAYERS = 6
 
 
-def _small_images(config, seen: set[int]) -> None:
-    """Every (sub-)config's ``image_size`` down to 64 pixels and ``num_hidden_layers`` to at most 6:
-    capturing a default-size model (SAM's 1024 pixels, ALIGN's EfficientNet-B7 and BERT) takes
-    minutes on the shared machine. The reference is built from the same cut config, so the comparison
-    holds; per-stage ``depths`` lists are kept."""
+def _small_images(config, seen: set[int], cut: tuple[str, ...] = ("size", "layers")) -> None:
+    """Every (sub-)config's ``image_size`` down to 64 pixels (``"size"`` in ``cut``) and
+    ``num_hidden_layers`` to at most 6 (``"layers"``): capturing a default-size model (SAM's 1024
+    pixels, ALIGN's EfficientNet-B7 and BERT) takes minutes on the shared machine. The reference is
+    built from the same cut config, so the comparison holds; per-stage ``depths`` lists are kept. Some
+    models do not run cut (DPT's heads read fixed layer indices, SAM's prompt encoder a fixed
+    embedding size): :func:`check` then tries one cut at a time."""
     import transformers
 
     if id(config) in seen:
         return
     seen.add(id(config))
     size = getattr(config, "image_size", None)
-    if isinstance(size, int) and size > SMALL_IMAGE:
+    if "size" in cut and isinstance(size, int) and size > SMALL_IMAGE:
         with contextlib.suppress(Exception):
             config.image_size = SMALL_IMAGE
     layers = getattr(config, "num_hidden_layers", None)
-    if isinstance(layers, int) and layers > FEW_LAYERS:
+    if "layers" in cut and isinstance(layers, int) and layers > FEW_LAYERS:
         with contextlib.suppress(Exception):
             config.num_hidden_layers = FEW_LAYERS
     for value in vars(config).values():
         if isinstance(value, transformers.PretrainedConfig):
-            _small_images(value, seen)
+            _small_images(value, seen, cut)
 
 
 # --- the library's own rates for a part ------------------------------------------------------------------
@@ -170,13 +194,20 @@ def drop_rates(model, prefix: str) -> dict[str, float]:
     }
 
 
-def library_reference(model, part) -> tuple[dict[str, float] | None, str]:
-    """(rates the part's library builds at RATE by slot name, how built); None: its library has none."""
+def library_reference(model, part) -> tuple[dict[str, float] | None, str, dict[str, str]]:
+    """(rates the part's library builds at RATE on residual branches, by slot name; how built; the
+    library's other drop-path sites with what they drop). None: its library has no drop path.
+
+    A timm part counts, like the main sweep (``coverage.py``), the drop-path modules a training
+    forward *calls* with a rate > 0 and, of those, the ones whose output is added to a shortcut: timm
+    builds a drop path in a stage's first block even where that block has no shortcut and never calls
+    it (``if self.has_skip``), and a few families drop what is not a residual branch."""
     import timm
     import torch
 
     module = model.get_submodule(part.path) if part.path else model
-    with warnings.catch_warnings(), torch.device("meta"):
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    with warnings.catch_warnings(), torch.device(device):
         warnings.simplefilter("ignore")
         if part.library == "timm":
             architecture = module.pretrained_cfg["architecture"]
@@ -187,26 +218,109 @@ def library_reference(model, part) -> tuple[dict[str, float] | None, str]:
                 deepest = max(info.reduction())
                 if deepest < 32:
                     kwargs["output_stride"] = deepest
-            built = timm.create_model(architecture, drop_path_rate=RATE, **kwargs)
-            return drop_rates(built, part.path), f"timm.create_model({architecture!r}, drop_path_rate={RATE}, ...)"
+            try:
+                built = timm.create_model(architecture, drop_path_rate=RATE, **kwargs)
+            except TypeError as error:
+                if "drop_path_rate" not in str(error):
+                    raise
+                return None, f"timm's {architecture} takes no drop_path_rate", {}
+            how = f"timm.create_model({architecture!r}, drop_path_rate={RATE}, ...), the drop paths it calls"
+            residual, other = _called_residual(built, part.path)
+            return residual, how, other
         if part.library == "transformers":
             config = copy.deepcopy(module.config)
             if not isinstance(getattr(config, "drop_path_rate", None), (int, float)):
-                return None, f"{type(config).__name__} has no drop_path_rate"
+                return None, f"{type(config).__name__} has no drop_path_rate", {}
             config.drop_path_rate = RATE
             built = type(module)(config)
-            return drop_rates(built, part.path), f"{type(module).__name__}(config, drop_path_rate={RATE})"
-    return None, "no library"
+            return drop_rates(built, part.path), f"{type(module).__name__}(config, drop_path_rate={RATE})", {}
+    return None, "no library", {}
+
+
+def _main_sweep():
+    """benchmarks/coverage.py, imported by path (``coverage`` is also coverage.py's package name)."""
+    import importlib.util
+
+    if "pathsurgeon_coverage_sweep" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("pathsurgeon_coverage_sweep", ROOT / "benchmarks" / "coverage.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["pathsurgeon_coverage_sweep"]
+
+
+def _called_residual(built, prefix: str) -> tuple[dict[str, float], dict[str, str]]:
+    """The main sweep's judgement on a library-built model: ({slot: rate} of the called drop paths on
+    residual branches, {slot: what it drops} of the other called ones)."""
+    from pathsurgeon.inputs import example_inputs
+
+    coverage = _main_sweep()
+
+    inputs = example_inputs(built)
+    x = dict(inputs.kwargs) if inputs.kwargs else inputs.args[0]
+    called = coverage.called_drop_paths(built, x)
+    kinds = coverage._site_kinds(built, x, list(called))
+
+    def name(slot: str) -> str:
+        return f"{prefix}.{slot}" if prefix else slot
+
+    residual = {name(slot): rate for slot, rate in called.items() if kinds.get(slot) == "add"}
+    other = {name(slot): kind for slot, kind in kinds.items() if kind != "add"}
+    return residual, other
+
+
+ATTEMPTS = (("meta", ("size", "layers")), ("cpu", ("size", "layers")), ("cpu", ("size",)), ("cpu", ("layers",)))
+
+
+class BuildFailed(Exception):
+    """The composite's own library failed to build it (before pathsurgeon saw a model)."""
 
 
 def check(source: str, name: str) -> dict:
+    """One row: the composite built on the meta device from a cut config. Where that fails — capture
+    needs real tensors (a ``.item()`` while building, data-dependent shapes in detection and
+    segmentation heads), or the model does not run or build cut — built again on the CPU, cut fully,
+    then by image size only, then by layers only (Hugging Face; the others are not cut). The row keeps
+    the error of the first CPU attempt and says which attempt ran."""
+    started = time.perf_counter()
+    attempts = ATTEMPTS if source == "transformers" else ATTEMPTS[:2]
+    errors: list[Exception] = []
+    for index, (device, cut) in enumerate(attempts):
+        try:
+            row = _check(source, name, device, cut, started)
+        except Exception as error:  # noqa: BLE001 - tried again another way, or re-raised
+            if index == 0 and not (_meta_limit(error) or isinstance(error, BuildFailed)):
+                raise
+            errors.append(error)
+            continue
+        if index:
+            row["built"] = f"on the {device}" + (f", config cut by {' and '.join(cut)} only" if len(cut) == 1 else "")
+        return row
+    if all(isinstance(e, BuildFailed) for e in errors):
+        cause = errors[0].__cause__
+        first = (str(cause).strip().splitlines() or [""])[0][:160]
+        return {"status": "cannot build", "error": f"{type(cause).__name__}: {first}", "parts": [],
+                "seconds": round(time.perf_counter() - started, 2)}
+    raise next(e for e in errors[1:] if not isinstance(e, BuildFailed))
+
+
+def _meta_limit(error: Exception) -> bool:
+    """Whether ``error`` may be the meta device's (a capture or a forward that needs real values)."""
+    from pathsurgeon import CaptureError, ExampleInputsError
+
+    return isinstance(error, (CaptureError, ExampleInputsError)) or "meta" in str(error)
+
+
+def _check(source: str, name: str, device: str, cut: tuple[str, ...], started: float) -> dict:
     import torch
 
     import pathsurgeon
     from pathsurgeon.parts import library_parts
 
-    started = time.perf_counter()
-    model = build(source, name)
+    try:
+        model = build(source, name, device, cut)
+    except Exception as error:
+        raise BuildFailed from error
     parameters = sum(p.numel() for p in model.parameters())
     parts = library_parts(model)
     row = {"parameters": parameters, "parts": [{"path": p.path, "library": p.library, "source": p.source,
@@ -226,33 +340,48 @@ def check(source: str, name: str) -> dict:
         part = next(p for p in parts + [report] if p.path == report.path)
         got = {b.target: b.rate for b in preview if b.part == report.path}
         library = getattr(part, "library", None)
-        reference, how = library_reference(model, part) if library in ("timm", "transformers") else (None, "")
+        reference, how, other = (library_reference(model, part) if library in ("timm", "transformers")
+                                 else (None, "", {}))
         if reference is not None:
             positive = {k: v for k, v in got.items() if v > 0}
             missing = sorted(set(reference) - set(positive))
             extra = sorted(set(positive) - set(reference))
             off = sorted(k for k in set(reference) & set(positive) if reference[k] != positive[k])
-            verdict = "agrees" if not (missing or extra or off) else "differs"
             detail = {"missing": missing[:3], "extra": extra[:3],
                       "off": [(k, reference[k], positive[k]) for k in off[:3]]}
+            if other and not reference and positive:  # as the main sweep: timm ResNeSt drops the block
+                # input on its way into the shortcut, no residual branch; pathsurgeon hooks the branches
+                verdict, detail = PLACEMENT_BY_DESIGN, {"library drops": sorted(other)[:3],
+                                                        "pathsurgeon hooks": sorted(positive)[:3]}
+            elif missing or extra or off:
+                verdict = "differs"
+            elif other:
+                verdict = "not residual"
+                detail = {"library also drops": [f"{k} ({v})" for k, v in sorted(other.items())[:3]]}
+            else:
+                verdict = "agrees"
         else:  # no library drop path: linear over the part's own depth units, from 0
-            units = list(dict.fromkeys(b.unit for b in preview if b.part == report.path))
+            # a block the family's recipe keeps out of the depth (recipes/transformers.toml: SigLIP's
+            # attention-pooling head) has no depth unit and rate 0
+            units = list(dict.fromkeys(b.unit for b in preview if b.part == report.path and b.unit is not None))
             expected = dict(zip(units, torch.linspace(0, RATE, len(units)).tolist(), strict=True))
+            expected[None] = 0.0
             wrong = [b.block for b in preview if b.part == report.path and b.rate != expected[b.unit]]
             verdict = "agrees (linear)" if not wrong else "differs"
             detail = {"wrong": wrong[:3]}
             how = how or "linear over the part's own depth"
+            outside = sorted({b.block for b in preview if b.part == report.path and b.unit is None})
+            if outside:
+                how += f"; {', '.join(outside)} kept at 0 by the family's recipe"
         verdicts.append(verdict)
         row["parts"].append({"path": report.path, "library": report.library, "source": report.source,
                              "rates_from": report.rates_from, "rates_note": report.rates_note[:200],
                              "branches": report.branches, "verdict": verdict,
-                             "reference": how, **({"detail": detail} if verdict == "differs" else {})})
+                             "reference": how, **({"detail": detail} if not verdict.startswith("agrees") else {})})
     if not verdicts:
         row["status"] = "no branches"
-    elif any(v == "differs" for v in verdicts):
-        row["status"] = "differs"
-    else:
-        row["status"] = "agrees"
+    else:  # the worst part's verdict
+        row["status"] = next((v for v in ("differs", PLACEMENT_BY_DESIGN, "not residual") if v in verdicts), "agrees")
     row["seconds"] = round(time.perf_counter() - started, 2)
     return row
 
@@ -308,8 +437,11 @@ def run(sources: list[str], budget: float, row_timeout: int, limit: int | None =
         except RowTimeout:
             row.update(status="timeout", error=f"over {row_timeout} s")
         except Exception as error:  # noqa: BLE001 - a row, not a crash
+            from pathsurgeon import ExampleInputsError
+
             first = (str(error).strip().splitlines() or [""])[0][:300]
-            row.update(status="error", error=f"{type(error).__name__}: {first}",
+            row.update(status="needs example_inputs" if isinstance(error, ExampleInputsError) else "error",
+                       error=f"{type(error).__name__}: {first}",
                        where=traceback.format_exc().strip().splitlines()[-3:][0][:200])
         finally:
             signal.alarm(0)
@@ -341,14 +473,15 @@ def write_doc(command: str) -> None:
         f"open_clip {open_clip.__version__}, segmentation_models_pytorch {smp.__version__}; Python "
         f"{platform.python_version()}. Run: `{command}`.",
         "",
-        "| source | models listed | run | agrees | differs | no branches | error | timeout |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| source | models listed | run | " + " | ".join(STATUSES) + " |",
+        "| --- | ---: | ---: | " + " | ".join("---:" for _ in STATUSES) + " |",
     ]
     for source in SOURCES:
         mine = [r for r in rows if r["source"] == source]
         counts = Counter(r["status"] for r in mine)
-        lines.append(f"| {source} | {len(names_of(source))} | {len(mine)} | {counts['agrees']} | "
-                     f"{counts['differs']} | {counts['no branches']} | {counts['error']} | {counts['timeout']} |")
+        lines.append(f"| {source} | {len(names_of(source))} | {len(mine)} | "
+                     + " | ".join(str(counts[s]) for s in STATUSES) + " |")
+    lines += ["", *STATUS_NOTES]
     lines += ["", "Models listed but not run: the run's time budget was spent first (round robin over the three "
               "sources, so each is covered in part); rerunning the command resumes where it stopped."]
     lines += ["", "| source | model | status | parts (path: library, rates from, branches, verdict) | note |",
@@ -364,7 +497,9 @@ def write_doc(command: str) -> None:
         note = row.get("error") or "; ".join(
             json.dumps(p["detail"]) for p in row.get("parts", []) if p.get("detail")
         )
-        note = note.replace("|", "\\|")[:200]
+        if row.get("built"):
+            note = f"{note}; built {row['built']}" if note else f"built {row['built']}"
+        note = note.replace("|", "\\|")[:240]
         lines.append(f"| {row['source']} | {row['name']} | {row['status']} | {parts} | {note} |")
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines += ["", f"Written {stamp}."]

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import slots as slot_lib
@@ -64,6 +65,7 @@ from .parts import (
 )
 from .plan import make_branch, make_plan
 from .report import Branch, Fallback, LeftAlone, PartReport, Preview, Report
+from .runstate import private_rng, training_flags_kept
 from .skipping import assign_entries, check_gathers
 from .verify import Observation, eval_outputs, max_abs_diff, observe, verification_error
 from .wrappers import check_model, check_not_sharded
@@ -523,13 +525,30 @@ def _with_made_up_inputs(model: nn.Module, inputs: ExampleInputs | None, given: 
     try:
         with _made_up_inputs_checked(model, inputs, made_up=True):
             return run()
-    except CaptureError as error:  # the inputs may be what failed, or not: say which were used
+    except CaptureError as error:  # the inputs may be what failed, or not: an eager forward tells
+        refused = _eager_refusal(model, inputs)
+        if refused is not None:
+            raise made_up_inputs_failed(model, inputs, refused) from error
         shown = ", ".join(
             f"{name}{list(v.shape)}" for name, v in
             [*((f"arg{i}", a) for i, a in enumerate(inputs.args)), *inputs.kwargs.items()] if hasattr(v, "shape")
         )
         raise CaptureError(f"{error}; it ran on inputs pathsurgeon made up ({shown}): if {type(model).__name__} "
                            "takes others, pass example_inputs=") from error
+
+
+def _eager_refusal(model: nn.Module, inputs: ExampleInputs) -> Exception | None:
+    """What the model raises when simply run, in eval mode, on ``inputs`` (None if it runs): a capture
+    that failed on made-up inputs the model itself refuses is the inputs' fault. Not judged on the meta
+    device, where a model's own ``.item()`` fails whatever the inputs."""
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        return None
+    try:
+        with torch.no_grad(), training_flags_kept(model, False), private_rng(model):
+            model(*inputs.args, **inputs.kwargs)
+    except Exception as error:  # noqa: BLE001 - the model's own error, reported as the inputs' fault
+        return error
+    return None
 
 
 def _unreached(model: nn.Module, captured: Capture) -> list[LeftAlone]:

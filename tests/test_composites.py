@@ -455,10 +455,22 @@ class _TwoInputs(torch.nn.Module):
         return x + self.branch(x)
 
 
-def test_made_up_inputs_that_do_not_fit_say_to_pass_example_inputs():
-    model = _TwoInputs().eval()
+class _TwoInputsUntraceable(_TwoInputs):
+    """As :class:`_TwoInputs`, with control flow on a shape: torch.fx cannot trace it, and torch.export
+    fails on the missing argument, so the capture fails before any forward judges the inputs."""
+
+    def forward(self, image, scale):
+        if scale.shape[0] > 0:  # a Proxy to torch.fx, a number to torch.export
+            image = image * 2
+        return super().forward(image, scale)
+
+
+@pytest.mark.parametrize("model_class", [_TwoInputs, _TwoInputsUntraceable])
+def test_made_up_inputs_that_do_not_fit_say_to_pass_example_inputs(model_class):
+    model = model_class().eval()
     state = copy.deepcopy(model.state_dict())
-    with pytest.raises(pathsurgeon.PathSurgeonError, match="pass example_inputs="):
+    # the capture fails, and the model refuses the made-up inputs when simply run: the inputs' fault
+    with pytest.raises(pathsurgeon.ExampleInputsError, match="forward.. missing 1 required .*pass example_inputs="):
         pathsurgeon.add(model, RATE)
     assert pathsurgeon_leftovers(model) == []
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
