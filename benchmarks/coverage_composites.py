@@ -29,6 +29,7 @@ import contextlib
 import copy
 import datetime
 import fnmatch
+import gc
 import itertools
 import json
 import platform
@@ -195,8 +196,8 @@ def drop_rates(model, prefix: str) -> dict[str, float]:
 
 
 def library_reference(model, part) -> tuple[dict[str, float] | None, str, dict[str, str]]:
-    """(rates the part's library builds at RATE on residual branches, by slot name; how built; the
-    library's other drop-path sites with what they drop). None: its library has no drop path.
+    """(rates the part's library builds at RATE, by slot name; how built; what each slot's output goes
+    into, where known). None: its library has no drop path.
 
     A timm part counts, like the main sweep (``coverage.py``), the drop-path modules a training
     forward *calls* with a rate > 0 and, of those, the ones whose output is added to a shortcut: timm
@@ -225,8 +226,8 @@ def library_reference(model, part) -> tuple[dict[str, float] | None, str, dict[s
                     raise
                 return None, f"timm's {architecture} takes no drop_path_rate", {}
             how = f"timm.create_model({architecture!r}, drop_path_rate={RATE}, ...), the drop paths it calls"
-            residual, other = _called_residual(built, part.path)
-            return residual, how, other
+            called, kinds = _called_residual(built, part.path)
+            return called, how, kinds
         if part.library == "transformers":
             config = copy.deepcopy(module.config)
             if not isinstance(getattr(config, "drop_path_rate", None), (int, float)):
@@ -250,8 +251,8 @@ def _main_sweep():
 
 
 def _called_residual(built, prefix: str) -> tuple[dict[str, float], dict[str, str]]:
-    """The main sweep's judgement on a library-built model: ({slot: rate} of the called drop paths on
-    residual branches, {slot: what it drops} of the other called ones)."""
+    """The main sweep's judgement on a library-built model: ({slot: rate} of the drop paths a training
+    forward calls, {slot: what its output goes into: 'add' for a residual branch})."""
     from pathsurgeon.inputs import example_inputs
 
     coverage = _main_sweep()
@@ -264,9 +265,7 @@ def _called_residual(built, prefix: str) -> tuple[dict[str, float], dict[str, st
     def name(slot: str) -> str:
         return f"{prefix}.{slot}" if prefix else slot
 
-    residual = {name(slot): rate for slot, rate in called.items() if kinds.get(slot) == "add"}
-    other = {name(slot): kind for slot, kind in kinds.items() if kind != "add"}
-    return residual, other
+    return {name(slot): rate for slot, rate in called.items()}, {name(slot): kind for slot, kind in kinds.items()}
 
 
 ATTEMPTS = (("meta", ("size", "layers")), ("cpu", ("size", "layers")), ("cpu", ("size",)), ("cpu", ("layers",)))
@@ -291,6 +290,8 @@ def check(source: str, name: str) -> dict:
         except Exception as error:  # noqa: BLE001 - tried again another way, or re-raised
             if index == 0 and not (_meta_limit(error) or isinstance(error, BuildFailed)):
                 raise
+            if index == 0 and not isinstance(error, BuildFailed) and _too_large(source, name):
+                raise RuntimeError(f"{error} (over {CPU_LIMIT:.1e} parameters: not retried on the CPU)") from error
             errors.append(error)
             continue
         if index:
@@ -302,6 +303,14 @@ def check(source: str, name: str) -> dict:
         return {"status": "cannot build", "error": f"{type(cause).__name__}: {first}", "parts": [],
                 "seconds": round(time.perf_counter() - started, 2)}
     raise next(e for e in errors[1:] if not isinstance(e, BuildFailed))
+
+
+CPU_LIMIT = 1.5e9  # parameters; as the main sweep: two float32 copies of more do not fit the 24 GB machine
+
+
+def _too_large(source: str, name: str) -> bool:
+    model = build(source, name, "meta")
+    return sum(p.numel() for p in model.parameters()) > CPU_LIMIT
 
 
 def _meta_limit(error: Exception) -> bool:
@@ -340,21 +349,23 @@ def _check(source: str, name: str, device: str, cut: tuple[str, ...], started: f
         part = next(p for p in parts + [report] if p.path == report.path)
         got = {b.target: b.rate for b in preview if b.part == report.path}
         library = getattr(part, "library", None)
-        reference, how, other = (library_reference(model, part) if library in ("timm", "transformers")
+        reference, how, kinds = (library_reference(model, part) if library in ("timm", "transformers")
                                  else (None, "", {}))
-        if reference is not None:
+        if reference is not None:  # judged as the main sweep judges it (coverage.py's _compare)
             positive = {k: v for k, v in got.items() if v > 0}
             missing = sorted(set(reference) - set(positive))
-            extra = sorted(set(positive) - set(reference))
+            other = {k: kinds[k] for k in missing if kinds.get(k, "add") != "add"}  # not residual branches
+            missing = [k for k in missing if k not in other]
+            by_design = bool(other) and len(other) == len(reference) and bool(positive)  # timm ResNeSt
+            extra = [] if by_design else sorted(set(positive) - set(reference))
             off = sorted(k for k in set(reference) & set(positive) if reference[k] != positive[k])
             detail = {"missing": missing[:3], "extra": extra[:3],
                       "off": [(k, reference[k], positive[k]) for k in off[:3]]}
-            if other and not reference and positive:  # as the main sweep: timm ResNeSt drops the block
-                # input on its way into the shortcut, no residual branch; pathsurgeon hooks the branches
+            if missing or extra or off:
+                verdict = "differs"
+            elif by_design:  # the block input on its way into the shortcut; pathsurgeon hooks the branches
                 verdict, detail = PLACEMENT_BY_DESIGN, {"library drops": sorted(other)[:3],
                                                         "pathsurgeon hooks": sorted(positive)[:3]}
-            elif missing or extra or off:
-                verdict = "differs"
             elif other:
                 verdict = "not residual"
                 detail = {"library also drops": [f"{k} ({v})" for k, v in sorted(other.items())[:3]]}
@@ -447,6 +458,7 @@ def run(sources: list[str], budget: float, row_timeout: int, limit: int | None =
             signal.alarm(0)
         with RESULTS.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
+        gc.collect()  # a failed row's frames hold its models
         print(f"{source:12} {name:50} {row['status']}", flush=True)
 
 
