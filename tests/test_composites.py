@@ -486,6 +486,25 @@ def test_clip_default_inputs_run_both_towers(hf_clip):
     assert {t.split(".")[0] for t, _ in found} == {"vision_model", "text_model"}
 
 
+def test_siglip2_default_inputs_run_both_towers_on_patches():
+    """SigLIP2 takes its images cut into patches (NaFlex) and text: both towers run without inputs."""
+    tower = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    config = transformers.Siglip2Config(vision_config={**tower, "num_patches": 16},
+                                        text_config={**tower, "vocab_size": 100})
+    model = quiet(lambda: transformers.Siglip2Model(config)).eval()
+    report = pathsurgeon.add(model, RATE)
+    try:
+        assert report.max_abs_diff == 0.0
+        assert {(p.path, p.branches) for p in report.parts} == {("vision_model", 5), ("text_model", 4)}
+        # each tower over its own depth: the head's residual kept at 0 by the SigLIP recipe
+        rates = {b.target: b.rate for b in report.branches}
+        last = torch.linspace(0, RATE, 2).tolist()[-1]  # linear over 2 layers, as timm writes it
+        assert rates["vision_model.encoder.layers.1.mlp"] == rates["text_model.encoder.layers.1.mlp"] == last
+        assert rates["vision_model.head.mlp"] == 0.0
+    finally:
+        pathsurgeon.strip(model)
+
+
 def test_towers_of_a_model_no_library_knows_get_their_own_schedules():
     from open_clip.model import CLIP
 
