@@ -3,8 +3,10 @@
 A residual add is an add of two tensors that share a source ``s``, where one operand (the *shortcut*)
 reaches ``s`` through a short chain of ops (the identity, or a light projection such as conv + norm)
 and the other (the *branch*) carries more parameterised compute than the shortcut. Position-embedding
-and bias adds (operands with no common source), adds inside attention (the shortcut side is not a
-short chain) and elementwise formulas such as tanh-GELU (no parameters on the branch) are not residual.
+and bias adds (operands with no common source, or a branch computed from the embedding by earlier
+modules than the one that adds them: DETR's and SAM's decoder layers), adds inside attention (the
+shortcut side is not a short chain) and elementwise formulas such as tanh-GELU (no parameters on the
+branch) are not residual.
 
 Which residual adds get stochastic depth (:func:`select`): where the model has drop-path slots, those
 on slots — the library's authors decided where stochastic depth goes; elsewhere, those whose branch is
@@ -157,6 +159,8 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
                 continue
             source_node, chain_bits = source
             branch_bits = ancestors[branch] & ~ancestors[source_node]
+            if _computed_outside(view, node, source_node, branch_bits):
+                continue
             branch_params, shortcut_params = parameter_ops(branch_bits), parameter_ops(chain_bits)
             slot_call = _slot_on_branch(view, branch, data)
             # A drop-path slot at the end of one operand says which one the library's author took for
@@ -190,6 +194,22 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
                 )
             )
     return found
+
+
+def _computed_outside(view: GraphView, add: fx.Node, source: fx.Node, branch_bits: int) -> bool:
+    """Whether the branch is computed from ``source`` partly outside the forward of the module that
+    performs the add: then the "branch" is an input of that module, computed by earlier ones (DETR's
+    decoder adds its queries' position embedding to the queries the previous layers computed from it;
+    SAM's two-way layers likewise), not its residual branch. A shared module the block calls (timm
+    CoaT's conv position encoding) runs within the block's forward: its module stack holds the block."""
+    block = view.owner(add)
+    if not block:
+        return False
+    source_bit = 1 << view.position[source]
+    for node in view.nodes_of(branch_bits):
+        if view.ancestors[node] & source_bit and block not in view.module_stack.get(node, ()):
+            return True
+    return False
 
 
 def _parallel_paths(view: GraphView, branch: fx.Node, data: set[fx.Node]) -> list[tuple[fx.Node, fx.Node]] | None:

@@ -399,6 +399,11 @@ def test_detr_encoder_is_left_alone_by_default_and_include_brings_it_in_on_its_o
                                                       for i in range(config.encoder_layers)}
         assert not any(b.part == "model.decoder" for b in report.branches)
         assert any("include=['model.decoder.*']" in k.reason for k in report.left_alone)
+        # the attention modules add position embeddings to the hidden states earlier layers computed
+        # from them: no residual add there, neither wrapped nor listed as left alone
+        attention = ("self_attn", "encoder_attn")
+        assert not [k.block for k in report.left_alone if k.block.endswith(attention)]
+        assert not [b.block for b in report.branches if b.block.endswith(attention)]
         assert report.max_abs_diff == 0.0
     finally:
         pathsurgeon.strip(model)
