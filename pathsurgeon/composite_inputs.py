@@ -98,7 +98,9 @@ def _hf_prompted_inputs(model: nn.Module) -> ExampleInputs | None:
         return None
     config = getattr(model, "config", None)
     vision = getattr(config, "vision_config", None) or config
-    size = _size(getattr(vision, "image_size", None))
+    # SAM keeps the image size on its vision config, SAM 2 and EdgeTAM on their prompt encoder's
+    size = next(filter(None, (_size(getattr(c, "image_size", None)) for c in
+                              (vision, config, getattr(config, "prompt_encoder_config", None)))), None)
     channels = getattr(vision, "num_channels", 3)
     if size is None or not isinstance(channels, int):
         return None
