@@ -330,22 +330,22 @@ def test_sam2_default_inputs_are_at_its_prompt_encoders_image_size():
     """SAM 2 keeps its image size on the prompt encoder's config, not the vision config's."""
     torch.manual_seed(0)
     backbone = transformers.Sam2HieraDetConfig(
-        hidden_size=12, image_size=128, patch_stride=4, patch_kernel_size=7, patch_padding=3,
+        hidden_size=12, image_size=64, patch_stride=4, patch_kernel_size=7, patch_padding=3,
         blocks_per_stage=[1, 1, 1, 1], embed_dim_per_stage=[12, 24, 48, 96],
         num_attention_heads_per_stage=[1, 2, 4, 8])
     config = transformers.Sam2Config(
         vision_config=transformers.Sam2VisionConfig(
             backbone_config=backbone, backbone_channel_list=[96, 48, 24, 12],
-            backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]], fpn_hidden_size=32),
-        prompt_encoder_config={"hidden_size": 32, "image_size": 128, "patch_size": 16, "mask_input_channels": 8},
+            backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]], fpn_hidden_size=32),
+        prompt_encoder_config={"hidden_size": 32, "image_size": 64, "patch_size": 16, "mask_input_channels": 8},
         mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 4, "iou_head_hidden_dim": 32},
     )
     model = quiet(lambda: transformers.Sam2Model(config)).eval()
-    given = {"pixel_values": torch.randn(2, 3, 128, 128), "input_points": torch.rand(2, 1, 1, 2) * 128,
-             "input_labels": torch.ones(2, 1, 1, dtype=torch.long)}
-    found = [(b.target, b.rate) for b in pathsurgeon.preview(model, RATE)]
-    assert found == [(b.target, b.rate) for b in pathsurgeon.preview(model, RATE, example_inputs=given)]
-    assert {t.split(".")[0] for t, _ in found} == {"vision_encoder"}
+    found = pathsurgeon.preview(model, RATE)  # image and one point prompt, at 64 pixels (was 224: refused)
+    assert [(p.path, p.source) for p in found.parts][0] == ("vision_encoder", "vision_config")
+    assert {b.part for b in found} == {"vision_encoder"}  # the mask decoder: a region left alone
+    mlps = {b.target for b in found if b.target.endswith(".mlp")}
+    assert mlps == {f"vision_encoder.backbone.blocks.{i}.mlp" for i in range(4)}
 
 
 def test_sam_mask_decoder_is_left_alone_by_default_and_include_brings_it_in_on_its_own_schedule(hf_sam):
