@@ -3,8 +3,8 @@
 A residual add is an add of two tensors that share a source ``s``, where one operand (the *shortcut*)
 reaches ``s`` through a short chain of ops (the identity, or a light projection such as conv + norm)
 and the other (the *branch*) carries more parameterised compute than the shortcut. Position-embedding
-and bias adds (operands with no common source, or a branch computed from the embedding by earlier
-modules than the one that adds them: DETR's and SAM's decoder layers), adds inside attention (the
+and bias adds (operands with no common source, or a branch computed from the embedding by an earlier
+block of the same kind: DETR's and SAM's decoder layers), adds inside attention (the
 shortcut side is not a short chain) and elementwise formulas such as tanh-GELU (no parameters on the
 branch) are not residual.
 
@@ -197,17 +197,30 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
 
 
 def _computed_outside(view: GraphView, add: fx.Node, source: fx.Node, branch_bits: int) -> bool:
-    """Whether the branch is computed from ``source`` partly outside the forward of the module that
-    performs the add: then the "branch" is an input of that module, computed by earlier ones (DETR's
-    decoder adds its queries' position embedding to the queries the previous layers computed from it;
-    SAM's two-way layers likewise), not its residual branch. A shared module the block calls (timm
-    CoaT's conv position encoding) runs within the block's forward: its module stack holds the block."""
-    block = view.owner(add)
-    if not block:
+    """Whether the "branch" is an input of the block that adds it, computed from ``source`` by earlier
+    blocks, not its residual branch: DETR's attention modules add position embeddings to the hidden
+    states the previous layers (or the encoder) computed from them, SAM's two-way layers add the point
+    embeddings to the queries the previous layer computed. Judged on the branch's compute outside the
+    module that performs the add (a block nested in another of its class, or a shared module the block
+    calls, as timm CoaT's position encoding, runs within its forward): it is an earlier block's when it
+    runs outside the module around that one (a Hugging Face ``*Output`` module adds the residual of a
+    branch its sibling ``*Intermediate`` computed: a branch still), or inside another module of a
+    model-defined class the add runs in (another layer of the same stack; two ``nn.Sequential`` are
+    not two blocks of one kind)."""
+    enclosing = view.module_stack.get(add, ())
+    if not enclosing:
         return False
+    owner, scope = enclosing[-1], enclosing[-2] if len(enclosing) > 1 else ""
+    kinds = {view.module_types.get(name) for name in enclosing} - {None}
+    kinds = {kind for kind in kinds if not kind.__module__.startswith("torch.")}
     source_bit = 1 << view.position[source]
     for node in view.nodes_of(branch_bits):
-        if view.ancestors[node] & source_bit and block not in view.module_stack.get(node, ()):
+        stack = view.module_stack.get(node, ())
+        if not view.ancestors[node] & source_bit or owner in stack:
+            continue
+        if scope and scope not in stack:
+            return True
+        if any(name not in enclosing and view.module_types.get(name) in kinds for name in stack):
             return True
     return False
 
