@@ -378,8 +378,12 @@ def test_sam_mask_decoder_is_left_alone_by_default_and_include_brings_it_in_on_i
                                                                for p in report.to_dict()["parts"]]
         assert report.max_abs_diff == 0.0
         # the two-way layers' positional-embedding adds look like residual adds; never hooked (a hook
-        # on layer_norm1 would drop the whole token stream)
+        # on layer_norm1 would drop the whole token stream); after the first layer, where the queries
+        # come from the previous layer, not taken for residual adds at all
         assert not any(b.target.endswith(("layer_norm1", "layer_norm3")) for b in report.branches)
+        used_off = [k.block for k in report.left_alone if "also used off the residual branch" in k.reason]
+        assert "mask_decoder.transformer.layers.0" in used_off
+        assert "mask_decoder.transformer.layers.1" not in used_off
     finally:
         pathsurgeon.strip(model)
     assert pathsurgeon_leftovers(model) == []
