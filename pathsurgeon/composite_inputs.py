@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .inputs import EXAMPLE_BATCH, ExampleInputs, forward_parameters, placement
+from .inputs import EXAMPLE_BATCH, ExampleInputs, forward_parameters, patch_inputs, placement
 
 __all__ = ["composite_inputs"]
 
@@ -66,21 +66,29 @@ def _open_clip_inputs(model: nn.Module) -> ExampleInputs | None:
 def _hf_image_text_inputs(model: nn.Module) -> ExampleInputs | None:
     """Hugging Face two-tower models (CLIP, SigLIP, ...): ``pixel_values`` and ``input_ids`` from the
     ``vision_config`` and ``text_config``."""
-    if not {"pixel_values", "input_ids"} <= forward_parameters(model):
+    parameters = forward_parameters(model)
+    if not {"pixel_values", "input_ids"} <= parameters:
         return None
     config = getattr(model, "config", None)
     vision, text = getattr(config, "vision_config", None), getattr(config, "text_config", None)
-    size = _size(getattr(vision, "image_size", None))
-    channels = getattr(vision, "num_channels", 3)
     vocabulary = getattr(text, "vocab_size", None)
-    if size is None or not isinstance(vocabulary, int) or not isinstance(channels, int):
+    if not isinstance(vocabulary, int):
         return None
-    positions = getattr(text, "max_position_embeddings", None) or TEXT_TOKENS
     generator = torch.Generator().manual_seed(_SEED)
-    return ExampleInputs((), {
-        "pixel_values": _images(model, channels, size, generator),
-        "input_ids": _tokens(model, vocabulary, min(int(positions), TEXT_TOKENS), generator),
-    })
+    if "spatial_shapes" in parameters:  # SigLIP2's NaFlex: images already cut into patches, with their grid
+        images = patch_inputs(model)
+        if images is None:
+            return None
+        pixels = images.kwargs
+    else:
+        size = _size(getattr(vision, "image_size", None))
+        channels = getattr(vision, "num_channels", 3)
+        if size is None or not isinstance(channels, int):
+            return None
+        pixels = {"pixel_values": _images(model, channels, size, generator)}
+    positions = getattr(text, "max_position_embeddings", None) or TEXT_TOKENS
+    tokens = _tokens(model, vocabulary, min(int(positions), TEXT_TOKENS), generator)
+    return ExampleInputs((), {**pixels, "input_ids": tokens})
 
 
 def _hf_prompted_inputs(model: nn.Module) -> ExampleInputs | None:
@@ -90,7 +98,9 @@ def _hf_prompted_inputs(model: nn.Module) -> ExampleInputs | None:
         return None
     config = getattr(model, "config", None)
     vision = getattr(config, "vision_config", None) or config
-    size = _size(getattr(vision, "image_size", None))
+    # SAM keeps the image size on its vision config, SAM 2 and EdgeTAM on their prompt encoder's
+    size = next(filter(None, (_size(getattr(c, "image_size", None)) for c in
+                              (vision, config, getattr(config, "prompt_encoder_config", None)))), None)
     channels = getattr(vision, "num_channels", 3)
     if size is None or not isinstance(channels, int):
         return None

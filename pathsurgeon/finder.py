@@ -3,8 +3,10 @@
 A residual add is an add of two tensors that share a source ``s``, where one operand (the *shortcut*)
 reaches ``s`` through a short chain of ops (the identity, or a light projection such as conv + norm)
 and the other (the *branch*) carries more parameterised compute than the shortcut. Position-embedding
-and bias adds (operands with no common source), adds inside attention (the shortcut side is not a
-short chain) and elementwise formulas such as tanh-GELU (no parameters on the branch) are not residual.
+and bias adds (operands with no common source, or a branch computed from the embedding by an earlier
+block of the same kind: DETR's and SAM's decoder layers), adds inside attention (the
+shortcut side is not a short chain) and elementwise formulas such as tanh-GELU (no parameters on the
+branch) are not residual.
 
 Which residual adds get stochastic depth (:func:`select`): where the model has drop-path slots, those
 on slots — the library's authors decided where stochastic depth goes; elsewhere, those whose branch is
@@ -157,6 +159,8 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
                 continue
             source_node, chain_bits = source
             branch_bits = ancestors[branch] & ~ancestors[source_node]
+            if _computed_outside(view, node, source_node, branch_bits):
+                continue
             branch_params, shortcut_params = parameter_ops(branch_bits), parameter_ops(chain_bits)
             slot_call = _slot_on_branch(view, branch, data)
             # A drop-path slot at the end of one operand says which one the library's author took for
@@ -190,6 +194,35 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
                 )
             )
     return found
+
+
+def _computed_outside(view: GraphView, add: fx.Node, source: fx.Node, branch_bits: int) -> bool:
+    """Whether the "branch" is an input of the block that adds it, computed from ``source`` by earlier
+    blocks, not its residual branch: DETR's attention modules add position embeddings to the hidden
+    states the previous layers (or the encoder) computed from them, SAM's two-way layers add the point
+    embeddings to the queries the previous layer computed. Judged on the branch's compute outside the
+    module that performs the add (a block nested in another of its class, or a shared module the block
+    calls, as timm CoaT's position encoding, runs within its forward): it is an earlier block's when it
+    runs outside the module around that one (a Hugging Face ``*Output`` module adds the residual of a
+    branch its sibling ``*Intermediate`` computed: a branch still), or inside another module of a
+    model-defined class the add runs in (another layer of the same stack; two ``nn.Sequential`` are
+    not two blocks of one kind)."""
+    enclosing = view.module_stack.get(add, ())
+    if not enclosing:
+        return False
+    owner, scope = enclosing[-1], enclosing[-2] if len(enclosing) > 1 else ""
+    kinds = {view.module_types.get(name) for name in enclosing} - {None}
+    kinds = {kind for kind in kinds if not kind.__module__.startswith("torch.")}
+    source_bit = 1 << view.position[source]
+    for node in view.nodes_of(branch_bits):
+        stack = view.module_stack.get(node, ())
+        if not view.ancestors[node] & source_bit or owner in stack:
+            continue
+        if scope and scope not in stack:
+            return True
+        if any(name not in enclosing and view.module_types.get(name) in kinds for name in stack):
+            return True
+    return False
 
 
 def _parallel_paths(view: GraphView, branch: fx.Node, data: set[fx.Node]) -> list[tuple[fx.Node, fx.Node]] | None:

@@ -47,6 +47,8 @@ class GraphView:
     # calls of leaf modules that only scale their input (timm MetaFormer's Scale, or nn.Identity where
     # no scale was built): at most one parameter, no buffers, no children
     scale_calls: set[fx.Node] = field(default_factory=set)
+    # the class of each module by qualified name (shared modules under every name they have)
+    module_types: dict[str, type] = field(default_factory=dict)
 
     @functools.cached_property
     def nodes(self) -> list[fx.Node]:
@@ -142,7 +144,7 @@ def from_symbolic_trace(
             parameter_users.add(node)
     tensor_nodes = {n for n in graph.nodes if n not in non_tensor and n.op != "output"}
     return GraphView(graph, module_stack, parameter_users, slot_calls, tensor_nodes, parameter_nodes,
-                     scale_calls=scale_calls)
+                     scale_calls=scale_calls, module_types=_module_types(root))
 
 
 def _only_scales(module: nn.Module) -> bool:
@@ -221,7 +223,12 @@ def from_export(
                 slot_calls[node] = slot_of_probe[node.args[1]]
             elif any(inp in parameter_nodes for inp in node.all_input_nodes):
                 parameter_users.add(node)
-    return GraphView(graph, module_stack, parameter_users, slot_calls, tensor_nodes, parameter_nodes, constant_nodes)
+    return GraphView(graph, module_stack, parameter_users, slot_calls, tensor_nodes, parameter_nodes, constant_nodes,
+                     module_types=_module_types(model))
+
+
+def _module_types(root: nn.Module) -> dict[str, type]:
+    return {name: type(module) for name, module in root.named_modules(remove_duplicate=False)}
 
 
 _SLICE = re.compile(r"slice\((-?\d+|None), (-?\d+|None), (-?\d+|None)\)")

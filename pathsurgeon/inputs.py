@@ -71,7 +71,7 @@ def example_inputs(model: nn.Module, given: object = None) -> ExampleInputs:
             f"example_inputs must be a tensor, a tuple of arguments or a dict of keyword arguments, "
             f"got {type(given).__name__}; pass e.g. example_inputs=torch.randn(2, 3, 224, 224)"
         )
-    special = _token_inputs(model) or _patch_inputs(model)
+    special = _token_inputs(model) or patch_inputs(model)
     if special is not None:
         return special
     shape, keyword = _input_shape(model)
@@ -215,7 +215,7 @@ def _token_inputs(model: nn.Module) -> ExampleInputs | None:
     return ExampleInputs((), kwargs)
 
 
-def _patch_inputs(model: nn.Module) -> ExampleInputs | None:
+def patch_inputs(model: nn.Module) -> ExampleInputs | None:
     """Models that take images already cut into patches, with their grid (HF SigLIP2's NaFlex)."""
     if "spatial_shapes" not in forward_parameters(model):
         return None

@@ -16,8 +16,9 @@ outputs differ computes every sample instead. Every such branch is reported with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -220,22 +221,17 @@ def check_whole_model(model: nn.Module, changes: list[GatheredChange], inputs: E
         return False
     first = torch.zeros(batch)
     first[0] = 1.0
-    saved = [(c.drop.mode, c.drop.empty_ok) for c in changes]
+    saved = [change.drop.empty_ok for change in changes]
     passed = False
     try:
-        for change in changes:
-            change.drop.forced_keep = first
-            change.remove_gathers()
-            change.drop.mode = "sample"
-        full = eval_outputs(model, inputs)  # the model's own code on every row, each branch masked
-        for change, (mode, _) in zip(changes, saved, strict=True):
-            change.install_gathers()
-            change.drop.mode = mode
-        kept = eval_outputs(model, inputs)
-        for change in changes:
-            change.drop.forced_keep = torch.zeros(batch - 1)
-            change.drop.empty_ok = True
-        none_kept = eval_outputs(model, inputs.samples(1, batch))
+        with _forced(changes, [first] * len(changes)):
+            with _computed_in_full(changes):
+                full = eval_outputs(model, inputs)  # the model's own code on every row, each branch masked
+            kept = eval_outputs(model, inputs)
+            for change in changes:
+                change.drop.forced_keep = torch.zeros(batch - 1)
+                change.drop.empty_ok = True
+            none_kept = eval_outputs(model, inputs.samples(1, batch))
         axes = _batch_axes(full, none_kept)
         passed = (
             axes is not None
@@ -246,13 +242,42 @@ def check_whole_model(model: nn.Module, changes: list[GatheredChange], inputs: E
     except Exception:  # noqa: BLE001 - checked block by block, which says why
         passed = False
     finally:
-        for change, (mode, empty_ok) in zip(changes, saved, strict=True):
+        for change, empty_ok in zip(changes, saved, strict=True):
+            change.drop.empty_ok = True if passed else empty_ok
+    return passed
+
+
+@contextlib.contextmanager
+def _forced(changes: list[GatheredChange], keeps: list[torch.Tensor]) -> Iterator[None]:
+    """The drop of each change forced on with its ``keeps`` (which rows keep the branch); afterwards
+    every change is back in its own mode, with its Gathers installed and no kept rows left over."""
+    modes = [change.drop.mode for change in changes]
+    try:
+        for change, keep in zip(changes, keeps, strict=True):
+            change.drop.forced_keep = keep
+        yield
+    finally:
+        for change, mode in zip(changes, modes, strict=True):
             change.drop.forced_keep = None
             change.drop.kept_rows = None
             change.drop.mode = mode
-            change.drop.empty_ok = True if passed else empty_ok
             change.install_gathers()
-    return passed
+
+
+@contextlib.contextmanager
+def _computed_in_full(changes: list[GatheredChange]) -> Iterator[None]:
+    """Inside: each branch computed on every row and then masked (mode sample, no Gathers: the model's
+    own code), the reference its kept-rows run must reproduce; gathered again afterwards."""
+    modes = [change.drop.mode for change in changes]
+    try:
+        for change in changes:
+            change.remove_gathers()
+            change.drop.mode = "sample"
+        yield
+    finally:
+        for change, mode in zip(changes, modes, strict=True):
+            change.install_gathers()
+            change.drop.mode = mode
 
 
 def _batch_axes(outputs: list[torch.Tensor], fewer: list[torch.Tensor]) -> list[int] | None:
@@ -418,25 +443,11 @@ def _compare_kept(
 ) -> str | None:
     """Run ``block`` with ``keeps`` forced on ``changes``, in full and on kept rows; None if the outputs
     agree, else why. Every change is back in its own mode with its Gathers installed when it returns."""
-    modes = [change.drop.mode for change in changes]
-    try:
-        for change, keep in zip(changes, keeps, strict=True):
-            change.drop.forced_keep = keep
-            change.remove_gathers()
-            change.drop.mode = "sample"
-        with private_rng(model):
+    with _forced(changes, keeps):
+        with _computed_in_full(changes), private_rng(model):
             full = tensor_leaves(block(*_cloned(args), **_cloned(kwargs)))
-        for change, mode in zip(changes, modes, strict=True):
-            change.install_gathers()
-            change.drop.mode = mode
         with private_rng(model):
             kept = tensor_leaves(block(*_cloned(args), **_cloned(kwargs)))
-    finally:
-        for change, mode in zip(changes, modes, strict=True):
-            change.drop.forced_keep = None
-            change.drop.mode = mode
-            change.install_gathers()
-            change.drop.kept_rows = None
     if max_abs_diff(full, kept) <= _tolerance(full):
         return None
     kind = "some samples" if any(bool(keep.any()) for keep in keeps) else "no sample"

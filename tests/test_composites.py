@@ -326,6 +326,28 @@ def _sam_decoder_residuals(model) -> dict[str, str]:
     return expected
 
 
+def test_sam2_default_inputs_are_at_its_prompt_encoders_image_size():
+    """SAM 2 keeps its image size on the prompt encoder's config, not the vision config's."""
+    torch.manual_seed(0)
+    backbone = transformers.Sam2HieraDetConfig(
+        hidden_size=12, image_size=64, patch_stride=4, patch_kernel_size=7, patch_padding=3,
+        blocks_per_stage=[1, 1, 1, 1], embed_dim_per_stage=[12, 24, 48, 96],
+        num_attention_heads_per_stage=[1, 2, 4, 8])
+    config = transformers.Sam2Config(
+        vision_config=transformers.Sam2VisionConfig(
+            backbone_config=backbone, backbone_channel_list=[96, 48, 24, 12],
+            backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]], fpn_hidden_size=32),
+        prompt_encoder_config={"hidden_size": 32, "image_size": 64, "patch_size": 16, "mask_input_channels": 8},
+        mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 4, "iou_head_hidden_dim": 32},
+    )
+    model = quiet(lambda: transformers.Sam2Model(config)).eval()
+    found = pathsurgeon.preview(model, RATE)  # image and one point prompt, at 64 pixels (was 224: refused)
+    assert [(p.path, p.source) for p in found.parts][0] == ("vision_encoder", "vision_config")
+    assert {b.part for b in found} == {"vision_encoder"}  # the mask decoder: a region left alone
+    mlps = {b.target for b in found if b.target.endswith(".mlp")}
+    assert mlps == {f"vision_encoder.backbone.blocks.{i}.mlp" for i in range(4)}
+
+
 def test_sam_mask_decoder_is_left_alone_by_default_and_include_brings_it_in_on_its_own_schedule(hf_sam):
     model, inputs = hf_sam
     before = eval_outputs(model, inputs)
@@ -356,8 +378,12 @@ def test_sam_mask_decoder_is_left_alone_by_default_and_include_brings_it_in_on_i
                                                                for p in report.to_dict()["parts"]]
         assert report.max_abs_diff == 0.0
         # the two-way layers' positional-embedding adds look like residual adds; never hooked (a hook
-        # on layer_norm1 would drop the whole token stream)
+        # on layer_norm1 would drop the whole token stream); after the first layer, where the queries
+        # come from the previous layer, not taken for residual adds at all
         assert not any(b.target.endswith(("layer_norm1", "layer_norm3")) for b in report.branches)
+        used_off = [k.block for k in report.left_alone if "also used off the residual branch" in k.reason]
+        assert "mask_decoder.transformer.layers.0" in used_off
+        assert "mask_decoder.transformer.layers.1" not in used_off
     finally:
         pathsurgeon.strip(model)
     assert pathsurgeon_leftovers(model) == []
@@ -399,6 +425,11 @@ def test_detr_encoder_is_left_alone_by_default_and_include_brings_it_in_on_its_o
                                                       for i in range(config.encoder_layers)}
         assert not any(b.part == "model.decoder" for b in report.branches)
         assert any("include=['model.decoder.*']" in k.reason for k in report.left_alone)
+        # the attention modules add position embeddings to the hidden states earlier layers computed
+        # from them: no residual add there, neither wrapped nor listed as left alone
+        attention = ("self_attn", "encoder_attn")
+        assert not [k.block for k in report.left_alone if k.block.endswith(attention)]
+        assert not [b.block for b in report.branches if b.block.endswith(attention)]
         assert report.max_abs_diff == 0.0
     finally:
         pathsurgeon.strip(model)
@@ -484,6 +515,25 @@ def test_clip_default_inputs_run_both_towers(hf_clip):
     found = [(b.target, b.rate) for b in pathsurgeon.preview(hf_clip, RATE)]
     assert found == [(b.target, b.rate) for b in pathsurgeon.preview(hf_clip, RATE, example_inputs=given)]
     assert {t.split(".")[0] for t, _ in found} == {"vision_model", "text_model"}
+
+
+def test_siglip2_default_inputs_run_both_towers_on_patches():
+    """SigLIP2 takes its images cut into patches (NaFlex) and text: both towers run without inputs."""
+    tower = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    config = transformers.Siglip2Config(vision_config={**tower, "num_patches": 16},
+                                        text_config={**tower, "vocab_size": 100})
+    model = quiet(lambda: transformers.Siglip2Model(config)).eval()
+    report = pathsurgeon.add(model, RATE)
+    try:
+        assert report.max_abs_diff == 0.0
+        assert {(p.path, p.branches) for p in report.parts} == {("vision_model", 5), ("text_model", 4)}
+        # each tower over its own depth: the head's residual kept at 0 by the SigLIP recipe
+        rates = {b.target: b.rate for b in report.branches}
+        last = torch.linspace(0, RATE, 2).tolist()[-1]  # linear over 2 layers, as timm writes it
+        assert rates["vision_model.encoder.layers.1.mlp"] == rates["text_model.encoder.layers.1.mlp"] == last
+        assert rates["vision_model.head.mlp"] == 0.0
+    finally:
+        pathsurgeon.strip(model)
 
 
 def test_towers_of_a_model_no_library_knows_get_their_own_schedules():
