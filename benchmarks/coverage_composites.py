@@ -242,7 +242,7 @@ def library_reference(model, part) -> tuple[dict[str, float] | None, str, dict[s
     return None, "no library", {}
 
 
-def _main_sweep():
+def main_sweep():
     """benchmarks/coverage.py, imported by path (``coverage`` is also coverage.py's package name)."""
     import importlib.util
 
@@ -259,7 +259,7 @@ def _called_residual(built, prefix: str) -> tuple[dict[str, float], dict[str, st
     forward calls, {slot: what its output goes into: 'add' for a residual branch})."""
     from pathsurgeon.inputs import example_inputs
 
-    coverage = _main_sweep()
+    coverage = main_sweep()
 
     inputs = example_inputs(built)
     x = dict(inputs.kwargs) if inputs.kwargs else inputs.args[0]

@@ -24,24 +24,13 @@ import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from coverage_composites import main_sweep  # benchmarks/, the script's own directory, is on sys.path
+
 LIBRARIES = ("timm", "torchvision", "transformers")
 
 
 class RowTimeout(Exception):
     pass
-
-
-def _coverage():
-    """benchmarks/coverage.py, imported by path (``coverage`` is also coverage.py's package name)."""
-    import importlib.util
-
-    if "pathsurgeon_coverage_sweep" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("pathsurgeon_coverage_sweep", ROOT / "benchmarks" / "coverage.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["pathsurgeon_coverage_sweep"]
 
 
 def build(library: str, name: str, device: str, small: bool):
@@ -57,7 +46,7 @@ def build(library: str, name: str, device: str, small: bool):
             import torchvision
 
             return torchvision.models.get_model(name)
-        cls, config = _coverage()._hf_build(*name.split(":"), None, small)
+        cls, config = main_sweep()._hf_build(*name.split(":"), None, small)
         return cls(config)
 
 
@@ -86,7 +75,7 @@ def run(library: str, out: Path, timeout: int, only: str | None = None) -> None:
         raise RowTimeout
 
     signal.signal(signal.SIGALRM, alarm)
-    names = [n for n in _coverage().model_names(library) if only is None or fnmatch.fnmatch(n, only)]
+    names = [n for n in main_sweep().model_names(library) if only is None or fnmatch.fnmatch(n, only)]
     done = {json.loads(line)["model"] for line in out.read_text().splitlines()} if out.exists() else set()
     with out.open("a") as handle:
         for name in names:
