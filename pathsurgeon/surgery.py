@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from . import slots as slot_lib
@@ -65,7 +64,6 @@ from .parts import (
 )
 from .plan import make_branch, make_plan
 from .report import Branch, Fallback, LeftAlone, PartReport, Preview, Report
-from .runstate import private_rng, training_flags_kept
 from .skipping import assign_entries, check_gathers
 from .verify import Observation, eval_outputs, max_abs_diff, observe, verification_error
 from .wrappers import check_model, check_not_sharded
@@ -544,8 +542,7 @@ def _eager_refusal(model: nn.Module, inputs: ExampleInputs) -> Exception | None:
     if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
         return None
     try:
-        with torch.no_grad(), training_flags_kept(model, False), private_rng(model):
-            model(*inputs.args, **inputs.kwargs)
+        eval_outputs(model, inputs)
     except Exception as error:  # noqa: BLE001 - the model's own error, reported as the inputs' fault
         return error
     return None
