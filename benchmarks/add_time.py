@@ -3,7 +3,11 @@
 Interleaves, in one process, ``timm.create_model(name)`` (random initialisation: what a fine-tuner
 pays before loading weights) and ``pathsurgeon.add`` on a freshly built model, round after round, and
 prints the median and range of each, the median per-round ratio add / build, and the median seconds
-of every stage of ``add`` (``Report.timings``).
+of every stage of ``add`` (``Report.timings``). Each round also times one eval forward of the
+surgered model (no grad) on one and on two made-up samples, and prints the forwards floor of ``add``: the
+forwards it must run to prove what it proves, as a ratio to the build (mode 'sample': observe and
+verify, one sample each; modes 'skip' / 'batch' / 'fixed_count' add the whole-model check's three
+forwards: every branch in full on two samples, on the kept sample, on none).
 
     python benchmarks/add_time.py [--model vit_base_patch16_224] [--rounds 7] [--mode sample] [--threads N]
 """
@@ -32,7 +36,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     pathsurgeon.add(timm.create_model("test_vit"), 0.1)  # imports and first-call costs out of the way
-    builds, adds, ratios = [], [], []
+    builds, adds, ratios, floors = [], [], [], []
     stages: dict[str, list[float]] = {}
     for _ in range(args.rounds + 1):  # the first round warms up and is not counted
         start = time.perf_counter()
@@ -41,13 +45,17 @@ def main() -> None:
         start = time.perf_counter()
         report = pathsurgeon.add(model, args.rate, mode=args.mode)
         add = time.perf_counter() - start
+        one, two = _forward_seconds(model)  # after add, so that add finds the model as freshly built
+        # observe + verify (one sample each); the skip check: full on two, kept ~ one, none kept ~ nothing
+        floor = 2 * one + (two + one if args.mode != "sample" else 0.0)
         builds.append(build)
         adds.append(add)
         ratios.append(add / build)
+        floors.append(floor / build)
         for stage, seconds in report.timings.items():
             stages.setdefault(stage, []).append(seconds)
         del model
-    builds, adds, ratios = builds[1:], adds[1:], ratios[1:]
+    builds, adds, ratios, floors = builds[1:], adds[1:], ratios[1:], floors[1:]
     stages = {k: v[1:] for k, v in stages.items()}
 
     print(f"{args.model}, mode {args.mode!r}; torch {torch.__version__}, timm {timm.__version__}, "
@@ -58,7 +66,25 @@ def main() -> None:
           f"(min {min(adds):.3f}, max {max(adds):.3f})")
     print(f"  add / build, per round:     median {statistics.median(ratios):.2f}  "
           f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
+    print(f"  forwards floor / build:     median {statistics.median(floors):.2f}  "
+          f"(min {min(floors):.2f}, max {max(floors):.2f})")
     print("  stages of add (median s): " + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in stages.items()))
+
+
+def _forward_seconds(model: torch.nn.Module) -> tuple[float, float]:
+    """Seconds of one eval forward (no grad) of ``model`` on one and on two random samples."""
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    seconds = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in (1, 2):
+            x = torch.randn(batch, *size)
+            start = time.perf_counter()
+            model(x)
+            seconds.append(time.perf_counter() - start)
+    model.train(was_training)
+    return seconds[0], seconds[1]
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .inputs import EXAMPLE_BATCH, ExampleInputs, forward_parameters, patch_inputs, placement
+from .inputs import EXAMPLE_BATCH, ExampleInputs, forward_parameters, input_shape, patch_inputs, placement
 
 __all__ = ["composite_inputs"]
 
@@ -64,13 +64,13 @@ def _open_clip_inputs(model: nn.Module) -> ExampleInputs | None:
 
 
 def _hf_image_text_inputs(model: nn.Module) -> ExampleInputs | None:
-    """Hugging Face two-tower models (CLIP, SigLIP, ...): ``pixel_values`` and ``input_ids`` from the
-    ``vision_config`` and ``text_config``."""
+    """Hugging Face two-tower models (CLIP, SigLIP, Grounding DINO, ...): ``pixel_values`` of the size
+    their configs state (:func:`pathsurgeon.inputs.input_shape`) and ``input_ids`` from the ``text_config``."""
     parameters = forward_parameters(model)
     if not {"pixel_values", "input_ids"} <= parameters:
         return None
     config = getattr(model, "config", None)
-    vision, text = getattr(config, "vision_config", None), getattr(config, "text_config", None)
+    text = getattr(config, "text_config", None)
     vocabulary = getattr(text, "vocab_size", None)
     if not isinstance(vocabulary, int):
         return None
@@ -80,12 +80,12 @@ def _hf_image_text_inputs(model: nn.Module) -> ExampleInputs | None:
         if images is None:
             return None
         pixels = images.kwargs
-    else:
-        size = _size(getattr(vision, "image_size", None))
-        channels = getattr(vision, "num_channels", 3)
-        if size is None or not isinstance(channels, int):
+    else:  # the image size made-up images have (a Grounding DINO states it on its backbone_config)
+        shape, _ = input_shape(model)
+        if shape is None or len(shape) != 3:
             return None
-        pixels = {"pixel_values": _images(model, channels, size, generator)}
+        channels, *size = shape
+        pixels = {"pixel_values": _images(model, channels, tuple(size), generator)}
     positions = getattr(text, "max_position_embeddings", None) or TEXT_TOKENS
     tokens = _tokens(model, vocabulary, min(int(positions), TEXT_TOKENS), generator)
     return ExampleInputs((), {**pixels, "input_ids": tokens})

@@ -74,7 +74,7 @@ def example_inputs(model: nn.Module, given: object = None) -> ExampleInputs:
     special = _token_inputs(model) or patch_inputs(model)
     if special is not None:
         return special
-    shape, keyword = _input_shape(model)
+    shape, keyword = input_shape(model)
     if shape is None:
         raise PathSurgeonError(
             f"cannot tell what input {type(model).__name__} takes (no timm pretrained_cfg, no image size or "
@@ -116,12 +116,12 @@ def _first(owner: object, names: list[str]) -> object:
     return None
 
 
-def _input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, str | None]:
+def input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, str | None]:
     """(C, H, W) of one image and the keyword it is passed as (None: positionally).
 
     In order (the attribute names are in ``recipes/inputs.toml``): what timm states of a model it built
-    (:func:`_timm_input_shape`); a Hugging Face config's ``image_size`` / ``num_channels`` (its
-    ``vision_config``'s for a composite model); an ``image_size`` / ``img_size`` the model or its patch
+    (:func:`_timm_input_shape`); the ``image_size`` / ``num_channels`` a Hugging Face model's configs
+    state (:func:`_hf_image_configs`: its ``vision_config``, the config, its ``backbone_config``); an ``image_size`` / ``img_size`` the model or its patch
     embedding keeps (torchvision ViT); else 224 × 224 with the channel count of the first convolution or
     the config (3 when only a size is known).
     """
@@ -129,10 +129,9 @@ def _input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, str | None]:
     timm_shape = _timm_input_shape(model)
     if timm_shape is not None:
         return timm_shape, keyword
-    config = getattr(model, "config", None)
-    vision = _first(config, _FACTS["hf_nested_configs"]) or config
-    channels = _first(vision, _FACTS["hf_channels"])
-    size = _pair(_first(vision, _FACTS["hf_image_size"]))
+    configs = _hf_image_configs(model)
+    channels = _first_stated(configs, _FACTS["hf_channels"])
+    size = _pair(_first_stated(configs, _FACTS["hf_image_size"]))
     if size is None:
         size = _own_image_size(model)
     if not isinstance(channels, int):
@@ -143,6 +142,21 @@ def _input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, str | None]:
         return None, None
     height, width = size if size is not None else (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
     return (channels, height, width), keyword
+
+
+def _hf_image_configs(model: nn.Module) -> list[object]:
+    """The Hugging Face configs that may state ``model``'s image size and channels, in the order they
+    are read: a composite's vision config, the config itself, its backbone's config (none: not HF's)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    nested = [_first(config, _FACTS[key]) for key in ("hf_nested_configs", "hf_backbone_configs")]
+    return [c for c in (nested[0], config, nested[1]) if c is not None]
+
+
+def _first_stated(configs: list[object], names: list[str]) -> object:
+    """The first of ``names`` stated (not None) by the first config that states one."""
+    return next((value for value in (_first(c, names) for c in configs) if value is not None), None)
 
 
 def _timm_input_shape(model: nn.Module) -> tuple[int, int, int] | None:

@@ -293,6 +293,40 @@ def _outputs_equal(a, b) -> bool:
     return bool(tensors) and all(torch.equal(x, y) for x, y in tensors)
 
 
+def test_default_inputs_are_at_the_image_size_of_the_backbone_config():
+    """LW-DETR states its image size on its backbone's config only; its windows do not fit 224 pixels."""
+    torch.manual_seed(0)
+    backbone = transformers.LwDetrViTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, image_size=64, pretrain_image_size=64,
+        patch_size=16, num_windows=16, window_block_indices=[0, 2], out_indices=[2, 4])
+    config = transformers.LwDetrConfig(
+        backbone_config=backbone, d_model=32, decoder_ffn_dim=64, decoder_layers=1, decoder_self_attention_heads=2,
+        decoder_cross_attention_heads=2, num_queries=10, group_detr=1, projector_scale_factors=[1.0], c2f_num_blocks=1)
+    model = quiet(lambda: transformers.LwDetrForObjectDetection(config)).eval()
+    with pytest.raises(RuntimeError, match="is invalid for input of size"):
+        model(torch.randn(1, 3, 224, 224))
+    found = pathsurgeon.preview(model, RATE)  # made up at 64 pixels (was 224: ExampleInputsError)
+    assert [(p.path, p.source, p.branches) for p in found.parts][0] == ("model.backbone.backbone", "backbone_config", 8)
+
+
+def test_grounding_dino_default_inputs_run_its_text_backbone_too():
+    """Grounding DINO takes an image and text, its image size on the backbone's config: both made up."""
+    torch.manual_seed(0)
+    swin = transformers.SwinConfig(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                                   image_size=64, out_indices=[2, 3, 4])
+    text = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64, vocab_size=100)
+    config = transformers.GroundingDinoConfig(
+        backbone_config=swin, text_config=text, d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64,
+        decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2, num_queries=10, max_text_len=16,
+        fusion_ffn_dim=64, encoder_n_points=2, decoder_n_points=2)
+    model = quiet(lambda: transformers.GroundingDinoForObjectDetection(config)).eval()
+    found = pathsurgeon.preview(model, RATE)  # was: "forward() missing 1 required positional argument: 'input_ids'"
+    parts = {p.path: (p.source, p.branches) for p in found.parts}
+    assert parts["model.text_backbone"] == ("text_config", 4)
+    assert parts["model.backbone.conv_encoder.model"] == ("backbone_config", 5)
+
+
 @pytest.fixture(scope="module")
 def hf_sam():
     torch.manual_seed(0)
