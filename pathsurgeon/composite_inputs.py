@@ -9,12 +9,18 @@ these (the image batch is then made as for any model).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from .inputs import EXAMPLE_BATCH, ExampleInputs, forward_parameters, input_shape, patch_inputs, placement
+from .inputs import (
+    EXAMPLE_BATCH,
+    ExampleInputs,
+    forward_parameters,
+    input_shape,
+    patch_inputs,
+    placement,
+    size_pair,
+)
 
 __all__ = ["composite_inputs"]
 
@@ -28,14 +34,6 @@ def composite_inputs(model: nn.Module) -> ExampleInputs | None:
         made = make(model)
         if made is not None:
             return made
-    return None
-
-
-def _size(value: Any) -> tuple[int, int] | None:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, (tuple, list)) and len(value) >= 2 and all(isinstance(v, int) for v in value[:2]):
-        return (int(value[0]), int(value[1]))
     return None
 
 
@@ -54,7 +52,7 @@ def _open_clip_inputs(model: nn.Module) -> ExampleInputs | None:
     if not type(model).__module__.startswith("open_clip.") or not {"image", "text"} <= forward_parameters(model):
         return None
     visual = getattr(model, "visual", None)
-    size = _size(getattr(visual, "image_size", None))
+    size = size_pair(getattr(visual, "image_size", None))
     context = getattr(model, "context_length", None) or getattr(getattr(model, "text", None), "context_length", None)
     vocabulary = getattr(model, "vocab_size", None) or getattr(getattr(model, "text", None), "vocab_size", None)
     if size is None or not isinstance(context, int) or not isinstance(vocabulary, int):
@@ -99,7 +97,7 @@ def _hf_prompted_inputs(model: nn.Module) -> ExampleInputs | None:
     config = getattr(model, "config", None)
     vision = getattr(config, "vision_config", None) or config
     # SAM keeps the image size on its vision config, SAM 2 and EdgeTAM on their prompt encoder's
-    size = next(filter(None, (_size(getattr(c, "image_size", None)) for c in
+    size = next(filter(None, (size_pair(getattr(c, "image_size", None)) for c in
                               (vision, config, getattr(config, "prompt_encoder_config", None)))), None)
     channels = getattr(vision, "num_channels", 3)
     if size is None or not isinstance(channels, int):

@@ -121,9 +121,9 @@ def input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, str | None]:
 
     In order (the attribute names are in ``recipes/inputs.toml``): what timm states of a model it built
     (:func:`_timm_input_shape`); the ``image_size`` / ``num_channels`` a Hugging Face model's configs
-    state (:func:`_hf_image_configs`: its ``vision_config``, the config, its ``backbone_config``); an ``image_size`` / ``img_size`` the model or its patch
-    embedding keeps (torchvision ViT); else 224 × 224 with the channel count of the first convolution or
-    the config (3 when only a size is known).
+    state (:func:`_hf_image_configs`: its ``vision_config``, the config, its ``backbone_config``); an
+    ``image_size`` / ``img_size`` the model or its patch embedding keeps (torchvision ViT); else 224 × 224
+    with the channel count of the first convolution or the config (3 when only a size is known).
     """
     keyword = _FACTS["hf_pixel_keyword"] if _FACTS["hf_pixel_keyword"] in forward_parameters(model) else None
     timm_shape = _timm_input_shape(model)
@@ -131,7 +131,7 @@ def input_shape(model: nn.Module) -> tuple[tuple[int, ...] | None, str | None]:
         return timm_shape, keyword
     configs = _hf_image_configs(model)
     channels = _first_stated(configs, _FACTS["hf_channels"])
-    size = _pair(_first_stated(configs, _FACTS["hf_image_size"]))
+    size = size_pair(_first_stated(configs, _FACTS["hf_image_size"]))
     if size is None:
         size = _own_image_size(model)
     if not isinstance(channels, int):
@@ -170,7 +170,8 @@ def _timm_input_shape(model: nn.Module) -> tuple[int, int, int] | None:
     return stated_input_size(model)
 
 
-def _pair(size: object) -> tuple[int, int] | None:
+def size_pair(size: object) -> tuple[int, int] | None:
+    """(height, width) from an image size stated as one int or a pair (None: neither)."""
     if isinstance(size, int) and not isinstance(size, bool):
         return (size, size)
     if isinstance(size, (tuple, list)) and len(size) >= 2 and all(isinstance(v, int) for v in size[:2]):
@@ -181,7 +182,7 @@ def _pair(size: object) -> tuple[int, int] | None:
 def _own_image_size(model: nn.Module) -> tuple[int, int] | None:
     """An input size the model keeps itself: torchvision ViT's ``image_size``, a patch embedding's."""
     for owner in (model, _first(model, _FACTS["patch_embeddings"])):
-        size = _pair(_first(owner, _FACTS["own_image_size"]))
+        size = size_pair(_first(owner, _FACTS["own_image_size"]))
         if size is not None:
             return size
     return None
