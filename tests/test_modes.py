@@ -276,11 +276,12 @@ def test_failure_during_the_subset_check_leaves_the_model_as_it_was(monkeypatch)
     assert module_layout(model) == layout and list(model.state_dict()) == keys
 
 
-@pytest.mark.parametrize("mode", ["sample", "skip", "batch"])
+@pytest.mark.parametrize("mode", ["sample", "skip", "batch", "fixed_count"])
 def test_torch_compile_matches_eager(mode):
     """Inductor with ``fallback_random`` draws eager's random numbers, so compiled and eager steps agree.
 
-    Mode 'sample' compiles with ``fullgraph=True``: pathsurgeon adds no graph break to a ViT.
+    Modes 'sample' and 'fixed_count' compile with ``fullgraph=True``: pathsurgeon adds no graph break
+    to a ViT (fixed_count's kept count is an unbacked size inductor generates code for).
     """
     import torch._dynamo
     import torch._inductor.config
@@ -288,7 +289,7 @@ def test_torch_compile_matches_eager(mode):
     native, model, x = _pair("vit")
     pathsurgeon.add(model, RATE, mode=mode, example_inputs=x[:2])
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=mode == "sample")
+    compiled = torch.compile(model, fullgraph=mode in ("sample", "fixed_count"))
     with torch._inductor.config.patch(fallback_random=True):
         for seed in (0, 1):
             _assert_same_step(_train_step(model, x, seed), _train_step(compiled, x, seed))
