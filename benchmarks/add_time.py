@@ -22,6 +22,7 @@ import timm
 import torch
 
 import pathsurgeon
+from pathsurgeon.libraries.timm import stated_input_size
 
 
 def main() -> None:
@@ -73,7 +74,7 @@ def main() -> None:
 
 def _forward_seconds(model: torch.nn.Module) -> tuple[float, float]:
     """Seconds of one eval forward (no grad) of ``model`` on one and on two random samples."""
-    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    size = stated_input_size(model) or (3, 224, 224)  # what add's made-up inputs take
     seconds = []
     was_training = model.training
     model.eval()
