@@ -470,9 +470,13 @@ def _hooked_parts_slots(captured: Capture, planned: _Planned) -> list[str]:
 # --- helpers ------------------------------------------------------------------------------------------
 
 
+def _on_meta(model: nn.Module) -> bool:
+    """Whether any of the model's tensors is on the meta device (holds no numbers)."""
+    return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+
+
 def _refuse_meta_device(model: nn.Module, config: DropPathConfig) -> None:
-    on_meta = any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
-    if not on_meta:
+    if not _on_meta(model):
         return
     if config.tolerance is not None:
         raise PathSurgeonError(
@@ -539,7 +543,7 @@ def _eager_refusal(model: nn.Module, inputs: ExampleInputs) -> Exception | None:
     """What the model raises when simply run, in eval mode, on ``inputs`` (None if it runs): a capture
     that failed on made-up inputs the model itself refuses is the inputs' fault. Not judged on the meta
     device, where a model's own ``.item()`` fails whatever the inputs."""
-    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+    if _on_meta(model):
         return None
     try:
         eval_outputs(model, inputs)
