@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.2.0"
+from ._version import __version__ as __version__
 
 # The public names, by the module that defines them: the one list of them.
 _MODULES = {

@@ -41,6 +41,7 @@ from .errors import (
     UntrustedCodeError,
 )
 from .files import check_outputs, staged
+from ._version import __version__
 from .manifest import FORMAT_VERSION, MANIFEST, read_manifest
 
 __all__ = [
@@ -745,7 +746,7 @@ def write_checkpoint(model: nn.Module, directory: Path, source: dict[str, Any], 
     else:
         state = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
-    manifest = {"format": FORMAT_VERSION, "source": source, "surgery": surgery}
+    manifest = {"format": FORMAT_VERSION, "pathsurgeon": __version__, "source": source, "surgery": surgery}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 

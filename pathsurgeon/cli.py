@@ -16,6 +16,8 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
+from ._version import __version__
+
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # the shell's codes for SIGINT and SIGTERM
 EXIT_CODES = {"SIGTERM": 143, "SIGHUP": 129}  # 128 + the signal number, as a shell reports it
@@ -44,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="pathsurgeon", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     add = commands.add_parser(

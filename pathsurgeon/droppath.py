@@ -83,7 +83,8 @@ def drop_path(
 
 # A random op: the tag keeps compilers from recomputing it in backward (which would redraw the mask).
 # torch.library.custom_op takes tags= in recent torch; without it the op is still off the partitioner's
-# list of ops it may recompute, as every custom op is.
+# list of ops it may recompute, as every custom op is. Each op states its schema: torch < 2.7 cannot
+# infer one from the string annotations this module's ``from __future__ import annotations`` leaves.
 _RANDOM_OP = (
     {"tags": (torch.Tag.nondeterministic_seeded,)}
     if "tags" in inspect.signature(torch.library.custom_op).parameters
@@ -91,7 +92,13 @@ _RANDOM_OP = (
 )
 
 
-@torch.library.custom_op("pathsurgeon::drop_path_mask", mutates_args=(), **_RANDOM_OP)
+@torch.library.custom_op(
+    "pathsurgeon::drop_path_mask",
+    mutates_args=(),
+    schema='(Tensor rate, SymInt[] shape, ScalarType dtype, Device device, bool scale_by_keep, str draw="bernoulli")'
+    " -> Tensor",
+    **_RANDOM_OP,
+)
 def drop_path_mask(
     rate: torch.Tensor,
     shape: list[int],
@@ -130,7 +137,12 @@ def fixed_count(batch: int, rate: float) -> int:
     return max(int(batch * (1.0 - rate)), 1)
 
 
-@torch.library.custom_op("pathsurgeon::fixed_count_rows", mutates_args=(), **_RANDOM_OP)
+@torch.library.custom_op(
+    "pathsurgeon::fixed_count_rows",
+    mutates_args=(),
+    schema="(Tensor rate, SymInt batch, Device device) -> (Tensor, Tensor)",
+    **_RANDOM_OP,
+)
 def fixed_count_rows(rate: torch.Tensor, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows that keep the branch in mode 'fixed_count', and their scale ``B / k`` (a 0-d float64 CPU
     tensor), with the rate read from a 0-d CPU tensor when it runs.

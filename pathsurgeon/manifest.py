@@ -12,6 +12,7 @@ timm open any ``checkpoint_path``).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,12 @@ __all__ = [
 ]
 
 MANIFEST = "pathsurgeon.json"
-FORMAT_VERSION = 2  # 2: the config and the exact targets (pathsurgeon.save); 1: written by pathsurgeon 0.1
-READABLE_FORMATS = (1, 2)
+# 3: format 2 and the pathsurgeon release that wrote it (0.3 on); 2: the config and the exact targets
+# (pathsurgeon.save, 0.2); 1: written by pathsurgeon 0.1
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
+_RELEASE = {"type": "string", "pattern": r"^[0-9][0-9A-Za-z.+-]{0,63}$"}
+_RELEASE_PATTERN = re.compile(_RELEASE["pattern"])
 MAX_BYTES = 16 * 1024 * 1024  # a manifest lists branches; a bigger file is not one of ours
 
 _SIZE = {"type": "integer", "minimum": 1, "maximum": 65536}
@@ -161,7 +166,7 @@ _SURGERY_2 = {
 
 
 def _schema(version: int, source: dict, surgery: dict) -> dict[str, Any]:
-    return {
+    schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": f"pathsurgeon manifest, format {version}",
         "type": "object",
@@ -169,12 +174,21 @@ def _schema(version: int, source: dict, surgery: dict) -> dict[str, Any]:
         "required": ["format", "source", "surgery"],
         "properties": {"format": {"const": version}, "source": source, "surgery": surgery},
     }
+    if version >= 3:  # the release that wrote it: what a reader too old for a later format is told to install
+        schema["required"] = ["format", "pathsurgeon", "source", "surgery"]
+        schema["properties"] = {"format": {"const": version}, "pathsurgeon": _RELEASE, "source": source,
+                                "surgery": surgery}
+    return schema
 
 
 # Format 1 (pathsurgeon 0.1) knew timm and transformers sources and recorded the rate, schedule, mode
 # and branches of the surgery.
 _SOURCE_1 = {**_SOURCE, "properties": {"library": {"enum": ["timm", "transformers"]}}}
-SCHEMAS: dict[int, dict[str, Any]] = {1: _schema(1, _SOURCE_1, _SURGERY_1), 2: _schema(2, _SOURCE, _SURGERY_2)}
+SCHEMAS: dict[int, dict[str, Any]] = {
+    1: _schema(1, _SOURCE_1, _SURGERY_1),
+    2: _schema(2, _SOURCE, _SURGERY_2),
+    3: _schema(3, _SOURCE, _SURGERY_2),
+}
 SCHEMA = SCHEMAS[FORMAT_VERSION]
 
 
@@ -224,7 +238,17 @@ def validate_manifest(data: Any, where: Path | str = MANIFEST) -> None:
     """Check ``data`` against :data:`SCHEMA`; the error names the first offending field."""
     import jsonschema
 
+    from ._version import __version__
+
     version = data.get("format", FORMAT_VERSION) if isinstance(data, dict) else FORMAT_VERSION
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        writer = data.get("pathsurgeon")
+        release = writer if isinstance(writer, str) and _RELEASE_PATTERN.match(writer) else None
+        raise ManifestError(
+            f"{where} was written by pathsurgeon {release or 'a newer release'} (manifest format {version}); "
+            f"pathsurgeon {__version__} reads formats up to {FORMAT_VERSION}: "
+            + (f"pip install 'pathsurgeon>={release}'" if release else "upgrade pathsurgeon")
+        )
     if version not in READABLE_FORMATS:
         raise ManifestError(
             f"{where} has manifest format {version!r}; this pathsurgeon reads formats "

@@ -143,7 +143,8 @@ def restore_slot(parent: nn.Module, attr: str, content: SlotContent) -> None:
 
 # --- probes ------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("pathsurgeon::slot_probe", mutates_args=())
+# the schema stated: torch < 2.7 cannot infer it from this module's string annotations
+@torch.library.custom_op("pathsurgeon::slot_probe", mutates_args=(), schema="(Tensor x, SymInt slot_id) -> Tensor")
 def _slot_probe_op(x: torch.Tensor, slot_id: int) -> torch.Tensor:
     return x.clone()
 

@@ -115,6 +115,32 @@ def test_a_checkpoint_written_by_pathsurgeon_0_1_still_loads(tmp_path):
     assert pathsurgeon.find(loaded) == pathsurgeon.find(model)
 
 
+def test_the_manifest_names_its_writer_and_format_2_still_loads(tmp_path):
+    model = fine_tuned_vit()
+    pathsurgeon.add(model, 0.1)
+    pathsurgeon.save(model, tmp_path / "run")
+    path = tmp_path / "run" / "pathsurgeon.json"
+    current = json.loads(path.read_text())
+    assert (current["format"], current["pathsurgeon"]) == (3, pathsurgeon.__version__)
+    # format 2 (pathsurgeon 0.2): the same fields, no writer
+    path.write_text(json.dumps({**{k: v for k, v in current.items() if k != "pathsurgeon"}, "format": 2}))
+    assert pathsurgeon.find(pathsurgeon.load(tmp_path / "run")) == pathsurgeon.find(model)
+
+
+def test_a_manifest_from_a_newer_release_names_the_release_that_reads_it(tmp_path):
+    model = fine_tuned_vit()
+    pathsurgeon.save(model, tmp_path / "run")
+    path = tmp_path / "run" / "pathsurgeon.json"
+    newer = {**json.loads(path.read_text()), "format": 4, "pathsurgeon": "1.2.0", "surprise": {"x": 1}}
+    path.write_text(json.dumps(newer))
+    with pytest.raises(pathsurgeon.ManifestError) as caught:
+        pathsurgeon.load(tmp_path / "run")
+    message = str(caught.value)
+    assert "written by pathsurgeon 1.2.0 (manifest format 4)" in message
+    assert f"pathsurgeon {pathsurgeon.__version__} reads formats up to 3" in message
+    assert "pip install 'pathsurgeon>=1.2.0'" in message and "\n" not in message
+
+
 def test_save_of_a_stripped_model_has_no_surgery_and_the_original_tree(tmp_path):
     model = fine_tuned_vit()
     layout = module_layout(model)
