@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._version import __version__
 from .errors import (
     CheckpointError,
     ManifestError,
@@ -41,7 +42,6 @@ from .errors import (
     UntrustedCodeError,
 )
 from .files import check_outputs, staged
-from ._version import __version__
 from .manifest import FORMAT_VERSION, MANIFEST, read_manifest
 
 __all__ = [
