@@ -104,6 +104,17 @@ def _parser() -> argparse.ArgumentParser:
     _allow_missing_argument(export)
     export.add_argument("--onnx", required=True, metavar="FILE", help="where to write the .onnx file")
     export.add_argument("--opset", type=int, metavar="N", help="ONNX opset version (default: the exporter's)")
+    export.add_argument(
+        "--input-size", metavar="C,H,W",
+        help="the image size to export at (default: the size the model's config states); height and width "
+        "are fixed in the file",
+    )
+    export.add_argument(
+        "--static", action="store_true",
+        help="fix the batch size too, for runtimes that want static shapes (default: the batch axis is "
+        "dynamic, the file takes any batch size)",
+    )
+    export.add_argument("--batch", type=int, metavar="N", help="with --static: the batch size to fix (default 1)")
     export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -369,13 +380,19 @@ def _run_strip(args) -> int:
 def _run_export(args) -> int:
     from .checkpoint import load
     from .errors import PathSurgeonError
-    from .export import export_onnx, validate_opset
+    from .export import export_onnx, format_shape, parse_input_size, validate_opset
     from .files import check_outputs
 
     if args.source is not None and args.weights is not None:
         raise PathSurgeonError("--weights goes with --model; a --in directory already holds its weights")
     if args.opset is not None:
         validate_opset(args.opset)
+    if args.batch is not None and not args.static:
+        raise PathSurgeonError("--batch fixes the batch of a --static export; pass --static too, or leave --batch "
+                               "out: without --static the file takes any batch size")
+    if args.batch is not None and args.batch < 1:
+        raise PathSurgeonError(f"--batch {args.batch} is not a positive integer; pass e.g. --batch 1")
+    input_size = parse_input_size(args.input_size) if args.input_size is not None else None
     check_outputs({"--onnx": (args.onnx, "file")}, _model_inputs(args))
     progress = _Progress()
     if args.source is not None:
@@ -385,11 +402,15 @@ def _run_export(args) -> int:
         args.require_pretrained = False
         model = _load_spec(args, progress).model
     progress(f"exporting {type(model).__name__} to {args.onnx}")
-    report = export_onnx(model, args.onnx, opset=args.opset)
+    report = export_onnx(model, args.onnx, opset=args.opset, input_size=input_size,
+                         dynamic_batch=not args.static, batch_size=args.batch)
     progress("done")
     nodes = sum(report.op_types.values())
-    print(f"wrote {args.onnx}: {nodes} nodes, no random ops; "
-          f"onnxruntime vs PyTorch max |Δ| = {report.max_abs_diff:.3g}")
+    signature = ", ".join(f"{name} {format_shape(shape)}" for name, shape in report.inputs.items())
+    signature += " -> " + ", ".join(f"{name} {format_shape(shape)}" for name, shape in report.outputs.items())
+    batches = " and ".join(str(b) for b in report.checked_batches)
+    print(f"wrote {args.onnx}: {signature}; {nodes} nodes, no random ops; "
+          f"onnxruntime vs PyTorch max |Δ| = {report.max_abs_diff:.3g} at batch {batches}")
     return EXIT_OK
 
 
