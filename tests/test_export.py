@@ -239,3 +239,15 @@ def test_cli_export_input_size_and_static(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()[-1:]) == 1
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_is_reachable_from_the_package_without_importing_it_first():
+    code = (
+        "import sys, pathsurgeon\n"
+        "assert 'pathsurgeon.export' not in sys.modules and 'torch' not in sys.modules\n"
+        "assert 'export' in dir(pathsurgeon) and 'export_onnx' in pathsurgeon.__all__\n"
+        "function = pathsurgeon.export.export_onnx  # the README's spelling\n"
+        "assert pathsurgeon.export_onnx is function and pathsurgeon.OnnxReport is pathsurgeon.export.OnnxReport\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
