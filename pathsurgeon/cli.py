@@ -253,7 +253,23 @@ def _load_spec(args, progress):
     )
     for note in loaded.notes:
         _say(note)
+    if loaded.saved_surgery is not None:
+        _say(_saved_surgery_note(args, loaded.saved_surgery))
     return loaded
+
+
+def _saved_surgery_note(args, surgery: dict) -> str:
+    """One line for a directory written by ``add --out``: commands start from its weights, without the saved
+    DropPath (``pathsurgeon.load(DIR)`` is what re-applies it)."""
+    rate, mode = surgery.get("rate"), surgery.get("config", {}).get("mode", "sample")
+    saved = f"rate {rate}" if isinstance(rate, (int, float)) else "per-block rates"
+    if args.command == "add":
+        what = f"this add drops it and applies --rate {args.rate} to the saved weights"
+    elif args.command == "inspect":
+        what = f"the rates shown are the model's without it (pathsurgeon.load({args.model!r}) re-applies it)"
+    else:
+        what = "the exported file has none of it"
+    return f"{args.model} holds a model saved with DropPath ({saved}, mode {mode}); {what}"
 
 
 def _model_inputs(args) -> dict[str, list | str | None]:

@@ -187,3 +187,16 @@ def test_add_in_skip_mode_reports_fallbacks_and_round_trips(tmp_path, capsys):
     model = pathsurgeon.load(out)
     assert [b.mode for b in pathsurgeon.find(model)] == ["sample"] * 8  # what the BatchNorm branches run in
     assert pathsurgeon.changes.record_of(model).mode == "skip"
+
+
+def test_add_on_a_directory_written_by_add_says_it_replaces_the_saved_surgery(tmp_path, capsys):
+    out = tmp_path / "surgered"
+    assert run(capsys, "add", "--model", "test_vit", "--rate", "0.1", "--mode", "skip", "--out", str(out))[0] == 0
+    code, printed, err = run(capsys, "add", "--model", str(out), "--rate", "0.2", "--json", str(tmp_path / "p.json"))
+    assert code == 0
+    notices = [line for line in err.splitlines() if "holds a model saved with DropPath" in line]
+    assert notices == [f"pathsurgeon: {out} holds a model saved with DropPath (rate 0.1, mode skip); this add drops "
+                       "it and applies --rate 0.2 to the saved weights"]
+    assert json.loads((tmp_path / "p.json").read_text())["branches"][-1]["rate"] == pytest.approx(0.2)
+    code, printed, err = run(capsys, "inspect", "--model", str(out))
+    assert code == 0 and "the rates shown are the model's without it" in err
