@@ -389,8 +389,18 @@ def _run_strip(args) -> int:
     source, surgery = describe(model)
     with staged([(Path(args.out), "dir")], inputs) as (staging,):  # never cleans up the --in directory
         write_checkpoint(model, staging, source, surgery)
-    print(f"wrote {args.out}: {type(model).__name__} with no pathsurgeon plan")
+    print(f"wrote {args.out}: {type(model).__name__} with no pathsurgeon plan; {_after_strip(args.out, source)}")
     return EXIT_OK
+
+
+def _after_strip(out: str, source: dict) -> str:
+    """What a user does with a stripped checkpoint: export it, or load it in Python."""
+    import shlex
+
+    also = (f"{source['class']}.from_pretrained({out!r}) too" if source.get("library") == "transformers"
+            else f"{out}/model.safetensors holds {source.get('library')}'s own keys")
+    return (f"next: pathsurgeon export --in {shlex.quote(out)} --onnx model.onnx, or in Python "
+            f"pathsurgeon.load({out!r}) ({also})")
 
 
 def _run_export(args) -> int:

@@ -65,6 +65,9 @@ def test_strip_writes_a_clean_checkpoint(tmp_path, capsys):
     assert run(capsys, "add", "--model", MODEL, "--rate", "0.2", "--out", str(surgered))[0] == 0
     code, out, _ = run(capsys, "strip", "--in", str(surgered), "--out", str(clean))
     assert code == 0
+    assert out.strip() == (f"wrote {clean}: ResNet with no pathsurgeon plan; next: pathsurgeon export --in {clean} "
+                           f"--onnx model.onnx, or in Python pathsurgeon.load({str(clean)!r}) "
+                           f"({clean}/model.safetensors holds timm's own keys)")
     manifest = json.loads((clean / "pathsurgeon.json").read_text())
     assert manifest["surgery"] is None
     model = pathsurgeon.load(clean)
