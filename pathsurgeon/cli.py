@@ -144,6 +144,7 @@ def _rate_or_published(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1) or 'published', got {text!r}") from None
 
 
+_RATE_OPTION = {"what": "--rate", "example": "--rate 0.1"}  # a rate error in command-line words
 _PATH_OPTIONS = {"model": "--model", "weights": "--weights", "source": "--in", "out": "--out", "json": "--json",
                  "onnx": "--onnx"}
 
@@ -297,7 +298,7 @@ def _run_add(args) -> int:
     if args.rate == "published":
         published = _published_by_name(args.model)  # a timm name or hub id: refused before loading
     else:
-        rate = validate_rate(args.rate)  # fail on bad input before loading anything
+        rate = validate_rate(args.rate, **_RATE_OPTION)  # fail on bad input before loading anything
     inputs = _model_inputs(args)
     check_outputs({"--out": (args.out, "dir"), "--json": (args.json, "file")}, inputs)
     progress = _Progress()
@@ -350,7 +351,7 @@ def _run_inspect(args) -> int:
     from .report import format_branches
     from .surgery import find, preview
 
-    rate = validate_rate(args.rate) if args.rate is not None else None
+    rate = validate_rate(args.rate, **_RATE_OPTION) if args.rate is not None else None
     args.schedule = args.schedule or "auto"
     progress = _Progress()
     model = _load_spec(args, progress).model

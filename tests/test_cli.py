@@ -108,8 +108,9 @@ def test_weights_file_is_loaded_safely(tmp_path, capsys):
     "argv, words",
     [
         (["add", "--model", "resnet_18", "--rate", "0.1"], "did you mean resnet18"),
-        (["add", "--model", MODEL, "--rate", "1.5"], "[0, 1)"),
-        (["add", "--model", MODEL, "--rate", "nan"], "[0, 1)"),
+        (["add", "--model", MODEL, "--rate", "1.5"], "--rate must be in [0, 1)"),
+        (["add", "--model", MODEL, "--rate", "nan"], "got nan; pass e.g. --rate 0.1"),  # the CLI's syntax
+        (["inspect", "--model", MODEL, "--rate", "2"], "got 2.0; pass e.g. --rate 0.1"),
         (["add", "--model", MODEL, "--rate", "0.1", "--require-pretrained"], "no local pretrained weights"),
         (["add", "--model", MODEL, "--rate", "0.1", "--weights", "missing.pt"], "does not exist"),
         (["add", "--model", "nobody/no-such-model", "--rate", "0.1"], "not in the local Hugging Face cache"),
