@@ -101,6 +101,7 @@ def export_onnx(
             )
         if dynamic_batch:
             _require_dynamic_batch(model, program.model.graph, inputs.batch_size)
+            _name_batch_axis(program.model.graph)
         _name_values(program.model.graph, model, output, input_names, output_names)
         program.save(str(staging))
         proto = onnx.load(str(staging), load_external_data=False)
@@ -308,6 +309,34 @@ def _require_dynamic_batch(model: nn.Module, graph: Any, batch: int | None) -> N
             f"{type(model).__name__}'s code fixes the batch size of {', '.join(fixed)} at {batch}, so the batch "
             "axis cannot be dynamic; pass --static (dynamic_batch=False) and --batch N (batch_size=N)"
         )
+
+
+def _name_batch_axis(graph: Any) -> None:
+    """Call the batch axis ``batch`` everywhere in the graph: the exporter keeps the ``Dim``'s name only
+    when every input is a tensor (a ``flag=True`` keyword input leaves it ``s77``)."""
+    import re
+
+    import onnx_ir
+
+    symbols = {
+        value.shape[0].value for value in graph.inputs
+        if value.shape is not None and len(value.shape) > 0 and isinstance(value.shape[0], onnx_ir.SymbolicDim)
+        and isinstance(value.shape[0].value, str)
+    } - {BATCH}
+    if len(symbols) != 1:
+        return
+    pattern = re.compile(rf"\b{re.escape(symbols.pop())}\b")
+    nodes = onnx_ir.traversal.RecursiveGraphIterator(graph)
+    for value in [*graph.inputs, *(output for node in nodes for output in node.outputs)]:
+        if value.shape is None:
+            continue
+        dims = [
+            onnx_ir.SymbolicDim(pattern.sub(BATCH, dim.value))
+            if isinstance(dim, onnx_ir.SymbolicDim) and isinstance(dim.value, str) else dim
+            for dim in value.shape
+        ]
+        if dims != list(value.shape):
+            value.shape = onnx_ir.Shape(dims)
 
 
 def _name_values(

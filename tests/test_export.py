@@ -251,3 +251,24 @@ def test_export_is_reachable_from_the_package_without_importing_it_first():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+class WithFlag(torch.nn.Module):
+    """A keyword input that is no tensor (as HF's use_cache=False): the exporter then names the axis s77."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x, scale=None, flag=False):
+        return self.fc(x) * scale if flag else self.fc(x)
+
+
+def test_the_batch_axis_is_called_batch_whatever_the_inputs(tmp_path):
+    inputs = {"x": torch.randn(3, 4), "scale": torch.randn(3, 1), "flag": True}
+    report = export_onnx(WithFlag(), tmp_path / "m.onnx", example_inputs=inputs, input_names=["x", "scale"],
+                         output_names=["y"])
+    assert report.inputs == {"x": ["batch", 4], "scale": ["batch", 1]} and report.outputs == {"y": ["batch", 4]}
+    assert report.checked_batches == (3, 1) and report.max_abs_diff < 1e-5
+    with pytest.raises(pathsurgeon.PathSurgeonError, match="output_names must be 1 distinct"):
+        export_onnx(WithFlag(), tmp_path / "n.onnx", example_inputs=inputs, output_names=["y", "z"])
