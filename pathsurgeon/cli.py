@@ -95,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser(
         "export", help="export a clean (stripped) model to ONNX and check it with onnxruntime",
         description="Export to ONNX in eval mode, without any pathsurgeon module (a surgered --in directory is "
-        "stripped on the way); onnxruntime's outputs are compared with PyTorch's.",
+        "stripped on the way). The batch axis is dynamic unless --static; onnxruntime's outputs are compared with "
+        "PyTorch's at the traced batch and at batch 1 before the file is written.",
     )
     source = export.add_mutually_exclusive_group(required=True)
     source.add_argument("--in", dest="source", metavar="DIR", help="directory written by add --out or strip --out")
