@@ -7,6 +7,7 @@
 >>> report = pathsurgeon.add(model, pathsurgeon.DropPathConfig(0.1, mode="skip"))  # dropped samples not computed
 >>> scheduler = pathsurgeon.RateScheduler.warmup(model, 0.1, steps=100)  # rate over training
 >>> pathsurgeon.save(model, "out/run1"); model = pathsurgeon.load("out/run1")
+>>> pathsurgeon.export_onnx(model, "vit.onnx")  # strip first; any batch size, checked with onnxruntime
 
 Names are imported on first use, so ``pathsurgeon --help`` answers without importing torch.
 """
@@ -30,6 +31,7 @@ _MODULES = {
     "droppath": ("DropPath", "drop_path"),
     "slots": ("register_drop_path_class",),
     "capture": ("register_leaf_module",),
+    "export": ("OnnxReport", "export_onnx"),
     "errors": (
         "AlreadySurgeredError",
         "CaptureError",
@@ -53,6 +55,8 @@ _MODULES = {
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 _ALIASES = {"Skipped": "LeftAlone"}  # the 0.1 name
+# Submodules reachable as attributes without importing them first (``pathsurgeon.export.export_onnx``).
+_SUBMODULES = ("export",)
 
 __all__ = sorted(_EXPORTS)
 
@@ -63,8 +67,10 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f".{_EXPORTS[target]}", __name__), target)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)  # the import binds it in globals() too
     raise AttributeError(f"module 'pathsurgeon' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))

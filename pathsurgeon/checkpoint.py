@@ -75,6 +75,7 @@ class LoadedModel:
     model: nn.Module
     pretrained: bool
     notes: list[str] = field(default_factory=list)
+    saved_surgery: dict[str, Any] | None = None  # a pathsurgeon directory's surgery, which loading leaves off
 
 
 def load_model(
@@ -98,8 +99,8 @@ def load_model(
                              "a timm model name, an HF hub id or a directory") from error
     if path.is_dir():
         if (path / MANIFEST).is_file():
-            model, _ = _rebuild(path, say, allow_missing_keys=allow_missing_keys)  # its weights; no surgery
-            loaded = LoadedModel(model, pretrained=True)
+            model, manifest = _rebuild(path, say, allow_missing_keys=allow_missing_keys)  # its weights; no surgery
+            loaded = LoadedModel(model, pretrained=True, saved_surgery=manifest["surgery"])
         elif (path / HF_CONFIG).is_file():
             loaded = _load_transformers(str(path), say, allow_missing_keys=allow_missing_keys)
         else:

@@ -98,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser(
         "export", help="export a clean (stripped) model to ONNX and check it with onnxruntime",
         description="Export to ONNX in eval mode, without any pathsurgeon module (a surgered --in directory is "
-        "stripped on the way); onnxruntime's outputs are compared with PyTorch's.",
+        "stripped on the way). The batch axis is dynamic unless --static; onnxruntime's outputs are compared with "
+        "PyTorch's at the traced batch and at batch 1 before the file is written.",
     )
     source = export.add_mutually_exclusive_group(required=True)
     source.add_argument("--in", dest="source", metavar="DIR", help="directory written by add --out or strip --out")
@@ -107,6 +108,17 @@ def _parser() -> argparse.ArgumentParser:
     _allow_missing_argument(export)
     export.add_argument("--onnx", required=True, metavar="FILE", help="where to write the .onnx file")
     export.add_argument("--opset", type=int, metavar="N", help="ONNX opset version (default: the exporter's)")
+    export.add_argument(
+        "--input-size", metavar="C,H,W",
+        help="the image size to export at (default: the size the model's config states); height and width "
+        "are fixed in the file",
+    )
+    export.add_argument(
+        "--static", action="store_true",
+        help="fix the batch size too, for runtimes that want static shapes (default: the batch axis is "
+        "dynamic, the file takes any batch size)",
+    )
+    export.add_argument("--batch", type=int, metavar="N", help="with --static: the batch size to fix (default 1)")
     export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -136,6 +148,7 @@ def _rate_or_published(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1) or 'published', got {text!r}") from None
 
 
+_RATE_OPTION = {"what": "--rate", "example": "--rate 0.1"}  # a rate error in command-line words
 _PATH_OPTIONS = {"model": "--model", "weights": "--weights", "source": "--in", "out": "--out", "json": "--json",
                  "onnx": "--onnx"}
 
@@ -245,7 +258,23 @@ def _load_spec(args, progress):
     )
     for note in loaded.notes:
         _say(note)
+    if loaded.saved_surgery is not None:
+        _say(_saved_surgery_note(args, loaded.saved_surgery))
     return loaded
+
+
+def _saved_surgery_note(args, surgery: dict) -> str:
+    """One line for a directory written by ``add --out``: commands start from its weights, without the saved
+    DropPath (``pathsurgeon.load(DIR)`` is what re-applies it)."""
+    rate, mode = surgery.get("rate"), surgery.get("config", {}).get("mode", "sample")
+    saved = f"rate {rate}" if isinstance(rate, (int, float)) else "per-block rates"
+    if args.command == "add":
+        what = f"this add drops it and applies --rate {args.rate} to the saved weights"
+    elif args.command == "inspect":
+        what = f"the rates shown are the model's without it (pathsurgeon.load({args.model!r}) re-applies it)"
+    else:
+        what = "the exported file has none of it"
+    return f"{args.model} holds a model saved with DropPath ({saved}, mode {mode}); {what}"
 
 
 def _model_inputs(args) -> dict[str, list | str | None]:
@@ -273,7 +302,7 @@ def _run_add(args) -> int:
     if args.rate == "published":
         published = _published_by_name(args.model)  # a timm name or hub id: refused before loading
     else:
-        rate = validate_rate(args.rate)  # fail on bad input before loading anything
+        rate = validate_rate(args.rate, **_RATE_OPTION)  # fail on bad input before loading anything
     inputs = _model_inputs(args)
     check_outputs({"--out": (args.out, "dir"), "--json": (args.json, "file")}, inputs)
     progress = _Progress()
@@ -326,7 +355,7 @@ def _run_inspect(args) -> int:
     from .report import format_branches
     from .surgery import find, preview
 
-    rate = validate_rate(args.rate) if args.rate is not None else None
+    rate = validate_rate(args.rate, **_RATE_OPTION) if args.rate is not None else None
     args.schedule = args.schedule or "auto"
     progress = _Progress()
     model = _load_spec(args, progress).model
@@ -365,20 +394,36 @@ def _run_strip(args) -> int:
     source, surgery = describe(model)
     with staged([(Path(args.out), "dir")], inputs) as (staging,):  # never cleans up the --in directory
         write_checkpoint(model, staging, source, surgery)
-    print(f"wrote {args.out}: {type(model).__name__} with no pathsurgeon plan")
+    print(f"wrote {args.out}: {type(model).__name__} with no pathsurgeon plan; {_after_strip(args.out, source)}")
     return EXIT_OK
+
+
+def _after_strip(out: str, source: dict) -> str:
+    """What a user does with a stripped checkpoint: export it, or load it in Python."""
+    import shlex
+
+    also = (f"{source['class']}.from_pretrained({out!r}) too" if source.get("library") == "transformers"
+            else f"{out}/model.safetensors holds {source.get('library')}'s own keys")
+    return (f"next: pathsurgeon export --in {shlex.quote(out)} --onnx model.onnx, or in Python "
+            f"pathsurgeon.load({out!r}) ({also})")
 
 
 def _run_export(args) -> int:
     from .checkpoint import load
     from .errors import PathSurgeonError
-    from .export import export_onnx, validate_opset
+    from .export import export_onnx, format_shape, parse_input_size, validate_opset
     from .files import check_outputs
 
     if args.source is not None and args.weights is not None:
         raise PathSurgeonError("--weights goes with --model; a --in directory already holds its weights")
     if args.opset is not None:
         validate_opset(args.opset)
+    if args.batch is not None and not args.static:
+        raise PathSurgeonError("--batch fixes the batch of a --static export; pass --static too, or leave --batch "
+                               "out: without --static the file takes any batch size")
+    if args.batch is not None and args.batch < 1:
+        raise PathSurgeonError(f"--batch {args.batch} is not a positive integer; pass e.g. --batch 1")
+    input_size = parse_input_size(args.input_size) if args.input_size is not None else None
     check_outputs({"--onnx": (args.onnx, "file")}, _model_inputs(args))
     progress = _Progress()
     if args.source is not None:
@@ -388,11 +433,15 @@ def _run_export(args) -> int:
         args.require_pretrained = False
         model = _load_spec(args, progress).model
     progress(f"exporting {type(model).__name__} to {args.onnx}")
-    report = export_onnx(model, args.onnx, opset=args.opset)
+    report = export_onnx(model, args.onnx, opset=args.opset, input_size=input_size,
+                         dynamic_batch=not args.static, batch_size=args.batch)
     progress("done")
     nodes = sum(report.op_types.values())
-    print(f"wrote {args.onnx}: {nodes} nodes, no random ops; "
-          f"onnxruntime vs PyTorch max |Δ| = {report.max_abs_diff:.3g}")
+    signature = ", ".join(f"{name} {format_shape(shape)}" for name, shape in report.inputs.items())
+    signature += " -> " + ", ".join(f"{name} {format_shape(shape)}" for name, shape in report.outputs.items())
+    batches = " and ".join(str(b) for b in report.checked_batches)
+    print(f"wrote {args.onnx}: {signature}; {nodes} nodes, no random ops; "
+          f"onnxruntime vs PyTorch max |Δ| = {report.max_abs_diff:.3g} at batch {batches}")
     return EXIT_OK
 
 

@@ -69,18 +69,19 @@ def brief(value: object) -> str:
     return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
-def validate_rate(rate: object, *, what: str = "rate") -> float:
+def validate_rate(rate: object, *, what: str = "rate", example: str = "rate=0.1") -> float:
     """Return ``rate`` as a float in [0, 1), or raise :class:`~pathsurgeon.errors.InvalidRateError`.
 
-    Any real number type is accepted (``0.1``, ``numpy.float32(0.1)``, ``torch.tensor(0.1)``).
+    Any real number type is accepted (``0.1``, ``numpy.float32(0.1)``, ``torch.tensor(0.1)``). ``what`` and
+    ``example`` word the message in the caller's syntax (the command line: ``--rate``, ``--rate 0.1``).
     """
     value = real_number(rate)
     if value is None:
-        raise InvalidRateError(f"{what} must be a number in [0, 1), got {brief(rate)}; pass e.g. rate=0.1")
+        raise InvalidRateError(f"{what} must be a number in [0, 1), got {brief(rate)}; pass e.g. {example}")
     if math.isnan(value) or not 0.0 <= value < 1.0:
         raise InvalidRateError(
             f"{what} must be in [0, 1) (the probability of dropping a sample's branch), got {value!r}; "
-            "pass e.g. rate=0.1"
+            f"pass e.g. {example}"
         )
     return value
 

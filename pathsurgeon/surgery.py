@@ -19,9 +19,12 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import fnmatch
 import functools
 import itertools
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -123,6 +126,7 @@ def add(
         )
     with clock("plan"):
         planned = _plan(model, captured, selection, config, observation)
+    _warn_unmatched_patterns(config, [*selection.blocks, *(k.block for k in selection.left_alone)])
 
     record = Record(config, [], planned.branches, selection.blocks, captured.method, config.rate,
                     planned.schedule, rates_from=planned.rates_from,
@@ -364,6 +368,21 @@ class _Planned:
     rates_from: str
     rates_note: str
     norms: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # target -> its BatchNorms
+
+
+def _warn_unmatched_patterns(config: DropPathConfig, blocks: Sequence[str]) -> None:
+    """Warn, naming the closest block names, about each include / exclude pattern that matches no block
+    with a residual branch: a typo (``exclude=["block.0"]``) would otherwise silently change nothing."""
+    names = list(dict.fromkeys(blocks))
+    for argument, patterns in (("include", config.include), ("exclude", config.exclude)):
+        for pattern in patterns:
+            if any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                continue
+            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5) or names[:3]
+            warnings.warn(
+                f"{argument} pattern {pattern!r} matches no block with residual branches (closest: "
+                f"{', '.join(close)}); pathsurgeon.find(model) lists the block names", stacklevel=3,
+            )
 
 
 def _plan(

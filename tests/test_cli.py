@@ -65,6 +65,9 @@ def test_strip_writes_a_clean_checkpoint(tmp_path, capsys):
     assert run(capsys, "add", "--model", MODEL, "--rate", "0.2", "--out", str(surgered))[0] == 0
     code, out, _ = run(capsys, "strip", "--in", str(surgered), "--out", str(clean))
     assert code == 0
+    assert out.strip() == (f"wrote {clean}: ResNet with no pathsurgeon plan; next: pathsurgeon export --in {clean} "
+                           f"--onnx model.onnx, or in Python pathsurgeon.load({str(clean)!r}) "
+                           f"({clean}/model.safetensors holds timm's own keys)")
     manifest = json.loads((clean / "pathsurgeon.json").read_text())
     assert manifest["surgery"] is None
     model = pathsurgeon.load(clean)
@@ -105,8 +108,9 @@ def test_weights_file_is_loaded_safely(tmp_path, capsys):
     "argv, words",
     [
         (["add", "--model", "resnet_18", "--rate", "0.1"], "did you mean resnet18"),
-        (["add", "--model", MODEL, "--rate", "1.5"], "[0, 1)"),
-        (["add", "--model", MODEL, "--rate", "nan"], "[0, 1)"),
+        (["add", "--model", MODEL, "--rate", "1.5"], "--rate must be in [0, 1)"),
+        (["add", "--model", MODEL, "--rate", "nan"], "got nan; pass e.g. --rate 0.1"),  # the CLI's syntax
+        (["inspect", "--model", MODEL, "--rate", "2"], "got 2.0; pass e.g. --rate 0.1"),
         (["add", "--model", MODEL, "--rate", "0.1", "--require-pretrained"], "no local pretrained weights"),
         (["add", "--model", MODEL, "--rate", "0.1", "--weights", "missing.pt"], "does not exist"),
         (["add", "--model", "nobody/no-such-model", "--rate", "0.1"], "not in the local Hugging Face cache"),
@@ -187,3 +191,16 @@ def test_add_in_skip_mode_reports_fallbacks_and_round_trips(tmp_path, capsys):
     model = pathsurgeon.load(out)
     assert [b.mode for b in pathsurgeon.find(model)] == ["sample"] * 8  # what the BatchNorm branches run in
     assert pathsurgeon.changes.record_of(model).mode == "skip"
+
+
+def test_add_on_a_directory_written_by_add_says_it_replaces_the_saved_surgery(tmp_path, capsys):
+    out = tmp_path / "surgered"
+    assert run(capsys, "add", "--model", "test_vit", "--rate", "0.1", "--mode", "skip", "--out", str(out))[0] == 0
+    code, printed, err = run(capsys, "add", "--model", str(out), "--rate", "0.2", "--json", str(tmp_path / "p.json"))
+    assert code == 0
+    notices = [line for line in err.splitlines() if "holds a model saved with DropPath" in line]
+    assert notices == [f"pathsurgeon: {out} holds a model saved with DropPath (rate 0.1, mode skip); this add drops "
+                       "it and applies --rate 0.2 to the saved weights"]
+    assert json.loads((tmp_path / "p.json").read_text())["branches"][-1]["rate"] == pytest.approx(0.2)
+    code, printed, err = run(capsys, "inspect", "--model", str(out))
+    assert code == 0 and "the rates shown are the model's without it" in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import timm
 import torch
@@ -94,3 +96,21 @@ def test_excluding_a_block_keeps_the_drop_path_its_library_built():
     theirs = model.blocks[3].drop_path1
     pathsurgeon.add(model, pathsurgeon.DropPathConfig(0.3, exclude=["blocks.3"]))
     assert model.blocks[3].drop_path1 is theirs and not isinstance(theirs, pathsurgeon.DropPath)
+
+
+def test_a_pattern_that_matches_no_block_warns_with_the_closest_names():
+    model = vit()
+    config = pathsurgeon.DropPathConfig(0.1, include=["blocks.*", "stage.*"], exclude=["block.3"])
+    with pytest.warns(UserWarning) as caught:
+        report = pathsurgeon.add(model, config)
+    messages = sorted(str(w.message) for w in caught if "matches no block" in str(w.message))
+    assert len(messages) == 2
+    assert messages[0].startswith("exclude pattern 'block.3' matches no block with residual branches (closest: "
+                                  "blocks.3, ")
+    assert messages[1].startswith("include pattern 'stage.*' matches no block")
+    assert all(w.filename == __file__ for w in caught if "matches no block" in str(w.message))  # the caller's line
+    assert len({b.block for b in report.branches}) == 4  # the typo excluded nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pathsurgeon.strip(model)
+        pathsurgeon.add(model, pathsurgeon.DropPathConfig(0.1, exclude=["blocks.3"]))  # matches: no warning

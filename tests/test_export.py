@@ -137,3 +137,138 @@ def test_a_graph_with_a_random_op_is_refused_and_not_written(tmp_path):
     with pytest.raises(pathsurgeon.PathSurgeonError, match="random ops"):
         export_onnx(RandomInEval(), tmp_path / "m.onnx", example_inputs=torch.randn(2, 4))
     assert list(tmp_path.iterdir()) == []
+
+
+def run_file(file, **feeds):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    return session.run(None, {name: value.numpy() for name, value in feeds.items()})
+
+
+def io_shapes(file):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    return ({i.name: i.shape for i in session.get_inputs()}, {o.name: o.shape for o in session.get_outputs()})
+
+
+@pytest.mark.parametrize("name", ["timm_vit", "hf_vit"])
+def test_python_export_takes_any_batch_under_sensible_names(name, tmp_path):
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    report = export_onnx(model, tmp_path / "m.onnx")  # made-up inputs, traced at batch 2
+    assert report.inputs == {"pixel_values": ["batch", 3, 32, 32]}
+    assert report.outputs == {"logits": ["batch", 4]}
+    assert report.dynamic_batch and report.checked_batches == (2, 1) and report.max_abs_diff < 1e-4
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 32, 32)
+        (got,) = run_file(tmp_path / "m.onnx", pixel_values=x)
+        with torch.no_grad():
+            want = call(model, x)
+        assert got.shape == (batch, 4)
+        assert torch.allclose(torch.from_numpy(got), want, atol=1e-4)
+
+
+def test_a_batch_of_one_is_traced_as_two_and_static_fixes_the_batch(tmp_path):
+    torch.manual_seed(0)
+    model = timm_vit().eval()
+    report = export_onnx(model, tmp_path / "dynamic.onnx", example_inputs=torch.randn(1, 3, 32, 32))
+    assert report.inputs == {"pixel_values": ["batch", 3, 32, 32]} and report.checked_batches == (2, 1)
+    report = export_onnx(model, tmp_path / "static.onnx", dynamic_batch=False, batch_size=3)
+    assert report.inputs == {"pixel_values": [3, 3, 32, 32]} and report.checked_batches == (3,)
+    assert io_shapes(tmp_path / "static.onnx") == ({"pixel_values": [3, 3, 32, 32]}, {"logits": [3, 4]})
+    with pytest.raises(pathsurgeon.ExampleInputsError, match="pass dynamic_batch=False"):
+        export_onnx(model, tmp_path / "refused.onnx", batch_size=3)
+    assert not (tmp_path / "refused.onnx").exists()
+
+
+class BatchOfTwo(torch.nn.Module):
+    """Code that fixes the batch: the exporter keeps a symbolic axis and writes a graph that only runs at 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(x).reshape(2, -1)
+
+
+def test_a_model_that_fixes_its_batch_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(pathsurgeon.PathSurgeonError, match=r"at batch 1 .*pass --static \(dynamic_batch=False\)"):
+        export_onnx(BatchOfTwo(), tmp_path / "m.onnx", example_inputs=torch.randn(2, 3))
+    assert list(tmp_path.iterdir()) == []
+    report = export_onnx(BatchOfTwo(), tmp_path / "m.onnx", example_inputs=torch.randn(2, 3), dynamic_batch=False)
+    assert report.checked_batches == (2,)
+
+
+def test_cli_export_of_a_timm_and_an_hf_model_runs_at_batch_1_and_5(tmp_path, capsys):
+    from pathsurgeon import cli
+
+    torch.manual_seed(0)
+    hf = hf_vit().eval()
+    hf.save_pretrained(tmp_path / "hf")
+    for spec, model in (("test_vit", None), (str(tmp_path / "hf"), hf)):
+        file = tmp_path / f"{len(list(tmp_path.iterdir()))}.onnx"
+        assert cli.main(["export", "--model", spec, "--onnx", str(file)]) == 0
+        out = capsys.readouterr().out
+        assert "-> logits [batch, " in out and "at batch 2 and 1" in out
+        inputs, outputs = io_shapes(file)
+        ((name, shape),) = inputs.items()
+        assert name == "pixel_values" and shape[0] == "batch" and list(outputs) == ["logits"]
+        for batch in (1, 5):
+            x = torch.randn(batch, *shape[1:])
+            (got,) = run_file(file, pixel_values=x)
+            assert got.shape[0] == batch
+            if model is not None:  # the timm model was built with random weights in the CLI's process
+                with torch.no_grad():
+                    assert torch.allclose(torch.from_numpy(got), call(model, x), atol=1e-4)
+
+
+def test_cli_export_input_size_and_static(tmp_path, capsys):
+    from pathsurgeon import cli
+
+    file = tmp_path / "m.onnx"
+    argv = ["export", "--model", "test_vit", "--onnx", str(file), "--input-size", "3,64,64", "--static", "--batch", "4"]
+    assert cli.main(argv) == 0
+    assert "pixel_values [4, 3, 64, 64] -> logits [4, 1000]" in capsys.readouterr().out
+    assert io_shapes(file) == ({"pixel_values": [4, 3, 64, 64]}, {"logits": [4, 1000]})
+    for bad, message in ((["--input-size", "3,64"], "not C,H,W"), (["--batch", "4"], "pass --static too"),
+                         (["--input-size", "3,65,65"], "does not run at --input-size 3,65,65")):
+        assert cli.main(["export", "--model", "test_vit", "--onnx", str(tmp_path / "x.onnx"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()[-1:]) == 1
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_is_reachable_from_the_package_without_importing_it_first():
+    code = (
+        "import sys, pathsurgeon\n"
+        "assert 'pathsurgeon.export' not in sys.modules and 'torch' not in sys.modules\n"
+        "assert 'export' in dir(pathsurgeon) and 'export_onnx' in pathsurgeon.__all__\n"
+        "function = pathsurgeon.export.export_onnx  # the README's spelling\n"
+        "assert pathsurgeon.export_onnx is function and pathsurgeon.OnnxReport is pathsurgeon.export.OnnxReport\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+class WithFlag(torch.nn.Module):
+    """A keyword input that is no tensor (as HF's use_cache=False): the exporter then names the axis s77."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x, scale=None, flag=False):
+        return self.fc(x) * scale if flag else self.fc(x)
+
+
+def test_the_batch_axis_is_called_batch_whatever_the_inputs(tmp_path):
+    inputs = {"x": torch.randn(3, 4), "scale": torch.randn(3, 1), "flag": True}
+    report = export_onnx(WithFlag(), tmp_path / "m.onnx", example_inputs=inputs, input_names=["x", "scale"],
+                         output_names=["y"])
+    assert report.inputs == {"x": ["batch", 4], "scale": ["batch", 1]} and report.outputs == {"y": ["batch", 4]}
+    assert report.checked_batches == (3, 1) and report.max_abs_diff < 1e-5
+    with pytest.raises(pathsurgeon.PathSurgeonError, match="output_names must be 1 distinct"):
+        export_onnx(WithFlag(), tmp_path / "n.onnx", example_inputs=inputs, output_names=["y", "z"])
