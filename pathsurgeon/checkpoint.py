@@ -686,9 +686,9 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     or be empty; it is written through a staging directory, so a failure leaves nothing.
     """
     directory = Path(directory)
-    check_outputs({"directory": (directory, "dir")})
+    seen = check_outputs({"directory": (directory, "dir")})
     source, surgery = describe(model)  # refused before anything is written
-    with staged([(directory, "dir")]) as (staging,):
+    with staged([(directory, "dir")], seen=seen) as (staging,):
         write_checkpoint(model, staging, source, surgery)
     return directory
 

@@ -272,7 +272,7 @@ def _run_add(args) -> int:
     else:
         rate = validate_rate(args.rate)  # fail on bad input before loading anything
     inputs = _model_inputs(args)
-    check_outputs({"--out": (args.out, "dir"), "--json": (args.json, "file")}, inputs)
+    seen = check_outputs({"--out": (args.out, "dir"), "--json": (args.json, "file")}, inputs)
     progress = _Progress()
     loaded = _load_spec(args, progress)
     model = loaded.model
@@ -292,7 +292,7 @@ def _run_add(args) -> int:
     if not targets:
         return EXIT_OK
     source, surgery = describe(model) if args.out is not None else (None, None)  # refused before writing
-    with staged(targets, inputs) as stagings:  # both outputs appear together, or neither does
+    with staged(targets, inputs, seen=seen) as stagings:  # both outputs appear together, or neither does
         staging = dict(zip([kind for _, kind in targets], stagings, strict=True))
         if args.out is not None:
             write_checkpoint(model, staging["dir"], source, surgery)
@@ -355,12 +355,12 @@ def _run_strip(args) -> int:
     from .files import check_outputs, staged
 
     inputs = _model_inputs(args)
-    check_outputs({"--out": (args.out, "dir")}, inputs)
+    seen = check_outputs({"--out": (args.out, "dir")}, inputs)
     progress = _Progress()
     progress(f"reading {args.source}")
     model = load(args.source, surgery=False)  # the weights, without re-applying the surgery
     source, surgery = describe(model)
-    with staged([(Path(args.out), "dir")], inputs) as (staging,):  # never cleans up the --in directory
+    with staged([(Path(args.out), "dir")], inputs, seen=seen) as (staging,):  # never cleans up the --in directory
         write_checkpoint(model, staging, source, surgery)
     print(f"wrote {args.out}: {type(model).__name__} with no pathsurgeon plan")
     return EXIT_OK
