@@ -419,8 +419,12 @@ def _commit(moves: list[tuple[Path, Path, str, State]], check: Callable[[], None
                 continue  # the body had nothing to write there
             backup, was_empty_dir = None, False
             now = _state(target)
-            if now != expected or (now is not None and now[0] != ("emptydir" if kind == "dir" else "file")):
+            if now != expected:
                 raise _changed(target, expected, now)
+            if now is not None and now[0] != ("emptydir" if kind == "dir" else "file"):
+                raise OutputPathError(f"{target} is {_describe_state(now)}, where pathsurgeon writes a "
+                                      f"{'directory' if kind == 'dir' else 'file'}; nothing was written: remove "
+                                      "it or choose another path")
             if now is not None and kind == "dir":
                 try:
                     target.rmdir()  # an empty directory the user made for us; fails if anything went into it

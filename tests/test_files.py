@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from pathsurgeon import cli
@@ -21,6 +22,8 @@ MODEL = "test_vit"
 HELD = """
 import sys, time
 from pathlib import Path
+
+import pytest
 import pathsurgeon.surgery as surgery
 real = surgery.add
 def held_add(*args, **kwargs):
@@ -95,3 +98,51 @@ def test_an_output_file_that_was_there_when_checked_is_replaced(tmp_path, capsys
     assert cli.main(["add", "--model", MODEL, "--rate", "0.1", "--json", str(target)]) == 0
     assert json.loads(target.read_text())["rate"] == 0.1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+
+
+# --- ONNX over 2 GB -----------------------------------------------------------------------------------
+
+
+def test_an_export_with_external_data_is_carried_into_place_and_loads_there(tmp_path, monkeypatch):
+    """torch writes NAME.onnx.data beside the .onnx for models over 2 GB; lowering its threshold makes a tiny
+    model take that path. Both files must end up in place, and the file must load from there."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    import torch
+    from torch.onnx._internal.exporter import _onnx_program
+
+    from pathsurgeon.export import export_onnx
+
+    monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 8)
+    report = export_onnx(model, tmp_path / "m.onnx", example_inputs=(x,))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-5
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert torch.allclose(torch.from_numpy(got), model(x), atol=1e-5)
+    # the same export without external data leaves the earlier weights file alone (it is not ours to delete)
+    monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 1 << 40)
+    export_onnx(model, tmp_path / "m.onnx", example_inputs=(x,))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_an_export_whose_weights_file_is_missing_in_place_is_put_back(tmp_path, monkeypatch):
+    """The check runs on the file in place; when it fails, what was there before is back and nothing is left."""
+    import torch
+    from torch.onnx._internal.exporter import _onnx_program
+
+    from pathsurgeon import export
+    from pathsurgeon.errors import PathSurgeonError
+
+    monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 0)
+    monkeypatch.setattr(export, "_carry_external_data", lambda proto, staging, data_staging, target:
+                        data_staging.unlink())  # what the old code did: the weights file stays in staging
+    (tmp_path / "m.onnx").write_text("the user's earlier export")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64)).eval()  # over the size kept inline
+    with pytest.raises(PathSurgeonError, match="missing once in place"):
+        export.export_onnx(model, tmp_path / "m.onnx", example_inputs=(torch.randn(2, 8),))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert (tmp_path / "m.onnx").read_text() == "the user's earlier export"
