@@ -42,6 +42,7 @@ from .errors import (
 )
 from .files import check_outputs, staged
 from .manifest import FORMAT_VERSION, MANIFEST, read_manifest
+from .runstate import serialised
 
 __all__ = [
     "LoadedModel",
@@ -76,6 +77,7 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
 
 
+@serialised
 def load_model(
     spec: str,
     *,
@@ -674,6 +676,7 @@ def read_weights(file: str | os.PathLike) -> dict[str, torch.Tensor]:
 # --- checkpoint directories: pathsurgeon.save / pathsurgeon.load ---------------------------------------
 
 
+@serialised
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``model`` to ``directory``: its weights (the original ``state_dict`` keys) and a manifest.
 
@@ -749,6 +752,7 @@ def write_checkpoint(model: nn.Module, directory: Path, source: dict[str, Any], 
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+@serialised
 def load(
     directory: str | os.PathLike, *, surgery: bool = True, verify: bool | float = True, allow_missing_keys: bool = False
 ) -> nn.Module:

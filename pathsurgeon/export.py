@@ -24,7 +24,7 @@ from torch import nn
 from .errors import PathSurgeonError
 from .files import staged
 from .inputs import example_inputs as make_inputs
-from .runstate import training_flags_kept
+from .runstate import serialised, training_flags_kept
 from .verify import eval_outputs
 
 __all__ = ["OnnxReport", "export_onnx", "supported_opsets", "validate_opset"]
@@ -45,6 +45,7 @@ class OnnxReport:
     max_abs_diff: float | None
 
 
+@serialised
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,

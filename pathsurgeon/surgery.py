@@ -64,6 +64,7 @@ from .parts import (
 )
 from .plan import make_branch, make_plan
 from .report import Branch, Fallback, LeftAlone, PartReport, Preview, Report
+from .runstate import serialised
 from .skipping import assign_entries, check_gathers
 from .verify import Observation, eval_outputs, max_abs_diff, observe, verification_error
 from .wrappers import check_model, check_not_sharded
@@ -74,6 +75,7 @@ _UNSET: Any = object()
 _DEFAULTS = {"schedule": "auto", "mode": "sample", "verify": True}
 
 
+@serialised
 def add(
     model: nn.Module,
     rate: float | DropPathConfig | None = None,
@@ -171,6 +173,7 @@ def add(
                   clock.seconds, _part_reports(planned.part_plans, record.branches, selection))
 
 
+@serialised
 def find(model: nn.Module, example_inputs: Any = None) -> list[Branch]:
     """The residual branches stochastic depth would go on, with the rates the model has now.
 
@@ -200,6 +203,7 @@ def find(model: nn.Module, example_inputs: Any = None) -> list[Branch]:
     return _in_execution_order(branches, selection)
 
 
+@serialised
 def preview(
     model: nn.Module, rate: float | None, *, schedule: str | Sequence[float] = "auto", example_inputs: Any = None
 ) -> Preview:
@@ -222,6 +226,7 @@ def preview(
     return Preview(branches, rates_from, note, _part_reports(part_plans, branches, selection))
 
 
+@serialised
 def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[float] = "auto") -> list[Branch]:
     """Re-rate a model surgered by :func:`add` (in place); returns the branches with their new rates.
 
@@ -272,6 +277,7 @@ def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[f
     return branches
 
 
+@serialised
 def strip(model: nn.Module) -> nn.Module:
     """Undo :func:`add` in place: every slot and hook back as it was. A no-op on an untouched model.
 
