@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputPathError
+from .errors import OutputPathError, PathSurgeonError
 
 __all__ = [
     "OutputPathError",
@@ -293,7 +293,7 @@ def _marker(entry: Path) -> dict[str, Any] | None:
         if not stat.S_ISREG(info.st_mode) or info.st_size > 4096:
             return None
         data = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # '[' * 3000 is not a marker either
         return None
     if not isinstance(data, dict) or data.get("creator") != _STAGING or not isinstance(data.get("pid"), int):
         return None
@@ -361,12 +361,13 @@ def staged(
     """
     directories: list[Path] = []
     stagings: list[Path] = []
+    made: list[Path] = []  # folders made for the targets (--out a/b/c): removed again when nothing is written
     expected = dict(seen or {})
     for target, _ in targets:
         expected.setdefault(_absolute(target), _state(target))
     try:
         for target, kind in targets:
-            target.absolute().parent.mkdir(parents=True, exist_ok=True)
+            made += _make_folders(target.absolute().parent)
             remove_stale_staging(target, inputs)
             directories.append(_make_staging_dir(target))
             if kind == "dir":
@@ -388,15 +389,54 @@ def staged(
     except BaseException as error:
         for directory in directories:
             shutil.rmtree(directory, ignore_errors=True)
-        if isinstance(error, OSError):  # a full disk, a vanished directory: the environment, not a bug
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty: another program may have put something there meanwhile
+        system_error = _system_error(error)
+        if system_error is not None:  # a full disk, a file size limit, a vanished directory: not a bug
             names = ", ".join(str(t) for t, _ in targets)
+            if system_error.errno == errno.ENOSPC:
+                problem = f"no space left on the device holding {names}"
+            else:
+                problem = f"cannot write {names} ({system_error.strerror or system_error})"
             raise OutputPathError(
-                f"cannot write {names} ({error.strerror or error}); nothing was written: free some space or "
-                "choose another location"
+                f"{problem}; nothing was written: free some space or choose another location"
             ) from error
         raise
     for directory in directories:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders this call made, outermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    made = []
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue  # made by someone else meanwhile: not ours to remove
+        made.append(path)
+    return made
+
+
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")
+
+
+def _system_error(error: BaseException) -> OSError | None:
+    """The operating-system error behind ``error``: itself, or one a library wrapped in its own exception
+    (safetensors' Rust writer says "... (os error 28)")."""
+    if isinstance(error, OSError):
+        return error
+    if isinstance(error, Exception) and not isinstance(error, PathSurgeonError):
+        match = _OS_ERROR_IN_TEXT.search(str(error))
+        if match:
+            number = int(match[1] or match[2])
+            return OSError(number, os.strerror(number))
+    return None
 
 
 def _umask() -> int:

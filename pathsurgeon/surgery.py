@@ -44,7 +44,7 @@ from .changes import (
 )
 from .composite_inputs import composite_inputs
 from .config import DropPathConfig, config_from_arguments, validate_rate, validate_schedule
-from .errors import CaptureError, NoBranchesError, PathSurgeonError
+from .errors import CaptureError, ExampleInputsError, NoBranchesError, PathSurgeonError
 from .finder import find_residual_adds
 from .inputs import ExampleInputs, example_inputs, made_up_inputs_failed
 from .parts import (
@@ -521,6 +521,8 @@ def _inputs(model: nn.Module, given: Any, *, required: bool) -> ExampleInputs | 
         return example_inputs(model, given)
     try:
         return example_inputs(model, None)
+    except ExampleInputsError:
+        raise  # the model states a size no input can have, or one too costly to run: say so, even here
     except PathSurgeonError:
         return None
 

@@ -1,5 +1,6 @@
-"""Outputs under pressure: other programs writing the same path, exports with external data, a full disk,
-signals at awkward moments. Each case is run as it happens (two processes, a real rlimit, a real signal)."""
+"""The environment pushing back: other programs writing the same path, exports with external data, a full
+disk, a closed stdout, sizes that would exhaust memory, signals at awkward moments. Each case is run as it
+happens (two processes, a real rlimit, a real pipe, a real signal)."""
 
 from __future__ import annotations
 
@@ -146,3 +147,105 @@ def test_an_export_whose_weights_file_is_missing_in_place_is_put_back(tmp_path, 
         export.export_onnx(model, tmp_path / "m.onnx", example_inputs=(torch.randn(2, 8),))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     assert (tmp_path / "m.onnx").read_text() == "the user's earlier export"
+
+
+# --- a full disk, a closed stdout, sizes that would exhaust memory --------------------------------------
+
+CLI = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over RLIMIT_FSIZE a write then fails with EFBIG, as on a full disk
+limit, size = sys.argv[1], int(sys.argv[2])
+if size:
+    resource.setrlimit(getattr(resource, limit), (size, size))
+from pathsurgeon import cli
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+def run_limited(tmp_path: Path, limit: str, size: int, *argv, **popen) -> subprocess.CompletedProcess:
+    script = tmp_path / "limited.py"
+    script.write_text(CLI)
+    return subprocess.run([sys.executable, str(script), limit, str(size), *map(str, argv)], text=True,
+                          capture_output="stdout" not in popen, timeout=300, **popen)
+
+
+def test_a_full_disk_while_writing_exits_2_and_removes_the_folders_it_made(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    done = run_limited(tmp_path, "RLIMIT_FSIZE", 20_000, "add", "--model", MODEL, "--rate", "0.1",
+                       "--out", work / "a" / "b" / "c")
+    assert done.returncode == 2, done.stderr
+    line = one_error_line(done.stderr)
+    assert "File too large" in line and "nothing was written" in line
+    assert list(work.iterdir()) == []  # a/b made for --out a/b/c are gone too
+
+
+def test_no_space_left_reported_by_a_library_exits_2(tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+
+    def full(*args, **kwargs):  # what safetensors' Rust writer raises on ENOSPC
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert cli.main(["add", "--model", MODEL, "--rate", "0.1", "--out", str(tmp_path / "o")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "no space left on the device holding" in line and "nothing was written" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_closed_stdout_is_not_an_internal_error_and_the_outputs_are_written_first(tmp_path):
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is printed (| head -1 that already finished)
+    try:
+        done = run_limited(tmp_path, "RLIMIT_FSIZE", 0, "add", "--model", MODEL, "--rate", "0.1",
+                           "--out", tmp_path / "o", stdout=write, stderr=subprocess.PIPE)
+    finally:
+        os.close(write)
+    assert done.returncode == 141, done.stderr  # as a shell reports a command its reader left
+    assert "error" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+    with open("/dev/full", "w") as full:
+        done = run_limited(tmp_path, "RLIMIT_FSIZE", 0, "add", "--model", MODEL, "--rate", "0.1",
+                           "--out", tmp_path / "p", stdout=full, stderr=subprocess.PIPE)
+    assert done.returncode == 2, done.stderr
+    assert "p was written completely" in one_error_line(done.stderr)
+    assert (tmp_path / "p" / "model.safetensors").is_file()
+
+
+def convnext_dir(folder: Path, image_size: int) -> Path:
+    import transformers
+
+    config = transformers.ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], image_size=32,
+                                         num_labels=3)
+    transformers.ConvNextForImageClassification(config).save_pretrained(folder)
+    data = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**data, "image_size": image_size}))
+    return folder
+
+
+def test_an_image_size_no_weight_checks_is_bounded_before_any_input_is_made(tmp_path):
+    """ConvNeXt's weights do not depend on image_size: 16384 asked for a 6 GB input and more in the forward.
+    Under a memory cap below that, the run must refuse with one line, not die or exit 3."""
+    folder = convnext_dir(tmp_path / "convnext", 16384)
+    for command in (["inspect", "--model", folder], ["add", "--model", folder, "--rate", "0.1"]):
+        done = run_limited(tmp_path, "RLIMIT_AS", 5_500 << 20, *command)
+        assert done.returncode == 2, done.stderr
+        assert "3x16384x16384, over the 12,582,912 values per image" in one_error_line(done.stderr)
+
+
+def test_an_image_size_no_image_has_exits_2(tmp_path, capsys):
+    folder = convnext_dir(tmp_path / "convnext", -32)
+    assert cli.main(["inspect", "--model", str(folder)]) == 2
+    assert "3x-32x-32, which no image has" in one_error_line(capsys.readouterr().err)
+
+
+def test_a_marker_nested_past_the_parsers_limit_is_not_ours(tmp_path):
+    from pathsurgeon import files
+
+    look_alike = tmp_path / ".out.pathsurgeon-1-x"
+    look_alike.mkdir()
+    (look_alike / files.MARKER).write_text("[" * 3000)
+    assert files.remove_stale_staging(tmp_path / "out") == []
+    assert look_alike.is_dir()
