@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -45,7 +46,11 @@ __all__ = [
 ]
 
 _STAGING = "pathsurgeon"
-_STAGING_NAME = re.compile(r"^\.(?P<name>.+)\.pathsurgeon-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+# .NAME.pathsurgeon-PID-MACHINE-RANDOM: MACHINE (hash of host, boot, PID namespace) lets a directory whose
+# maker died before its marker was written still be recognised as this machine's (older names lack it)
+_STAGING_NAME = re.compile(
+    r"^\.(?P<name>.+)\.pathsurgeon-(?P<pid>\d+)-(?:(?P<machine>[0-9a-f]{12})-)?[A-Za-z0-9_]+$"
+)
 MARKER = ".pathsurgeon-staging"  # inside every staging directory: who made it
 _MAX_NAME_BYTES = 255  # NAME_MAX on Linux, macOS and Windows filesystems
 _MAX_WALK = 100_000  # entries looked at under one input directory (symbolic links, hard links)
@@ -244,7 +249,13 @@ def _check_parent_writable(option: str, path: Path) -> None:
 
 
 def _staging_prefix(target: Path) -> str:
-    return f".{target.name}.{_STAGING}-{os.getpid()}-"
+    return f".{target.name}.{_STAGING}-{os.getpid()}-{_machine_tag()}-"
+
+
+def _machine_tag() -> str:
+    identity = _machine_identity()
+    text = "\0".join(identity[key] for key in sorted(identity))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _machine_identity() -> dict[str, str]:
@@ -265,10 +276,35 @@ def _machine_identity() -> dict[str, str]:
 def _make_staging_dir(target: Path) -> Path:
     """A new private directory next to ``target``, with the marker that says this process made it."""
     directory = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.absolute().parent))
+    _write_marker(directory)
+    return directory
+
+
+def _write_marker(directory: Path) -> None:
+    """The marker, in one write (a process killed before it leaves an empty directory, or an empty
+    marker: :func:`_unfinished` recognises both by the name)."""
     marker = {"creator": _STAGING, "pid": os.getpid(), **_machine_identity(), "token": secrets.token_hex(16),
               "created": time.time()}
-    (directory / MARKER).write_text(json.dumps(marker))
-    return directory
+    handle = os.open(directory / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(handle, json.dumps(marker).encode())
+    finally:
+        os.close(handle)
+
+
+def _unfinished(entry: Path, match: re.Match) -> bool:
+    """A staging directory whose maker died between creating it and writing its marker: its name says this
+    machine made it, its process is gone, and it holds nothing but (at most) an empty marker."""
+    if match["machine"] != _machine_tag() or _pid_alive(int(match["pid"])):
+        return False
+    try:
+        if entry.is_symlink() or not entry.is_dir():
+            return False
+        contents = list(entry.iterdir())
+        return all(item.name == MARKER and not item.is_symlink() and item.is_file() and item.stat().st_size == 0
+                   for item in contents)
+    except OSError:
+        return False
 
 
 def _pid_alive(pid: int) -> bool:
@@ -321,7 +357,12 @@ def remove_stale_staging(target: Path, inputs: PathInputs | None = None) -> list
             continue
         marker = _marker(entry)
         if marker is None:
-            continue  # not ours: a user's file or directory with a look-alike name
+            if _unfinished(entry, match):
+                with contextlib.suppress(OSError):
+                    (entry / MARKER).unlink(missing_ok=True)
+                    entry.rmdir()  # fails if anything went into it meanwhile
+                    removed.append(entry)
+            continue  # otherwise not ours: a user's file or directory with a look-alike name
         resolved = entry.resolve()
         if any(source == resolved or resolved in source.parents for source in read):
             continue  # being read by this run
@@ -387,11 +428,14 @@ def staged(
                  for staging, (target, kind) in zip(stagings, targets, strict=True)]
         _commit(moves, check)
     except BaseException as error:
-        for directory in directories:
-            shutil.rmtree(directory, ignore_errors=True)
-        for folder in reversed(made):
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if still empty: another program may have put something there meanwhile
+        from .changes import _signals_deferred  # here: this module is read before torch is imported
+
+        with _signals_deferred():  # a second Ctrl-C or SIGTERM must not stop the clean-up half-way
+            for directory in directories:
+                shutil.rmtree(directory, ignore_errors=True)
+            for folder in reversed(made):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if still empty: another program may have put something there meanwhile
         system_error = _system_error(error)
         if system_error is not None:  # a full disk, a file size limit, a vanished directory: not a bug
             names = ", ".join(str(t) for t, _ in targets)

@@ -249,3 +249,56 @@ def test_a_marker_nested_past_the_parsers_limit_is_not_ours(tmp_path):
     (look_alike / files.MARKER).write_text("[" * 3000)
     assert files.remove_stale_staging(tmp_path / "out") == []
     assert look_alike.is_dir()
+
+
+# --- signals -------------------------------------------------------------------------------------------
+
+# Makes a staging directory with the marker write held, so that the process can be killed in between.
+BEFORE_MARKER = """
+import sys, time
+from pathlib import Path
+from pathsurgeon import files
+def held(directory):
+    Path({ready!r}).write_text(str(directory))
+    time.sleep(120)
+files._write_marker = held
+files._make_staging_dir(Path(sys.argv[1]))
+"""
+
+
+def test_a_run_killed_before_its_marker_is_written_leaves_nothing_the_next_run_keeps(tmp_path):
+    import signal
+
+    from pathsurgeon import files
+
+    work, ready = tmp_path / "work", tmp_path / "ready"
+    work.mkdir()
+    script = tmp_path / "before_marker.py"
+    script.write_text(BEFORE_MARKER.format(ready=str(ready)))
+    process = subprocess.Popen([sys.executable, str(script), str(work / "out")])
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    (stale,) = work.iterdir()
+    assert list(stale.iterdir()) == []  # a staging directory without its marker
+    look_alike = work / f"{stale.name[:-3]}zzz"  # same name pattern, but holding a user's file: never touched
+    look_alike.mkdir()
+    (look_alike / "notes.txt").write_text("mine")
+    assert files.remove_stale_staging(work / "out") == [stale]
+    assert [p.name for p in work.iterdir()] == [look_alike.name]
+
+
+def test_a_signal_after_the_outputs_are_in_place_says_they_were_written(tmp_path, capsys, monkeypatch):
+    from pathsurgeon import report
+
+    def interrupted(self):  # the table is printed after the outputs are written: Ctrl-C there
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report.Report, "__str__", interrupted)
+    assert cli.main(["add", "--model", MODEL, "--rate", "0.1", "--out", str(tmp_path / "o")]) == 130
+    err = capsys.readouterr().err
+    assert "o was written completely" in err and "nothing was written" not in err
+    assert (tmp_path / "o" / "model.safetensors").is_file()
