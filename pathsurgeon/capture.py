@@ -14,6 +14,7 @@ during forward never see proxies or fake tensors; the user's model is only read.
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,22 @@ class _Tracer(fx.Tracer):
         if isinstance(module, self._leaf_types) or slot_lib.is_drop_path_module(module):
             return True
         return super().is_leaf_module(module, qualified_name)
+
+    # While it traces, torch.fx patches nn.Module.__call__ (and attribute reads) for the whole process: a
+    # model another thread runs meanwhile must run as it always does, not be traced into this graph.
+    def trace(self, root, concrete_args=None):
+        self._thread = threading.get_ident()
+        return super().trace(root, concrete_args)
+
+    def call_module(self, m, forward, args, kwargs):
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
 @dataclass

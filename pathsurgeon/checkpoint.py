@@ -43,6 +43,7 @@ from .errors import (
 )
 from .files import check_outputs, staged
 from .manifest import FORMAT_VERSION, MANIFEST, read_manifest
+from .runstate import serialised
 
 __all__ = [
     "LoadedModel",
@@ -78,6 +79,7 @@ class LoadedModel:
     saved_surgery: dict[str, Any] | None = None  # a pathsurgeon directory's surgery, which loading leaves off
 
 
+@serialised
 def load_model(
     spec: str,
     *,
@@ -676,6 +678,7 @@ def read_weights(file: str | os.PathLike) -> dict[str, torch.Tensor]:
 # --- checkpoint directories: pathsurgeon.save / pathsurgeon.load ---------------------------------------
 
 
+@serialised
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``model`` to ``directory``: its weights (the original ``state_dict`` keys) and a manifest.
 
@@ -688,9 +691,9 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     or be empty; it is written through a staging directory, so a failure leaves nothing.
     """
     directory = Path(directory)
-    check_outputs({"directory": (directory, "dir")})
+    seen = check_outputs({"directory": (directory, "dir")})
     source, surgery = describe(model)  # refused before anything is written
-    with staged([(directory, "dir")]) as (staging,):
+    with staged([(directory, "dir")], seen=seen) as (staging,):
         write_checkpoint(model, staging, source, surgery)
     return directory
 
@@ -751,6 +754,7 @@ def write_checkpoint(model: nn.Module, directory: Path, source: dict[str, Any], 
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+@serialised
 def load(
     directory: str | os.PathLike, *, surgery: bool = True, verify: bool | float = True, allow_missing_keys: bool = False
 ) -> nn.Module:

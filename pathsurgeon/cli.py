@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -153,10 +154,18 @@ _PATH_OPTIONS = {"model": "--model", "weights": "--weights", "source": "--in", "
                  "onnx": "--onnx"}
 
 
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command whose reader went away (| head -1)
+
+# Outputs this run has put in place, so that a signal or a closed stdout afterwards says so, not "nothing
+# was written".
+_written: list[str] = []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _written.clear()
     try:
-        with _offline_by_default(), _terminate_as_exception():
+        with _offline_by_default(), _terminate_as_exception(), _stdout_guarded():
             from .files import check_path_text
 
             for attribute, option in _PATH_OPTIONS.items():
@@ -167,11 +176,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_weights_file(args.weights)
             return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        _say("interrupted; nothing was written")
+        _say(f"interrupted; {_what_was_written()}")
         return EXIT_INTERRUPTED
     except _Terminated as signal_received:
-        _say(f"{signal_received.name} received; nothing was written")
+        _say(f"{signal_received.name} received; {_what_was_written()}")
         return EXIT_CODES[signal_received.name]
+    except _StdoutFailed as failure:
+        _stdout_to_devnull()  # the interpreter's last flush would fail the same way
+        if failure.error.errno == errno.EPIPE:  # the reader went away (| head -1): not an error of ours
+            return EXIT_PIPE
+        _say(f"error: cannot write to standard output ({failure.error.strerror or failure.error}); "
+             f"{_what_was_written()}: redirect it somewhere writable")
+        return EXIT_USAGE
     except Exception as error:  # the one place errors become exit codes
         from .errors import PathSurgeonError, VerificationError
 
@@ -188,6 +204,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}; "
              "rerun with --debug and report it")
         return EXIT_INTERNAL
+
+
+def _what_was_written() -> str:
+    if not _written:
+        return "nothing was written"
+    return f"{' and '.join(_written)} {'was' if len(_written) == 1 else 'were'} written completely"
+
+
+class _StdoutFailed(BaseException):
+    """Standard output could not be written (a closed pipe, a full disk): the environment, not a bug."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _GuardedStream:
+    """``sys.stdout`` with its write errors raised as :class:`_StdoutFailed`."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as error:
+            raise _StdoutFailed(error) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as error:
+            raise _StdoutFailed(error) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _stdout_guarded() -> Iterator[None]:
+    stream = sys.stdout
+    sys.stdout = _GuardedStream(stream)
+    try:
+        yield
+        sys.stdout.flush()  # a full disk shows at the flush: still a result of this run
+    finally:
+        sys.stdout = stream
+
+
+def _stdout_to_devnull() -> None:
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # pytest's capture has no descriptor
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 class _Terminated(BaseException):
@@ -304,7 +374,7 @@ def _run_add(args) -> int:
     else:
         rate = validate_rate(args.rate, **_RATE_OPTION)  # fail on bad input before loading anything
     inputs = _model_inputs(args)
-    check_outputs({"--out": (args.out, "dir"), "--json": (args.json, "file")}, inputs)
+    seen = check_outputs({"--out": (args.out, "dir"), "--json": (args.json, "file")}, inputs)
     progress = _Progress()
     loaded = _load_spec(args, progress)
     model = loaded.model
@@ -313,24 +383,25 @@ def _run_add(args) -> int:
 
         published = published or published_rate(model)
         rate = published.rate
-        print(f"published rate: {published}")
     args.schedule = args.schedule or (published.schedule if published else "auto")
     count = sum(p.numel() for p in model.parameters())
     progress(f"finding residual branches and checking eval outputs ({count / 1e6:.1f}M parameters)")
     report = add(model, rate, schedule=args.schedule, mode=args.mode)
     progress("done")
-    print(report)
     targets = [(Path(path), kind) for path, kind in ((args.out, "dir"), (args.json, "file")) if path is not None]
-    if not targets:
-        return EXIT_OK
-    source, surgery = describe(model) if args.out is not None else (None, None)  # refused before writing
-    with staged(targets, inputs) as stagings:  # both outputs appear together, or neither does
-        staging = dict(zip([kind for _, kind in targets], stagings, strict=True))
-        if args.out is not None:
-            write_checkpoint(model, staging["dir"], source, surgery)
-        if args.json is not None:
-            plan = {"model": args.model, "rate": rate, "pretrained": loaded.pretrained, **report.to_dict()}
-            staging["file"].write_text(json.dumps(plan, indent=2) + "\n")
+    if targets:  # written before anything is printed: a stdout that fails must not cost the outputs
+        source, surgery = describe(model) if args.out is not None else (None, None)  # refused before writing
+        with staged(targets, inputs, seen=seen) as stagings:  # both outputs appear together, or neither does
+            staging = dict(zip([kind for _, kind in targets], stagings, strict=True))
+            if args.out is not None:
+                write_checkpoint(model, staging["dir"], source, surgery)
+            if args.json is not None:
+                plan = {"model": args.model, "rate": rate, "pretrained": loaded.pretrained, **report.to_dict()}
+                staging["file"].write_text(json.dumps(plan, indent=2) + "\n")
+        _written.extend(str(target) for target, _ in targets)
+    if published is not None:
+        print(f"published rate: {published}")
+    print(report)
     if args.out is not None:
         print(f"wrote {args.out} (load it with pathsurgeon.load({args.out!r}))")
     if args.json is not None:
@@ -387,13 +458,14 @@ def _run_strip(args) -> int:
     from .files import check_outputs, staged
 
     inputs = _model_inputs(args)
-    check_outputs({"--out": (args.out, "dir")}, inputs)
+    seen = check_outputs({"--out": (args.out, "dir")}, inputs)
     progress = _Progress()
     progress(f"reading {args.source}")
     model = load(args.source, surgery=False)  # the weights, without re-applying the surgery
     source, surgery = describe(model)
-    with staged([(Path(args.out), "dir")], inputs) as (staging,):  # never cleans up the --in directory
+    with staged([(Path(args.out), "dir")], inputs, seen=seen) as (staging,):  # never cleans up the --in directory
         write_checkpoint(model, staging, source, surgery)
+    _written.append(str(args.out))
     print(f"wrote {args.out}: {type(model).__name__} with no pathsurgeon plan; {_after_strip(args.out, source)}")
     return EXIT_OK
 
@@ -435,6 +507,7 @@ def _run_export(args) -> int:
     progress(f"exporting {type(model).__name__} to {args.onnx}")
     report = export_onnx(model, args.onnx, opset=args.opset, input_size=input_size,
                          dynamic_batch=not args.static, batch_size=args.batch)
+    _written.append(str(args.onnx))
     progress("done")
     nodes = sum(report.op_types.values())
     signature = ", ".join(f"{name} {format_shape(shape)}" for name, shape in report.inputs.items())

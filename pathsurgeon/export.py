@@ -28,7 +28,7 @@ from .errors import ExampleInputsError, PathSurgeonError
 from .files import staged
 from .inputs import ExampleInputs, made_up_inputs_failed
 from .inputs import example_inputs as make_inputs
-from .runstate import private_rng, training_flags_kept
+from .runstate import private_rng, serialised, training_flags_kept
 from .verify import eval_outputs
 
 __all__ = ["OnnxReport", "export_onnx", "format_shape", "parse_input_size", "supported_opsets", "validate_opset"]
@@ -58,6 +58,7 @@ class OnnxReport:
     checked_batches: tuple[int, ...] = ()
 
 
+@serialised
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -80,6 +81,9 @@ def export_onnx(
     pass ``example_inputs`` yourself. An image input is called ``pixel_values`` (as Hugging Face calls
     it); outputs are named after the fields of a Hugging Face output (``logits``), ``logits`` for a timm
     classifier's tensor, else ``output``/``output_0``, …; ``input_names`` / ``output_names`` override.
+
+    A model whose weights torch writes to a separate file (over 2 GB) is written as ``path`` and
+    ``path + ".data"`` together, and both are checked (and the onnxruntime run made) where they end up.
     """
     try:
         import onnx
@@ -92,7 +96,19 @@ def export_onnx(
     inputs = _inputs_to_trace(model, example_inputs, input_size, dynamic_batch, batch_size)
     output = _eval_output(model, inputs, made_up=example_inputs is None, input_size=input_size)
     path = Path(path)
-    with staged([(path, "file")]) as (staging,):
+    # Over 2 GB (torch's threshold: 1.5 GB of weights) the exporter writes the weights beside the model, as
+    # NAME.data, and the .onnx names that file: both go into place together, and the file is checked there.
+    data_target = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
+    difference: list[float | None] = [None]
+
+    batches = _check_batches(inputs.batch_size, dynamic_batch) if check else ()
+
+    def check_in_place() -> None:
+        _check_external_data(path)
+        if check:
+            difference[0] = _check_with_onnxruntime(model, path, inputs, batches, dynamic_batch)
+
+    with staged([(path, "file"), (data_target, "optional file")], check=check_in_place) as (staging, data_staging):
         # the exporter narrates every step on stdout and logs conversion attempts; keep the terminal for results
         with training_flags_kept(model, training=False), torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
@@ -105,6 +121,7 @@ def export_onnx(
         _name_values(program.model.graph, model, output, input_names, output_names)
         program.save(str(staging))
         proto = onnx.load(str(staging), load_external_data=False)
+        _carry_external_data(proto, staging, data_staging, data_target)
         written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
         if opset is not None and written != opset:
             raise PathSurgeonError(
@@ -118,10 +135,9 @@ def export_onnx(
                 f"the exported graph contains random ops ({', '.join(random_ops)}); call pathsurgeon.strip(model) "
                 "and make sure the model's eval forward draws no random numbers"
             )
-        batches = _check_batches(inputs.batch_size, dynamic_batch) if check else ()
-        difference = _check_with_onnxruntime(model, staging, inputs, batches, dynamic_batch) if check else None
     return OnnxReport(
-        path, op_types, difference, _shapes(proto.graph.input), _shapes(proto.graph.output), dynamic_batch, batches
+        path, op_types, difference[0], _shapes(proto.graph.input), _shapes(proto.graph.output), dynamic_batch,
+        batches,
     )
 
 
@@ -137,6 +153,53 @@ def parse_input_size(text: str) -> tuple[int, int, int]:
         raise ExampleInputsError(f"--input-size {text!r} is not C,H,W; pass three positive integers, e.g. 3,224,224")
     channels, height, width = (int(p) for p in parts)
     return channels, height, width
+
+
+EXTERNAL_DATA_SUFFIX = ".data"  # what torch's exporter names the weights file of a model over 2 GB
+
+
+def _external_locations(proto) -> dict[str, list[tuple[int, int]]]:
+    """The files the model's tensors live in, each with the (offset, length) ranges read from it."""
+    import onnx
+
+    locations: dict[str, list[tuple[int, int]]] = {}
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        offset, length = int(entries.get("offset") or 0), int(entries.get("length") or 0)
+        locations.setdefault(entries.get("location", ""), []).append((offset, length))
+    return locations
+
+
+def _carry_external_data(proto, staging: Path, data_staging: Path, data_target: Path) -> None:
+    """Move the exporter's external weights file (if it wrote one) to the staging path of ``data_target``."""
+    locations = set(_external_locations(proto))
+    if not locations:
+        data_staging.unlink()  # one self-contained file: nothing to write beside it
+        return
+    if locations != {data_target.name}:
+        raise PathSurgeonError(
+            f"the exporter put the weights in {sorted(locations)}, not {data_target.name!r}; pathsurgeon carries "
+            "only that one file into place: report this with your torch and onnx versions"
+        )
+    os.replace(staging.with_name(data_target.name), data_staging)
+
+
+def _check_external_data(path: Path) -> None:
+    """The file in place names only weights files that are there and long enough (what a loader reads)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for location, ranges in _external_locations(proto).items():
+        file = path.parent / location
+        size = file.stat().st_size if file.is_file() else -1
+        end = max(offset + length for offset, length in ranges)
+        if size < end:
+            raise PathSurgeonError(
+                f"{path} names its weights file {file}, which is {'missing' if size < 0 else 'too short'} once in "
+                "place; nothing was written: report this with your torch and onnx versions"
+            )
 
 
 def supported_opsets() -> range:

@@ -81,12 +81,34 @@ def example_inputs(model: nn.Module, given: object = None) -> ExampleInputs:
             "channel count in its config, no convolution to read channels from); "
             "pass example_inputs=torch.randn(2, C, H, W) or a dict of keyword arguments"
         )
+    check_made_up_shape(model, shape)
     device, dtype = placement(model)
     generator = torch.Generator().manual_seed(_SEED)
     batch = torch.randn((EXAMPLE_BATCH, *shape), generator=generator).to(device=device, dtype=dtype)
     if keyword is None:
         return ExampleInputs((batch,), {})
     return ExampleInputs((), {keyword: batch})
+
+
+def check_made_up_shape(model: nn.Module, shape: tuple[int, ...]) -> None:
+    """Refuse to make up an input no image has (a size <= 0) or one whose forward could exhaust memory.
+
+    The size comes from what the model states (timm's ``input_size``, a config's ``image_size``), which
+    no weight checks where no weight depends on it: bounded at ``max_made_up_values`` per image.
+    """
+    name = type(model).__name__
+    text = "x".join(str(v) for v in shape)
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in shape):
+        raise ExampleInputsError(
+            f"{name} states an input size of {text}, which no image has; fix the image_size / img_size it was "
+            "configured with, or pass example_inputs= a batch it takes"
+        )
+    if math.prod(shape) > MAX_MADE_UP_VALUES:
+        raise ExampleInputsError(
+            f"{name} states an input size of {text}, over the {MAX_MADE_UP_VALUES:,} values per image pathsurgeon "
+            "makes up (3x2048x2048: a forward at that size can cost many GB); pass example_inputs= a batch of the "
+            "size you train at, or fix the configured image size"
+        )
 
 
 def made_up_inputs_failed(model: nn.Module, inputs: ExampleInputs, error: BaseException) -> ExampleInputsError:
@@ -106,6 +128,11 @@ def made_up_inputs_failed(model: nn.Module, inputs: ExampleInputs, error: BaseEx
 
 _FACTS = table("inputs")
 DEFAULT_IMAGE_SIZE = int(_FACTS["default_image_size"])
+# The most values one made-up image may hold (channels x height x width): 3 x 2048 x 2048. A size a model
+# states is checked by no weight where no weight depends on it (ConvNeXt, CoaT, EfficientFormer:
+# image_size 16384 asks for a 6 GB input batch and a forward far larger); the models pathsurgeon knows
+# state at most 1024 pixels a side (SAM, LW-DETR). Beyond it, the user passes inputs of their own size.
+MAX_MADE_UP_VALUES = 3 * 2048 * 2048
 
 
 def _first(owner: object, names: list[str]) -> object:
@@ -239,7 +266,8 @@ def patch_inputs(model: nn.Module) -> ExampleInputs | None:
     patches, patch, channels = (getattr(vision, k, None) for k in ("num_patches", "patch_size", "num_channels"))
     if not all(isinstance(v, int) for v in (patches, patch, channels)):
         return None
-    side = math.isqrt(patches)
+    side = math.isqrt(max(patches, 0))
+    check_made_up_shape(model, (side * side, channels * patch * patch))
     device, dtype = placement(model)
     generator = torch.Generator().manual_seed(_SEED)
     pixels = torch.randn((EXAMPLE_BATCH, side * side, channels * patch * patch), generator=generator)

@@ -3,18 +3,44 @@
 Capture, verification and the skip-mode checks all run the user's model; each does so inside
 :func:`training_flags_kept` (every module's own flag back afterwards) and, where outputs are compared,
 :func:`private_rng` (a fork of the generators from a fixed seed, the caller's state untouched).
+
+Some of that state is the process's, not the model's: torch has one global generator per device, and a
+torch.fx trace patches ``nn.Module.__call__`` for every thread while it runs. So the public calls that
+run models (``add``, ``find``, ``preview``, ``set_rate``, ``strip``, ``load``, ``save``,
+``export_onnx``) are :func:`serialised`: one at a time per process, the others wait (the lock is
+re-entrant, so one call may make another).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["private_rng", "training_flags_kept"]
+__all__ = ["private_rng", "serialised", "training_flags_kept"]
+
+_CALL = TypeVar("_CALL", bound=Callable)
+_ONE_AT_A_TIME = threading.RLock()  # re-entrant: add calls find's machinery, load calls add
+
+
+def serialised(function: _CALL) -> _CALL:
+    """Run ``function`` holding the process-wide pathsurgeon lock (other threads' calls wait their turn).
+
+    Two surgeries at once would fork and restore the global generators out of order and nest torch.fx's
+    process-wide patches, which then outlive both calls and break every later forward in the process.
+    """
+    @functools.wraps(function)
+    def one_at_a_time(*args, **kwargs):
+        with _ONE_AT_A_TIME:
+            return function(*args, **kwargs)
+
+    return one_at_a_time  # type: ignore[return-value]
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ from .changes import (
 )
 from .composite_inputs import composite_inputs
 from .config import DropPathConfig, config_from_arguments, validate_rate, validate_schedule
-from .errors import CaptureError, NoBranchesError, PathSurgeonError
+from .errors import CaptureError, ExampleInputsError, NoBranchesError, PathSurgeonError
 from .finder import find_residual_adds
 from .inputs import ExampleInputs, example_inputs, made_up_inputs_failed
 from .parts import (
@@ -67,6 +67,7 @@ from .parts import (
 )
 from .plan import make_branch, make_plan
 from .report import Branch, Fallback, LeftAlone, PartReport, Preview, Report
+from .runstate import serialised
 from .skipping import assign_entries, check_gathers
 from .verify import Observation, eval_outputs, max_abs_diff, observe, verification_error
 from .wrappers import check_model, check_not_sharded
@@ -77,6 +78,7 @@ _UNSET: Any = object()
 _DEFAULTS = {"schedule": "auto", "mode": "sample", "verify": True}
 
 
+@serialised
 def add(
     model: nn.Module,
     rate: float | DropPathConfig | None = None,
@@ -175,6 +177,7 @@ def add(
                   clock.seconds, _part_reports(planned.part_plans, record.branches, selection))
 
 
+@serialised
 def find(model: nn.Module, example_inputs: Any = None) -> list[Branch]:
     """The residual branches stochastic depth would go on, with the rates the model has now.
 
@@ -204,6 +207,7 @@ def find(model: nn.Module, example_inputs: Any = None) -> list[Branch]:
     return _in_execution_order(branches, selection)
 
 
+@serialised
 def preview(
     model: nn.Module, rate: float | None, *, schedule: str | Sequence[float] = "auto", example_inputs: Any = None
 ) -> Preview:
@@ -226,6 +230,7 @@ def preview(
     return Preview(branches, rates_from, note, _part_reports(part_plans, branches, selection))
 
 
+@serialised
 def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[float] = "auto") -> list[Branch]:
     """Re-rate a model surgered by :func:`add` (in place); returns the branches with their new rates.
 
@@ -276,6 +281,7 @@ def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[f
     return branches
 
 
+@serialised
 def strip(model: nn.Module) -> nn.Module:
     """Undo :func:`add` in place: every slot and hook back as it was. A no-op on an untouched model.
 
@@ -534,6 +540,8 @@ def _inputs(model: nn.Module, given: Any, *, required: bool) -> ExampleInputs | 
         return example_inputs(model, given)
     try:
         return example_inputs(model, None)
+    except ExampleInputsError:
+        raise  # the model states a size no input can have, or one too costly to run: say so, even here
     except PathSurgeonError:
         return None
 

@@ -367,7 +367,7 @@ def test_a_failure_writing_the_second_output_leaves_neither(tmp_path, capsys, mo
     monkeypatch.setattr(Path, "write_text", failing)
     code, _, err = run(capsys, "add", "--model", MODEL, "--rate", "0.1", "--out", tmp_path / "o",
                        "--json", tmp_path / "p.json")
-    assert_refused(code, err, "No space left on device", "nothing was written")
+    assert_refused(code, err, "no space left on the device", "nothing was written")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
