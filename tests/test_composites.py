@@ -285,6 +285,18 @@ def test_clip_towers_each_get_their_own_schedule(hf_clip):
         pathsurgeon.strip(hf_clip)
 
 
+def test_a_list_schedule_over_two_towers_survives_save_and_load(hf_clip, tmp_path):
+    """set_rate's list is split over the parts; the record keeps all of it, so load replays it whole."""
+    model = copy.deepcopy(hf_clip)
+    pathsurgeon.add(model, RATE)
+    schedule = [0.01, 0.02, 0.03, 0.04, 0.05]  # 3 vision layers, then 2 text layers
+    rates = {b.target: b.rate for b in pathsurgeon.set_rate(model, None, schedule=schedule)}
+    assert sorted(set(rates.values())) == schedule
+    pathsurgeon.save(model, tmp_path / "clip")
+    loaded = pathsurgeon.load(tmp_path / "clip")
+    assert {b.target: b.rate for b in pathsurgeon.find(loaded)} == rates
+
+
 # --- parts left alone by default, brought in by include= with their own schedule ----------------------
 
 
