@@ -630,3 +630,55 @@ def test_a_timm_backbone_with_frozen_batch_norms_still_gets_timms_rates():
     preview = pathsurgeon.preview(model, RATE, example_inputs=torch.randn(2, 3, 64, 64))
     assert preview.parts[0].rates_from == "timm constructor"
     assert branch_rates(preview) == timm_called_rates("resnet18", RATE, "backbone", 64)
+
+
+# --- fx GraphModules: feature extractors and traced models keep their module names ---------------------
+
+
+def _torchvision_rates(builder, rate: float) -> dict[str, float]:
+    from torchvision.ops import StochasticDepth
+
+    model = builder(stochastic_depth_prob=rate)
+    return {n: m.p for n, m in model.named_modules() if isinstance(m, StochasticDepth)}
+
+
+@pytest.mark.parametrize("last", ["features.7", "features.3"])
+def test_torchvision_feature_extractor_gets_its_builders_rates(last):
+    """Blocks come from the names the extractor keeps; the rates are torchvision's own, even for an
+    extractor cut before the stage where convnext_tiny and convnext_small differ."""
+    import torchvision
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    extractor = create_feature_extractor(torchvision.models.convnext_tiny(), {last: "out"}).eval()
+    report = pathsurgeon.add(extractor, RATE, example_inputs=torch.randn(1, 3, 64, 64))
+    try:
+        expected = _torchvision_rates(torchvision.models.convnext_tiny, RATE)
+        assert {b.target: b.rate for b in report.branches} == {
+            name: value for name, value in expected.items() if name in dict(extractor.named_modules())}
+        assert len({b.block for b in report.branches}) == len(report.branches)
+        assert report.rates_from == "torchvision builder"
+    finally:
+        pathsurgeon.strip(extractor)
+    assert pathsurgeon_leftovers(extractor) == []
+
+
+def test_timm_fx_feature_net_and_traced_vit_get_timms_rates():
+    import timm
+
+    torch.manual_seed(0)
+    features = timm.create_model("convnext_atto", features_only=True, feature_cls="fx").eval()
+    report = pathsurgeon.add(features, RATE, example_inputs=torch.randn(1, 3, 64, 64))
+    try:
+        expected = timm_called_rates("convnext_atto", RATE, "graph_module", 64)
+        assert branch_rates(report.branches) == expected
+    finally:
+        pathsurgeon.strip(features)
+    traced = torch.fx.symbolic_trace(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=3)).eval()
+    report = pathsurgeon.add(traced, RATE, example_inputs=torch.randn(1, 3, 32, 32))
+    try:
+        built = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=3, drop_path_rate=RATE)
+        expected = {n: r for n, r in called_drop_paths(built, torch.randn(2, 3, 32, 32)).items() if r > 0}
+        assert branch_rates(report.branches) == expected
+    finally:
+        pathsurgeon.strip(traced)
