@@ -126,7 +126,7 @@ def add(
 
     record = Record(config, [], planned.branches, selection.blocks, captured.method, config.rate,
                     planned.schedule, rates_from=planned.rates_from,
-                    parts=[PartState.of(p) for p in planned.part_plans])
+                    parts=[PartState.of(p) for p in planned.part_plans], inputs_given=example_inputs is not None)
     _mirror_library(record)
     difference = None
     with Transaction() as transaction:

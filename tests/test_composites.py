@@ -682,3 +682,36 @@ def test_timm_fx_feature_net_and_traced_vit_get_timms_rates():
         assert branch_rates(report.branches) == expected
     finally:
         pathsurgeon.strip(traced)
+
+
+# --- captioning models: VisionEncoderDecoder ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    torch.manual_seed(0)
+    encoder = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, image_size=32, patch_size=8)
+    decoder = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32,
+                                      bos_token_id=1, eos_token_id=1)
+    config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.pad_token_id = 1, 0
+    return quiet(lambda: transformers.VisionEncoderDecoderModel(config)).eval()
+
+
+CAPTIONER_INPUTS = {"pixel_values": torch.randn(2, 3, 32, 32), "decoder_input_ids": torch.randint(2, 100, (2, 5)),
+                    "use_cache": False}
+
+
+def test_a_model_added_on_example_inputs_saves_and_loads_with_them(captioner, tmp_path):
+    """The manifest records that add ran on the caller's inputs; load takes them and re-adds on them."""
+    import json
+
+    model = copy.deepcopy(captioner)
+    report = pathsurgeon.add(model, RATE, example_inputs=CAPTIONER_INPUTS)
+    pathsurgeon.save(model, tmp_path / "captioner")
+    assert json.loads((tmp_path / "captioner" / "pathsurgeon.json").read_text())["surgery"]["inputs"] == "given"
+    with pytest.raises(pathsurgeon.ExampleInputsError, match=r"pass pathsurgeon.load\(directory, example_inputs="):
+        pathsurgeon.load(tmp_path / "captioner")  # the inputs pathsurgeon makes up do not run it
+    loaded = pathsurgeon.load(tmp_path / "captioner", example_inputs=CAPTIONER_INPUTS)
+    assert {b.target: b.rate for b in pathsurgeon.find(loaded)} == {b.target: b.rate for b in report.branches}
