@@ -794,8 +794,8 @@ def load(
             raise
         raise ExampleInputsError(
             f"{directory}: its surgery was added on the caller's example_inputs, and the inputs pathsurgeon makes up "
-            f"do not run {type(model).__name__} ({_first_line(error)}); pass pathsurgeon.load(directory, "
-            "example_inputs=...) with a batch the model takes"
+            f"do not run {type(model).__name__} ({_first_line(error.__cause__ or error)}); "
+            "pass pathsurgeon.load(directory, example_inputs=...) with a batch the model takes"
         ) from error
     found = [(t["target"], t["mechanism"]) for t in record_of(model).targets if not t["silenced"]]
     if found != saved:

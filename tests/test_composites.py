@@ -715,3 +715,10 @@ def test_a_model_added_on_example_inputs_saves_and_loads_with_them(captioner, tm
         pathsurgeon.load(tmp_path / "captioner")  # the inputs pathsurgeon makes up do not run it
     loaded = pathsurgeon.load(tmp_path / "captioner", example_inputs=CAPTIONER_INPUTS)
     assert {b.target: b.rate for b in pathsurgeon.find(loaded)} == {b.target: b.rate for b in report.branches}
+
+
+def test_the_inputs_hint_shows_the_keywords_a_dict_input_model_takes(captioner):
+    with pytest.raises(pathsurgeon.ExampleInputsError,
+                       match=r"example_inputs=\{'pixel_values': torch.randn\(2, C, H, W\), 'decoder_input_ids': "):
+        pathsurgeon.add(captioner, RATE)
+    assert pathsurgeon_leftovers(captioner) == []
