@@ -156,6 +156,7 @@ class Record:
     library: LibraryRates | None = None
     library_asked: bool = False
     parts: list[Any] = field(default_factory=list)  # parts.PartState, one per planned part: set_rate re-rates each
+    inputs_given: bool = False  # add ran on the caller's example_inputs (save records it; load asks for them)
 
     @property
     def mode(self) -> str:

@@ -34,7 +34,9 @@ from torch import nn
 
 from ._version import __version__
 from .errors import (
+    CaptureError,
     CheckpointError,
+    ExampleInputsError,
     ManifestError,
     ModelSpecError,
     PathSurgeonError,
@@ -738,6 +740,8 @@ def describe(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any] | None]:
         "targets": record.targets,
         "branches": [b.to_dict() for b in record.branches],
     }
+    if record.inputs_given:
+        surgery["inputs"] = "given"
     return source, surgery
 
 
@@ -756,7 +760,8 @@ def write_checkpoint(model: nn.Module, directory: Path, source: dict[str, Any], 
 
 @serialised
 def load(
-    directory: str | os.PathLike, *, surgery: bool = True, verify: bool | float = True, allow_missing_keys: bool = False
+    directory: str | os.PathLike, *, surgery: bool = True, verify: bool | float = True,
+    allow_missing_keys: bool = False, example_inputs: Any = None,
 ) -> nn.Module:
     """Rebuild the model saved in ``directory`` (by :func:`save` or ``pathsurgeon add --out``).
 
@@ -764,7 +769,9 @@ def load(
     effect — and the changed slots and modules must be exactly the saved ones: if this pathsurgeon
     finds the branches elsewhere, the model is left stripped and :class:`SavedBranchesMovedError`
     says so (a finder change can never silently move a saved model's drop paths). ``surgery=False``
-    gives the model as its library builds it, with the saved weights.
+    gives the model as its library builds it, with the saved weights. ``example_inputs``: what the
+    surgery is re-added on, as for :func:`~pathsurgeon.add`; a model whose ``add`` needed them (the
+    manifest records ``"inputs": "given"``) needs them here too where made-up inputs do not run it.
     """
     from .changes import record_of
     from .config import DropPathConfig
@@ -786,7 +793,16 @@ def load(
         current = (entry["rate"], entry["schedule"])
     if verify is not True:
         config = config.replace(verify=verify)
-    add(model, config)
+    try:
+        add(model, config, example_inputs=example_inputs)
+    except (ExampleInputsError, CaptureError) as error:
+        if example_inputs is not None or entry.get("inputs") != "given":
+            raise
+        raise ExampleInputsError(
+            f"{directory}: its surgery was added on the caller's example_inputs, and the inputs pathsurgeon makes up "
+            f"do not run {type(model).__name__} ({_first_line(error.__cause__ or error)}); "
+            "pass pathsurgeon.load(directory, example_inputs=...) with a batch the model takes"
+        ) from error
     found = [(t["target"], t["mechanism"]) for t in record_of(model).targets if not t["silenced"]]
     if found != saved:
         strip(model)

@@ -143,8 +143,117 @@ def from_symbolic_trace(
         ):
             parameter_users.add(node)
     tensor_nodes = {n for n in graph.nodes if n not in non_tensor and n.op != "output"}
+    _stacks_inside_graph_modules(graph, root, module_stack)
     return GraphView(graph, module_stack, parameter_users, slot_calls, tensor_nodes, parameter_nodes,
                      scale_calls=scale_calls, module_types=_module_types(root))
+
+
+def _stacks_inside_graph_modules(
+    graph: fx.Graph, root: nn.Module, module_stack: dict[fx.Node, tuple[str, ...]]
+) -> None:
+    """Owning modules of the nodes that run inside an ``fx.GraphModule`` (a feature extractor from
+    torchvision's ``create_feature_extractor`` or timm's ``FeatureGraphNet``, ``torch.fx.symbolic_trace``
+    of a model), from the module names it keeps.
+
+    A GraphModule runs generated code: its blocks are no longer called, only their leaves
+    (``features.1.0.block.0``) and attributes (``features.1.0.layer_scale``), so tracing it puts every
+    residual add at the GraphModule itself, and all branches in one block. Each leaf call is owned by
+    the modules its name passes through; an add (any node with several inputs) by the deepest module
+    holding every call and attribute between the add and the nearest node both its inputs depend on
+    (the block's input): ``features.1.0`` for ConvNeXt's ``x + stochastic_depth(layer_scale * block(x))``;
+    any other node by the deepest module holding its inputs.
+    """
+    graph_modules = {name for name, m in root.named_modules() if isinstance(m, fx.GraphModule)}
+    if not graph_modules:
+        return
+    nodes = list(graph.nodes)
+    position = {node: index for index, node in enumerate(nodes)}
+    ancestors: dict[fx.Node, int] = {}
+    owner: dict[fx.Node, str] = {}  # the synthesised deepest owner of each node inside a GraphModule
+    for node in nodes:
+        inputs = node.all_input_nodes
+        bits = 0
+        for i in inputs:
+            bits |= ancestors[i] | (1 << position[i])
+        ancestors[node] = bits
+        stack = module_stack[node]
+        if node.op == "call_module":
+            stack = stack[:-1]  # the call itself is appended below, with the names it passes through
+        inside = [name for name in stack if name in graph_modules]
+        if not inside and "" not in graph_modules:
+            continue
+        base = stack[:stack.index(inside[-1]) + 1] if inside else ()
+        top = inside[-1] if inside else ""
+        if node.op == "call_module":
+            path = node.target
+        elif node.op == "get_attr":
+            path = node.target.rpartition(".")[0]
+        elif node.op in ("placeholder", "output"):
+            path = top
+        else:
+            path = _owner_between(node, inputs, nodes, position, ancestors, owner, top)
+        owner[node] = path
+        below = (path[len(top) + 1:] if top else path) if path != top and _within(path, top) else ""
+        deeper = below.split(".") if below else []
+        names = [".".join(([top] if top else []) + deeper[:end]) for end in range(1, len(deeper) + 1)]
+        module_stack[node] = base + tuple(names)
+
+
+def _within(path: str, outer: str) -> bool:
+    return not outer or path == outer or path.startswith(outer + ".")
+
+
+def _common(paths: Iterable[str]) -> str | None:
+    pieces: list[str] | None = None
+    for path in paths:
+        split = path.split(".") if path else []
+        if pieces is None:
+            pieces = split
+            continue
+        end = 0
+        while end < min(len(pieces), len(split)) and pieces[end] == split[end]:
+            end += 1
+        pieces = pieces[:end]
+    return None if pieces is None else ".".join(pieces)
+
+
+def _anchor(node: fx.Node, owner: dict[fx.Node, str], top: str) -> str:
+    """The module a node's value comes out into: a leaf call's parent, an attribute's holder."""
+    if node.op in ("call_module", "get_attr"):
+        return node.target.rpartition(".")[0]
+    return owner.get(node, top)
+
+
+def _owner_between(
+    node: fx.Node, inputs: list[fx.Node], nodes: list[fx.Node], position: dict[fx.Node, int],
+    ancestors: dict[fx.Node, int], owner: dict[fx.Node, str], top: str,
+) -> str:
+    found: str | None = None
+    if len(inputs) >= 2:
+        common = -1
+        for i in inputs:
+            common &= ancestors[i] | (1 << position[i])
+        if common > 0:
+            start = common.bit_length() - 1  # the nearest node every input depends on
+            between = ancestors[node] >> (start + 1)
+            paths, leaves = [], set()
+            index = start + 1
+            while between:
+                if between & 1:
+                    inner = nodes[index]
+                    if inner.op == "call_module":
+                        paths.append(inner.target)
+                        leaves.add(inner.target)
+                    elif inner.op == "get_attr":
+                        paths.append(inner.target.rpartition(".")[0])
+                between >>= 1
+                index += 1
+            found = _common(paths)
+            if found in leaves:  # the add takes one leaf's output: it runs in that leaf's parent
+                found = found.rpartition(".")[0]
+    if found is None:
+        found = _common(_anchor(i, owner, top) for i in inputs if i.op != "placeholder")
+    return found if found is not None and _within(found, top) else top
 
 
 def _only_scales(module: nn.Module) -> bool:

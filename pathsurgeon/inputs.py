@@ -122,8 +122,24 @@ def made_up_inputs_failed(model: nn.Module, inputs: ExampleInputs, error: BaseEx
     return ExampleInputsError(
         f"{type(model).__name__} does not run on the random inputs pathsurgeon made from its config ({shapes}: "
         f"{type(error).__name__}: {lines[0][:160] if lines else ''}); pass example_inputs= a batch it takes, "
-        "e.g. example_inputs=torch.randn(2, C, H, W)"
+        f"e.g. example_inputs={_input_form(model, inputs)}"
     )
+
+
+def _input_form(model: nn.Module, inputs: ExampleInputs) -> str:
+    """How to pass a batch: positionally for a model that takes one image, else the keywords its
+    forward takes (the made-up ones, and the token ids a text tower or decoder reads)."""
+    if not inputs.kwargs:
+        return "torch.randn(2, C, H, W)"
+    try:
+        parameters = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        parameters = []
+    shown = [f"'{k}': torch.randn(2, C, H, W)" if torch.is_floating_point(v) else f"'{k}': torch.randint(...)"
+             for k, v in inputs.kwargs.items() if isinstance(v, torch.Tensor)]
+    shown += [f"'{name}': torch.randint(...)" for name in parameters
+              if name.endswith("input_ids") and name not in inputs.kwargs]
+    return "{" + ", ".join(shown) + "}"
 
 
 _FACTS = table("inputs")

@@ -161,6 +161,8 @@ _SURGERY_2 = {
             },
         },
         "branches": _BRANCHES,
+        # "given": add ran on the caller's example_inputs, so load may need them too (absent: made up)
+        "inputs": {"enum": ["made up", "given"]},
     },
 }
 

@@ -32,7 +32,7 @@ import dataclasses
 import fnmatch
 from dataclasses import dataclass
 
-from torch import nn
+from torch import fx, nn
 
 from .errors import InvalidScheduleError
 from .finder import ResidualAdd, Selection, select
@@ -146,9 +146,13 @@ def _torchvision_classes() -> set[type]:
 
 
 def _is_torchvision_model(module: nn.Module) -> bool:
-    if not type(module).__module__.startswith("torchvision.models"):
+    """A torchvision classification model, or an ``fx.GraphModule`` traced from one (a feature
+    extractor from ``create_feature_extractor``, which keeps the model's module names)."""
+    from .libraries.torchvision import original_class
+
+    if not type(module).__module__.startswith("torchvision.models") and not isinstance(module, fx.GraphModule):
         return False
-    return type(module) in _torchvision_classes()
+    return original_class(module) in _torchvision_classes()
 
 
 def _sub_config_name(config: object, sub: object) -> str | None:

@@ -132,7 +132,7 @@ def add(
 
     record = Record(config, [], planned.branches, selection.blocks, captured.method, config.rate,
                     planned.schedule, rates_from=planned.rates_from,
-                    parts=[PartState.of(p) for p in planned.part_plans])
+                    parts=[PartState.of(p) for p in planned.part_plans], inputs_given=example_inputs is not None)
     _mirror_library(record)
     difference = None
     with Transaction() as transaction:
@@ -276,7 +276,8 @@ def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[f
             transaction.do(functools.partial(setattr, change.drop, "rate", new),
                            functools.partial(setattr, change.drop, "rate", change.drop.rate))
         saved = (record.branches, record.rate, record.schedule)
-        transaction.do(functools.partial(_set_record_rates, record, branches, rate, plan.schedule),
+        # the whole schedule, every part's slice of a list (save writes it; load replays it over all parts)
+        transaction.do(functools.partial(_set_record_rates, record, branches, rate, schedule),
                        functools.partial(_set_record_rates, record, *saved))
     return branches
 

@@ -285,6 +285,18 @@ def test_clip_towers_each_get_their_own_schedule(hf_clip):
         pathsurgeon.strip(hf_clip)
 
 
+def test_a_list_schedule_over_two_towers_survives_save_and_load(hf_clip, tmp_path):
+    """set_rate's list is split over the parts; the record keeps all of it, so load replays it whole."""
+    model = copy.deepcopy(hf_clip)
+    pathsurgeon.add(model, RATE)
+    schedule = [0.01, 0.02, 0.03, 0.04, 0.05]  # 3 vision layers, then 2 text layers
+    rates = {b.target: b.rate for b in pathsurgeon.set_rate(model, None, schedule=schedule)}
+    assert sorted(set(rates.values())) == schedule
+    pathsurgeon.save(model, tmp_path / "clip")
+    loaded = pathsurgeon.load(tmp_path / "clip")
+    assert {b.target: b.rate for b in pathsurgeon.find(loaded)} == rates
+
+
 # --- parts left alone by default, brought in by include= with their own schedule ----------------------
 
 
@@ -618,3 +630,95 @@ def test_a_timm_backbone_with_frozen_batch_norms_still_gets_timms_rates():
     preview = pathsurgeon.preview(model, RATE, example_inputs=torch.randn(2, 3, 64, 64))
     assert preview.parts[0].rates_from == "timm constructor"
     assert branch_rates(preview) == timm_called_rates("resnet18", RATE, "backbone", 64)
+
+
+# --- fx GraphModules: feature extractors and traced models keep their module names ---------------------
+
+
+def _torchvision_rates(builder, rate: float) -> dict[str, float]:
+    from torchvision.ops import StochasticDepth
+
+    model = builder(stochastic_depth_prob=rate)
+    return {n: m.p for n, m in model.named_modules() if isinstance(m, StochasticDepth)}
+
+
+@pytest.mark.parametrize("last", ["features.7", "features.3"])
+def test_torchvision_feature_extractor_gets_its_builders_rates(last):
+    """Blocks come from the names the extractor keeps; the rates are torchvision's own, even for an
+    extractor cut before the stage where convnext_tiny and convnext_small differ."""
+    import torchvision
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    extractor = create_feature_extractor(torchvision.models.convnext_tiny(), {last: "out"}).eval()
+    report = pathsurgeon.add(extractor, RATE, example_inputs=torch.randn(1, 3, 64, 64))
+    try:
+        expected = _torchvision_rates(torchvision.models.convnext_tiny, RATE)
+        assert {b.target: b.rate for b in report.branches} == {
+            name: value for name, value in expected.items() if name in dict(extractor.named_modules())}
+        assert len({b.block for b in report.branches}) == len(report.branches)
+        assert report.rates_from == "torchvision builder"
+    finally:
+        pathsurgeon.strip(extractor)
+    assert pathsurgeon_leftovers(extractor) == []
+
+
+def test_timm_fx_feature_net_and_traced_vit_get_timms_rates():
+    import timm
+
+    torch.manual_seed(0)
+    features = timm.create_model("convnext_atto", features_only=True, feature_cls="fx").eval()
+    report = pathsurgeon.add(features, RATE, example_inputs=torch.randn(1, 3, 64, 64))
+    try:
+        expected = timm_called_rates("convnext_atto", RATE, "graph_module", 64)
+        assert branch_rates(report.branches) == expected
+    finally:
+        pathsurgeon.strip(features)
+    traced = torch.fx.symbolic_trace(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=3)).eval()
+    report = pathsurgeon.add(traced, RATE, example_inputs=torch.randn(1, 3, 32, 32))
+    try:
+        built = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=3, drop_path_rate=RATE)
+        expected = {n: r for n, r in called_drop_paths(built, torch.randn(2, 3, 32, 32)).items() if r > 0}
+        assert branch_rates(report.branches) == expected
+    finally:
+        pathsurgeon.strip(traced)
+
+
+# --- captioning models: VisionEncoderDecoder ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    torch.manual_seed(0)
+    encoder = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, image_size=32, patch_size=8)
+    decoder = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32,
+                                      bos_token_id=1, eos_token_id=1)
+    config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.pad_token_id = 1, 0
+    return quiet(lambda: transformers.VisionEncoderDecoderModel(config)).eval()
+
+
+CAPTIONER_INPUTS = {"pixel_values": torch.randn(2, 3, 32, 32), "decoder_input_ids": torch.randint(2, 100, (2, 5)),
+                    "use_cache": False}
+
+
+def test_a_model_added_on_example_inputs_saves_and_loads_with_them(captioner, tmp_path):
+    """The manifest records that add ran on the caller's inputs; load takes them and re-adds on them."""
+    import json
+
+    model = copy.deepcopy(captioner)
+    report = pathsurgeon.add(model, RATE, example_inputs=CAPTIONER_INPUTS)
+    pathsurgeon.save(model, tmp_path / "captioner")
+    assert json.loads((tmp_path / "captioner" / "pathsurgeon.json").read_text())["surgery"]["inputs"] == "given"
+    with pytest.raises(pathsurgeon.ExampleInputsError, match=r"pass pathsurgeon.load\(directory, example_inputs="):
+        pathsurgeon.load(tmp_path / "captioner")  # the inputs pathsurgeon makes up do not run it
+    loaded = pathsurgeon.load(tmp_path / "captioner", example_inputs=CAPTIONER_INPUTS)
+    assert {b.target: b.rate for b in pathsurgeon.find(loaded)} == {b.target: b.rate for b in report.branches}
+
+
+def test_the_inputs_hint_shows_the_keywords_a_dict_input_model_takes(captioner):
+    with pytest.raises(pathsurgeon.ExampleInputsError,
+                       match=r"example_inputs=\{'pixel_values': torch.randn\(2, C, H, W\), 'decoder_input_ids': "):
+        pathsurgeon.add(captioner, RATE)
+    assert pathsurgeon_leftovers(captioner) == []

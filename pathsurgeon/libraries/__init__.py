@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
 from .. import slots as slot_lib
@@ -197,12 +197,20 @@ def _both_batch_norms(mine: nn.Module, theirs: nn.Module) -> bool:
     return is_batch_norm(mine) and is_batch_norm(theirs)
 
 
+def _both_graph_modules(mine: nn.Module, theirs: nn.Module) -> bool:
+    """fx makes a class per GraphModule (timm's FeatureGraphNet holds one): the traced model's name decides."""
+    return isinstance(mine, fx.GraphModule) and isinstance(theirs, fx.GraphModule) and (
+        type(mine).__name__ == type(theirs).__name__)
+
+
 def tree_difference(model: nn.Module, rebuilt: nn.Module) -> str | None:
     """The first difference between two module trees (None: the same architecture).
 
     Compared: state_dict names and shapes in order, and the class of every module, except modules
     that only a rate decides (DropPath or nn.Identity, Dropout or nn.Identity).
     """
+    if isinstance(model, fx.GraphModule):
+        return _kept_difference(model, rebuilt)
     # a batch norm frozen after the build (HF DETR's backbones, detectron-style code) drops its
     # num_batches_tracked and changes class, not the architecture
     ours = [(k, tuple(v.shape)) for k, v in model.state_dict().items() if not k.endswith(_BATCHES_TRACKED)]
@@ -223,13 +231,43 @@ def tree_difference(model: nn.Module, rebuilt: nn.Module) -> str | None:
     for name in our_modules.keys() | their_modules.keys():
         mine, theirs_ = our_modules.get(name), their_modules.get(name)
         same_class = mine is not None and theirs_ is not None and (
-            type(mine) is type(theirs_) or _both_batch_norms(mine, theirs_))
+            type(mine) is type(theirs_) or _both_batch_norms(mine, theirs_) or _both_graph_modules(mine, theirs_))
         if not same_class:
             where = name or "the model"
             return (
                 f"{where} is {type(mine).__name__ if mine is not None else 'missing'} here, "
                 f"{type(theirs_).__name__ if theirs_ is not None else 'missing'} in the rebuilt model"
             )
+    return None
+
+
+def _kept_difference(model: nn.Module, rebuilt: nn.Module) -> str | None:
+    """:func:`tree_difference` for an ``fx.GraphModule``, which keeps only the modules its graph uses (a
+    feature extractor drops what runs after its last output): every kept entry is the rebuilt model's,
+    with its shape, and the rebuilt model's entries up to the last kept one are all kept (so
+    ``convnext_small``'s 27 blocks in a stage never pass for ``convnext_tiny``'s 9); every kept leaf
+    module has the rebuilt model's class."""
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith(_BATCHES_TRACKED)}
+    theirs = [(k, tuple(v.shape)) for k, v in rebuilt.state_dict().items() if not k.endswith(_BATCHES_TRACKED)]
+    their_shapes = dict(theirs)
+    for key, shape in ours.items():
+        if key not in their_shapes:
+            return f"the rebuilt model has no {key}"
+        if their_shapes[key] != shape:
+            return f"{key} has shape {list(shape)}, the rebuilt model's {list(their_shapes[key])}"
+    last = max((index for index, (key, _) in enumerate(theirs) if key in ours), default=-1)
+    for key, _ in theirs[:last + 1]:
+        if key not in ours:
+            return f"the model has no {key}, the rebuilt one has"
+    for name, mine in model.named_modules():
+        if type(mine) is nn.Module or isinstance(mine, fx.GraphModule) or _is_no_op(mine):
+            continue  # the containers a GraphModule keeps only as paths to its leaves
+        try:
+            theirs_ = rebuilt.get_submodule(name)
+        except AttributeError:
+            return f"the rebuilt model has no module {name}"
+        if type(mine) is not type(theirs_) and not _both_batch_norms(mine, theirs_):
+            return f"{name} is {type(mine).__name__} here, {type(theirs_).__name__} in the rebuilt model"
     return None
 
 
@@ -246,6 +284,8 @@ def identify_constructor(model: nn.Module, rate: float | None = None) -> Constru
 def identify_and_replay(model: nn.Module, rate: float | None) -> tuple[Constructor, nn.Module]:
     """:func:`identify_constructor`, and the matching replay at ``rate`` (the constructor's default
     when ``rate`` is None or the constructor takes no rate)."""
+    if isinstance(model, fx.GraphModule):
+        return _identify_graph_module(model, rate)
     reasons: list[str] = []
     for adapter in _adapters():
         for candidate in adapter.candidates(model):
@@ -271,6 +311,44 @@ def identify_and_replay(model: nn.Module, rate: float | None) -> tuple[Construct
             f"{type(model).__name__} is not a timm, torchvision or transformers model pathsurgeon can rebuild"
         )
     raise RebuildError(f"no library constructor rebuilds this {type(model).__name__} ({reasons[0]})")
+
+
+def _identify_graph_module(model: fx.GraphModule, rate: float | None) -> tuple[Constructor, nn.Module]:
+    """The constructor of the model an ``fx.GraphModule`` was traced from. A feature extractor cut before
+    the stage where two builders differ (``convnext_tiny`` and ``convnext_small`` up to ``features.3``)
+    fits both, and their rates differ: the one whose default rates are the extractor's own decides; else
+    the extractor cannot be told apart, and the error says so."""
+    fits: list[tuple[Constructor, nn.Module]] = []
+    reasons: list[str] = []
+    for adapter in _adapters():
+        for candidate in adapter.candidates(model):
+            try:
+                candidate, rebuilt = _replay_candidate(candidate, rate)
+            except Exception as error:  # noqa: BLE001 - a constructor that fails is simply not the one
+                reasons.append(f"{candidate.name}: {type(error).__name__}: {_first_line(error)}")
+                continue
+            difference = tree_difference(model, rebuilt)
+            if difference is None:
+                fits.append((candidate, rebuilt))
+            else:
+                reasons.append(f"{_call(candidate)}: {difference}")
+    if not fits:
+        if not reasons:
+            raise RebuildError(f"this fx GraphModule ({type(model).__name__}) was not traced from a torchvision "
+                               "model pathsurgeon can rebuild")
+        raise RebuildError(f"no library constructor rebuilds the {type(model).__name__} this fx GraphModule was "
+                           f"traced from ({reasons[0]})")
+    slots = [name for name, m in model.named_modules() if slot_lib.is_drop_path_module(m)]
+    if len({tuple(slot_rates(rebuilt, slots).values()) for _, rebuilt in fits}) > 1:
+        own = [slot_lib.existing_rate(model.get_submodule(name)) for name in slots]
+        fits = [(c, r) for c, r in fits if list(slot_rates(replay(c, None), slots).values()) == own] or fits
+        if len(fits) > 1:
+            raise RebuildError(
+                f"this fx GraphModule fits {len(fits)} torchvision builders whose rates differ "
+                f"({', '.join(c.name for c, _ in fits)}) and its own rates tell none apart; "
+                "add drop path to the model before tracing it, or pass schedule='linear'"
+            )
+    return fits[0]
 
 
 def _replay_candidate(candidate: Constructor, rate: float | None) -> tuple[Constructor, nn.Module]:

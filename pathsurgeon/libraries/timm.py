@@ -90,7 +90,10 @@ def _feature_arguments(model: nn.Module) -> dict[str, Any]:
     info = getattr(model, "feature_info", None)
     if not (hasattr(info, "out_indices") and hasattr(info, "reduction")) or hasattr(model, "num_classes"):
         return {}
-    return {"features_only": True, "out_indices": [int(i) for i in info.out_indices]}
+    arguments: dict[str, Any] = {"features_only": True, "out_indices": [int(i) for i in info.out_indices]}
+    if type(model).__name__ == "FeatureGraphNet":  # built with feature_cls="fx": an fx GraphModule inside
+        arguments["feature_cls"] = "fx"
+    return arguments
 
 
 def _output_strides(model: nn.Module, arguments: dict[str, Any]) -> list[int]:

@@ -23,8 +23,8 @@ DEFAULT_IMAGE_SIZE = 224
 
 
 def candidates(model: nn.Module) -> list[Constructor]:
-    cls = type(model)
-    if not cls.__module__.startswith("torchvision.models"):
+    cls = original_class(model)
+    if cls is None:
         return []
     import torchvision
 
@@ -41,6 +41,31 @@ def candidates(model: nn.Module) -> list[Constructor]:
                     functools.partial(_build, name, tuple(arguments.items()), cls))
         for name in names
     ]
+
+
+def original_class(model: nn.Module) -> type | None:
+    """The torchvision class of ``model``; for an ``fx.GraphModule`` (``create_feature_extractor``,
+    ``torch.fx.symbolic_trace``), the class it was traced from: the one its name gives, among the
+    classes torchvision's builders return, unless its nodes record modules of another library."""
+    cls = type(model)
+    if cls.__module__.startswith("torchvision.models"):
+        return cls
+    from torch import fx
+
+    if not isinstance(model, fx.GraphModule):
+        return None
+    for node in model.graph.nodes:  # torch.fx's own tracer records the traced modules' classes
+        for _, traced in (node.meta.get("nn_module_stack") or {}).values():
+            if isinstance(traced, type) and not traced.__module__.startswith(("torchvision.", "torch.")):
+                return None
+    import torchvision
+
+    for name in torchvision.models.list_models(module=torchvision.models):
+        module = inspect.getmodule(torchvision.models.get_model_builder(name))
+        found = getattr(module, cls.__name__, None)
+        if isinstance(found, type) and issubclass(found, nn.Module):
+            return found
+    return None
 
 
 def _build(name: str, arguments: tuple[tuple[str, Any], ...], cls: type, rate: float | None) -> nn.Module:
