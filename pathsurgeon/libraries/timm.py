@@ -147,12 +147,14 @@ def _plain_arguments(model: nn.Module, cfg: dict) -> dict[str, Any]:
 def stated_input_size(model: nn.Module) -> tuple[int, int, int] | None:
     """(channels, height, width) of the images a timm-built model takes, as timm states them.
 
-    timm's own ``get_model_input_config`` (timm >= 1.0.20): the ``in_chans`` and ``img_size`` the model
+    timm's own ``get_model_input_config`` (timm >= 1.0.31): the ``in_chans`` and ``img_size`` the model
     was built with, else its ``pretrained_cfg["input_size"]`` (csatv2: 512 px; maxvit_tiny_tf_384 built
     with ``img_size=224``: 224, not its config's 384). Where timm records no size the model's own
     ``img_size`` (its patch embedding's, e.g. after ``set_input_size``) stands in. Never the first
     convolution's channels: TResNet's stem convolution reads 48 channels after a space-to-depth of
-    the 3-channel image, csatv2's 64 DCT coefficients. None for a model with no timm config.
+    the 3-channel image, csatv2's 64 DCT coefficients. An older timm states no channels: the model's
+    ``in_chans`` stands in, else what its patch embedding's projection reads (it sees the image itself:
+    ViT, DeiT, EVA, ... before timm 1.0.26 kept no ``in_chans``). None for a model with no timm config.
     """
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if not isinstance(cfg, dict) or len(tuple(cfg.get("input_size") or ())) != 3:
@@ -169,8 +171,11 @@ def stated_input_size(model: nn.Module) -> tuple[int, int, int] | None:
             height, width = size
         return channels, height, width
     own_channels = getattr(model, "in_chans", None)
+    projection = getattr(getattr(model, "patch_embed", None), "proj", None)
     if isinstance(own_channels, int) and not isinstance(own_channels, bool):
         channels = own_channels
+    elif isinstance(projection, nn.Conv2d):
+        channels = projection.in_channels
     return (channels, *(_image_size(model) or (height, width)))
 
 
