@@ -48,6 +48,7 @@ _MODULES = {
         "PathSurgeonError",
         "SavedBranchesMovedError",
         "ScriptingError",
+        "UnsupportedVersionError",
         "UntrustedCodeError",
         "VerificationError",
         "WrappedModelError",

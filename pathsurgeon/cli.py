@@ -483,9 +483,10 @@ def _after_strip(out: str, source: dict) -> str:
 def _run_export(args) -> int:
     from .checkpoint import load
     from .errors import PathSurgeonError
-    from .export import export_onnx, format_shape, parse_input_size, validate_opset
+    from .export import export_onnx, format_shape, parse_input_size, require_export, validate_opset
     from .files import check_outputs
 
+    require_export()  # before anything is read or built
     if args.source is not None and args.weights is not None:
         raise PathSurgeonError("--weights goes with --model; a --in directory already holds its weights")
     if args.opset is not None:

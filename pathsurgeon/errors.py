@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 __all__ = [
     "AlreadySurgeredError",
     "CaptureError",
@@ -19,8 +23,10 @@ __all__ = [
     "PathSurgeonError",
     "SavedBranchesMovedError",
     "ScriptingError",
+    "UnsupportedVersionError",
     "VerificationError",
     "WrappedModelError",
+    "warn_user",
 ]
 
 
@@ -93,6 +99,11 @@ class OutputPathError(PathSurgeonError, ValueError):
     """An output path that cannot or must not be written (exists, is an input, is not writable)."""
 
 
+class UnsupportedVersionError(PathSurgeonError, RuntimeError):
+    """A capability that needs a newer torch, timm or transformers than the one installed (see
+    :mod:`pathsurgeon.versions`); the message names the release."""
+
+
 class SavedBranchesMovedError(PathSurgeonError):
     """``pathsurgeon.load`` found other branches in the rebuilt model than the checkpoint saved."""
 
@@ -103,3 +114,13 @@ class ScriptingError(PathSurgeonError, AttributeError):
     An AttributeError too: TorchScript raises it where it reads the hook's ``__name__``, and code that
     probes with ``getattr(hook, "__name__", default)`` must keep getting its default.
     """
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` pointing at the user's line: the first frame outside pathsurgeon, however many of
+    its functions and decorators lie in between (a fixed ``stacklevel`` breaks when one is added)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(0), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -30,8 +30,17 @@ from .inputs import ExampleInputs, made_up_inputs_failed
 from .inputs import example_inputs as make_inputs
 from .runstate import private_rng, serialised, training_flags_kept
 from .verify import eval_outputs
+from .versions import ONNX_EXPORT_TORCH, require
 
-__all__ = ["OnnxReport", "export_onnx", "format_shape", "parse_input_size", "supported_opsets", "validate_opset"]
+__all__ = [
+    "OnnxReport",
+    "export_onnx",
+    "format_shape",
+    "parse_input_size",
+    "require_export",
+    "supported_opsets",
+    "validate_opset",
+]
 
 # The dynamo exporter writes opset 18 and newer; asked for less, it warns, tries a conversion that often
 # fails, and silently keeps 18.
@@ -85,12 +94,9 @@ def export_onnx(
     A model whose weights torch writes to a separate file (over 2 GB) is written as ``path`` and
     ``path + ".data"`` together, and both are checked (and the onnxruntime run made) where they end up.
     """
-    try:
-        import onnx
-    except ImportError as error:
-        raise PathSurgeonError(
-            "ONNX export needs onnx, onnxruntime and onnxscript; pip install 'pathsurgeon[export]'"
-        ) from error
+    require_export()
+    import onnx
+
     if opset is not None:
         opset = validate_opset(opset)
     inputs = _inputs_to_trace(model, example_inputs, input_size, dynamic_batch, batch_size)
@@ -139,6 +145,19 @@ def export_onnx(
         path, op_types, difference[0], _shapes(proto.graph.input), _shapes(proto.graph.output), dynamic_batch,
         batches,
     )
+
+
+def require_export() -> None:
+    """Refuse, in one line, where ONNX export cannot work: the exporter's packages or a torch too old."""
+    require("torch", ONNX_EXPORT_TORCH, "ONNX export (torch.onnx.export with dynamo=True and dynamic shapes)")
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise PathSurgeonError(
+            "ONNX export needs onnx, onnxruntime and onnxscript; pip install 'pathsurgeon[export]'"
+        ) from error
 
 
 def format_shape(shape: Sequence[int | str]) -> str:

@@ -531,12 +531,22 @@ def _commit(moves: list[tuple[Path, Path, str, State]], check: Callable[[], None
             check()
     except BaseException:
         for target, backup, staging, was_empty_dir in reversed(done):
-            os.replace(target, staging)  # moved back to staging: the caller's cleanup removes it
+            if _same_file(target, staging):
+                target.unlink()  # placed by a hard link: rename() between two links of one file does nothing
+            else:
+                os.replace(target, staging)  # moved back to staging: the caller's cleanup removes it
             _put_back(target, backup, was_empty_dir)
         raise
     for _, backup, _, _ in done:
         if backup is not None:
             shutil.rmtree(backup, ignore_errors=True)
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
 
 
 def _place(staging: Path, target: Path, kind: str) -> None:

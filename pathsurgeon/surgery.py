@@ -24,7 +24,6 @@ import fnmatch
 import functools
 import itertools
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from .changes import (
 )
 from .composite_inputs import composite_inputs
 from .config import DropPathConfig, config_from_arguments, validate_rate, validate_schedule
-from .errors import CaptureError, ExampleInputsError, NoBranchesError, PathSurgeonError
+from .errors import CaptureError, ExampleInputsError, NoBranchesError, PathSurgeonError, warn_user
 from .finder import find_residual_adds
 from .inputs import ExampleInputs, example_inputs, made_up_inputs_failed
 from .parts import (
@@ -386,9 +385,9 @@ def _warn_unmatched_patterns(config: DropPathConfig, blocks: Sequence[str]) -> N
             if any(fnmatch.fnmatchcase(name, pattern) for name in names):
                 continue
             close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5) or names[:3]
-            warnings.warn(
+            warn_user(
                 f"{argument} pattern {pattern!r} matches no block with residual branches (closest: "
-                f"{', '.join(close)}); pathsurgeon.find(model) lists the block names", stacklevel=3,
+                f"{', '.join(close)}); pathsurgeon.find(model) lists the block names"
             )
 
 

@@ -11,7 +11,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import assert_same_training_output, module_layout, pathsurgeon_leftovers
+from conftest import assert_same_training_output, module_layout, pathsurgeon_leftovers, tested_from
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -19,7 +19,7 @@ from torch import nn
 import pathsurgeon
 from pathsurgeon import slots as slot_lib
 from pathsurgeon.changes import record_of as _record
-from pathsurgeon.libraries import RebuildError, constructor_arguments, identify_constructor
+from pathsurgeon.libraries import RebuildError, constructor_arguments, identify_constructor, meta_build
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -83,8 +83,7 @@ def test_timm_rates_are_the_constructors_bitwise(name):
     assert_same_training_output(native, model, x, seed=11)
     # set_rate reads the same constructor: timm's numbers at the new rate, bitwise
     pathsurgeon.set_rate(model, 0.35)
-    with torch.device("meta"):
-        other = timm.create_model(name, drop_path_rate=0.35, **kwargs)
+    other = meta_build(lambda: timm.create_model(name, drop_path_rate=0.35, **kwargs))
     theirs = library_rates(other)
     assert {c.target: c.drop.rate for c in _record(model).changes} == {c.target: theirs.get(c.target, 0.0)
                                                                       for c in _record(model).changes}
@@ -102,8 +101,7 @@ def test_set_rate_gives_what_add_gives_bitwise(name):
     @given(st.floats(min_value=0.0, max_value=0.99, allow_nan=False))
     def check(rate):
         pathsurgeon.set_rate(model, rate)
-        with torch.device("meta"):
-            native = timm.create_model(name, drop_path_rate=rate, **kwargs)
+        native = meta_build(lambda: timm.create_model(name, drop_path_rate=rate, **kwargs))
         expected = {
             change.target: slot_lib.existing_rate(slot_lib.read_slot(
                 native.get_submodule(change.target.rpartition(".")[0]), change.target.rpartition(".")[2]
@@ -120,14 +118,12 @@ def test_a_larger_n_that_mimics_a_fraction_on_the_probes_is_not_chosen():
     """NextViT-L: rates are linspace(0, r, 40)[k] times 1/4 or 3/4, and linspace(0, r, 157) holds every
     quarter step in real arithmetic; it agreed with timm on all six probe rates, not at 0.8765 (found
     by the coverage sweep). Built on the meta device: only rates are compared, at rates off the probes."""
-    with torch.device("meta"):
-        model = timm.create_model("nextvit_large")
+    model = meta_build(lambda: timm.create_model("nextvit_large"))
     pathsurgeon.add(model, 0.2, verify=False)
     record = _record(model)
     for rate in (0.8765, 0.4567, 0.0123, 0.6181):
         pathsurgeon.set_rate(model, rate)
-        with torch.device("meta"):
-            theirs = library_rates(timm.create_model("nextvit_large", drop_path_rate=rate))
+        theirs = library_rates(meta_build(lambda r=rate: timm.create_model("nextvit_large", drop_path_rate=r)))
         assert {c.target: c.drop.rate for c in record.changes} == {c.target: theirs.get(c.target, 0.0)
                                                                   for c in record.changes}
     assert {law.n for law in record.library.laws.values() if law is not None and law.kind != "zero"} == {40}
@@ -208,6 +204,7 @@ def test_torchvision_resnet18_needs_no_example_inputs():
     assert module_layout(model) == layout and pathsurgeon_leftovers(model) == []
 
 
+@tested_from("timm", "1.0.26", "a model built with in_chans other than 3 keeps no in_chans")
 def test_default_inputs_use_the_models_own_image_size():
     from pathsurgeon.inputs import example_inputs
 
@@ -217,6 +214,7 @@ def test_default_inputs_use_the_models_own_image_size():
     assert example_inputs(model).args[0].shape[1] == 1
 
 
+@tested_from("timm", "1.0.31", "no timm.models.get_model_input_config, and csatv2 is missing")
 @pytest.mark.parametrize(
     "name, arguments, stated",
     [
@@ -241,6 +239,7 @@ def test_default_inputs_for_timm_are_what_timm_states(name, arguments, stated):
         model(*inputs.args)  # the old guesses failed here: 64 / 48 channels, or 384 px windows of 7
 
 
+@tested_from("timm", "1.0.26", "TResNet keeps no in_chans")
 def test_timm_constructor_arguments_take_no_channels_from_a_stem_convolution():
     with torch.device("meta"):
         assert constructor_arguments(timm.create_model("tresnet_m"))["arguments"] == {}  # not in_chans=48

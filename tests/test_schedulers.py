@@ -96,7 +96,8 @@ def test_training_outputs_equal_timm_built_at_each_steps_rate(mode):
         native = _build(VIT, scheduler.rate_at(step))
         native.load_state_dict(model.state_dict())
         assert scheduler.last_step == step
-        assert_same_training_output(native, model, x, seed=step, at_rate_zero=scheduler.rate_at(step) == 0)
+        assert_same_training_output(native, model, x, seed=step, at_rate_zero=scheduler.rate_at(step) == 0,
+                                    atol=1e-5 if mode == "skip" else 1e-6)
         scheduler.step()
 
 
