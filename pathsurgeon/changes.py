@@ -23,7 +23,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import fx, nn
@@ -111,18 +111,24 @@ class Change:
         if self.parent is not None:
             # what the slot held, kept on the DropPath too: a tree that outlives its record (PEFT's
             # merge_and_unload returns the model inside the PeftModel that held it) can still be stripped
-            self.drop.replaced = self.original
+            # setattr: nn.Module.__setattr__ types its value as Tensor | Module, and a SlotContent is neither
+            setattr(self.drop, "replaced", self.original)  # noqa: B010
         if self.hooked is not None:
+            assert self.hook_id is not None  # a hook change always records its hook's id
             self.hooked._forward_hooks[self.hook_id] = BranchHook(self.drop)
         else:
+            assert self.parent is not None and self.attr is not None  # a slot change records its slot
             slot_lib.write_slot(self.parent, self.attr, self.drop)
         self.install_gathers()
 
     def undo(self) -> None:
         self.remove_gathers()
         if self.hooked is not None:
+            assert self.hook_id is not None  # a hook change always records its hook's id
             self.hooked._forward_hooks.pop(self.hook_id, None)
         else:
+            # a slot change records its slot and what it held
+            assert self.parent is not None and self.attr is not None and self.original is not None
             slot_lib.restore_slot(self.parent, self.attr, self.original)
 
     def install_gathers(self) -> None:
@@ -286,7 +292,7 @@ def unrecorded_changes(model: nn.Module) -> list[Change]:
     it. Each one is rebuilt as a :class:`Change` from what it holds, so ``strip`` undoes it all the same.
     """
     recorded = {id(c.drop) for name in surgered_submodules(model, include_root=True)
-                for c in record_of(model.get_submodule(name)).changes}
+                for c in cast(Record, record_of(model.get_submodule(name))).changes}  # each holds one
     found: list[Change] = []
     for name, module in model.named_modules():
         for attr, child in list(module._modules.items()):

@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -568,7 +568,7 @@ def _transformers_quiet():
             hf_logging.enable_progress_bar()
 
 
-def _transformers_class(config: dict[str, Any], class_name: str | None, spec: str) -> type:
+def _transformers_class(config: dict[str, Any], class_name: str | None, spec: str) -> type[Any]:
     """The model class: one that ``architectures`` lists (the manifest may pick which), else AutoModel."""
     import transformers
 
@@ -656,7 +656,7 @@ def read_weights(file: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            state = load_file(str(file))
+            state: Mapping[Any, Any] = load_file(str(file))
         except Exception as error:  # SafetensorError, OSError: truncated, empty or not safetensors
             raise CheckpointError(
                 f"cannot read {file} as safetensors ({_first_line(error)}); the file is truncated or not a "
@@ -750,7 +750,8 @@ def write_checkpoint(model: nn.Module, directory: Path, source: dict[str, Any], 
     from safetensors.torch import save_file
 
     if source["library"] == "transformers":
-        model.save_pretrained(directory, safe_serialization=True)
+        # a transformers PreTrainedModel; nn.Module.__getattr__ types the attribute as Tensor | Module
+        cast(Any, model).save_pretrained(directory, safe_serialization=True)
     else:
         state = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
@@ -803,7 +804,9 @@ def load(
             f"do not run {type(model).__name__} ({_first_line(error.__cause__ or error)}); "
             "pass pathsurgeon.load(directory, example_inputs=...) with a batch the model takes"
         ) from error
-    found = [(t["target"], t["mechanism"]) for t in record_of(model).targets if not t["silenced"]]
+    record = record_of(model)
+    assert record is not None  # add() just put it there
+    found = [(t["target"], t["mechanism"]) for t in record.targets if not t["silenced"]]
     if found != saved:
         strip(model)
         first = next((f"{s[1]} {s[0]}" for s in saved if s not in found), None) or next(
@@ -826,7 +829,7 @@ def _rebuild(
                              "pathsurgeon add --out")
     manifest = read_manifest(directory)
     source = manifest["source"]
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in source.get("kwargs", {}).items()}
+    kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in source.get("kwargs", {}).items()}
     where = directory / MANIFEST
     if source["library"] == "timm":
         import timm

@@ -16,8 +16,12 @@ import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from .files import PathInputs
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # the shell's codes for SIGINT and SIGTERM
@@ -347,7 +351,7 @@ def _saved_surgery_note(args, surgery: dict) -> str:
     return f"{args.model} holds a model saved with DropPath ({saved}, mode {mode}); {what}"
 
 
-def _model_inputs(args) -> dict[str, list | str | None]:
+def _model_inputs(args) -> PathInputs:
     """The paths a command reads, which no output may overwrite: for a hub id or timm name, the files in
     the Hugging Face (or torch hub) cache that loading it reads."""
     from .checkpoint import spec_reads
@@ -394,6 +398,7 @@ def _run_add(args) -> int:
         with staged(targets, inputs, seen=seen) as stagings:  # both outputs appear together, or neither does
             staging = dict(zip([kind for _, kind in targets], stagings, strict=True))
             if args.out is not None:
+                assert source is not None  # described above when args.out is set
                 write_checkpoint(model, staging["dir"], source, surgery)
             if args.json is not None:
                 plan = {"model": args.model, "rate": rate, "pretrained": loaded.pretrained, **report.to_dict()}
@@ -423,7 +428,7 @@ def _published_by_name(spec: str):
 def _run_inspect(args) -> int:
     from .config import validate_rate
     from .published import model_names, published_rates
-    from .report import format_branches
+    from .report import Preview, format_branches
     from .surgery import find, preview
 
     rate = validate_rate(args.rate, **_RATE_OPTION) if args.rate is not None else None
@@ -438,6 +443,7 @@ def _run_inspect(args) -> int:
     blocks = len({b.block for b in branches})
     source = ""
     if rate is not None:
+        assert isinstance(branches, Preview)  # preview() ran, which says where the rates come from
         source = f"; rates from {branches.rates_from}"
         if branches.rates_note:
             source += f" ({branches.rates_note})"

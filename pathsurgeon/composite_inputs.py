@@ -9,6 +9,8 @@ these (the image batch is then made as for any model).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -83,7 +85,8 @@ def _hf_image_text_inputs(model: nn.Module) -> ExampleInputs | None:
         if shape is None or len(shape) != 3:
             return None
         channels, *size = shape
-        pixels = {"pixel_values": _images(model, channels, tuple(size), generator)}
+        size_2d = cast(tuple[int, int], tuple(size))  # len(shape) == 3 just above
+        pixels = {"pixel_values": _images(model, channels, size_2d, generator)}
     positions = getattr(text, "max_position_embeddings", None) or TEXT_TOKENS
     tokens = _tokens(model, vocabulary, min(int(positions), TEXT_TOKENS), generator)
     return ExampleInputs((), {**pixels, "input_ids": tokens})

@@ -180,9 +180,10 @@ class DropPathConfig:
 
     def __post_init__(self) -> None:
         rate = validate_rate(self.rate) if self.rate is not None else None
-        schedule = validate_schedule(self.schedule, rate)
+        schedule: str | list[float] | tuple[float, ...] = validate_schedule(self.schedule, rate)
         if isinstance(schedule, list):
             schedule = tuple(schedule)
+        verify: bool | float
         if isinstance(self.verify, bool):
             verify = self.verify
         else:
@@ -233,7 +234,8 @@ class DropPathConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DropPathConfig:
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
+        values: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()}
+        return cls(**values)
 
 
 def config_from_arguments(

@@ -24,7 +24,7 @@ then a new input value, never a recompilation.
 from __future__ import annotations
 
 import inspect
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -85,7 +85,7 @@ def drop_path(
 # torch.library.custom_op takes tags= in recent torch; without it the op is still off the partitioner's
 # list of ops it may recompute, as every custom op is. Each op states its schema: torch < 2.7 cannot
 # infer one from the string annotations this module's ``from __future__ import annotations`` leaves.
-_RANDOM_OP = (
+_RANDOM_OP: dict[str, Any] = (
     {"tags": (torch.Tag.nondeterministic_seeded,)}
     if "tags" in inspect.signature(torch.library.custom_op).parameters
     else {}
@@ -198,22 +198,25 @@ def traced_drop_path(drop: DropPath, x: torch.fx.Proxy, training: bool) -> torch
     it. Like timm's, the rate and the training flag at tracing time are fixed in the graph."""
     if not training or drop.rate == 0.0:
         return x
+    # torch.fx attaches a Proxy's tensor operators at import time, and its stubs declare none of them:
+    # the body is typed as the Tensor code it records, each result is a Proxy again.
+    t = cast(torch.Tensor, x)
     keep = 1.0 - drop.rate
     if drop.mode == "batch":
-        kept = x.new_empty((1,), dtype=torch.float32, device=torch.device("cpu")).bernoulli_(keep)
-        return x * (kept.reshape(()).double() * drop.scale())
+        kept = t.new_empty((1,), dtype=torch.float32, device=torch.device("cpu")).bernoulli_(keep)
+        return cast(torch.fx.Proxy, t * (kept.reshape(()).double() * drop.scale()))
     if drop.mode == "fixed_count":  # a leaf of the graph: the count depends on the batch size
-        return x * fixed_count_mask(x, drop.rate, drop.batch_axis)
+        return cast(torch.fx.Proxy, t * fixed_count_mask(t, drop.rate, drop.batch_axis))
     # drop_path's draws, written so that every result is used: torchvision's feature extraction removes
     # nodes whose result nobody reads, an in-place ``mask.div_(keep)`` among them (timm's own drop_path
     # loses its rescale that way); ``torch.rand(shape, ...)`` is ``empty(shape).uniform_()``
     if drop.draw == "uniform_floor":
-        mask = torch.floor(x.new_empty(mask_shape(x, drop.batch_axis)).uniform_() + keep)
-        return x.div(keep) * mask
-    mask = x.new_empty(mask_shape(x, drop.batch_axis)).bernoulli_(keep)
+        mask = torch.floor(t.new_empty(mask_shape(t, drop.batch_axis)).uniform_() + keep)
+        return cast(torch.fx.Proxy, t.div(keep) * mask)
+    mask = t.new_empty(mask_shape(t, drop.batch_axis)).bernoulli_(keep)
     if keep > 0.0 and drop.scale_by_keep:
         mask = mask.div(keep)
-    return x * mask
+    return cast(torch.fx.Proxy, t * mask)
 
 
 class KeptRows(NamedTuple):
@@ -223,7 +226,7 @@ class KeptRows(NamedTuple):
     ``scale`` is a 0-d tensor, not a float, so that a compiled graph does not specialise on it.
     """
 
-    index: torch.Tensor | None
+    index: torch.Tensor | None  # type: ignore[assignment]  # a field named as tuple.index, which it hides
     scale: torch.Tensor
     batch: int
     # BatchNorms of a branch that ran on no row in training: their count of batches seen is taken back
@@ -319,7 +322,7 @@ class DropPath(nn.Module):
         and not in eval (a graph traced in eval mode keeps the drop for training), follows ``set_rate``,
         scatters the rows its Gather kept in modes 'skip' and 'batch', and draws its masks exactly as the
         untouched model does. A DropPath outside the traced tree (a hook's) is written into the graph."""
-        tracer = x.tracer
+        tracer = cast(torch.fx.Tracer, x.tracer)  # typed as TracerBase; symbolic tracing's is a Tracer
         try:
             path = tracer.path_of_module(self)
         except NameError:

@@ -121,6 +121,7 @@ def export_onnx(
                 model, inputs.args, kwargs=inputs.kwargs or None, dynamo=True, opset_version=opset, verbose=False,
                 dynamic_shapes=_batch_dynamic_shapes(model, inputs) if dynamic_batch else None,
             )
+        assert program is not None  # typed Optional for dynamo=False; the dynamo exporter returns its program
         if dynamic_batch:
             _require_dynamic_batch(model, program.model.graph, inputs.batch_size)
             _name_batch_axis(program.model.graph)
@@ -299,8 +300,9 @@ def _resized(model: nn.Module, inputs: ExampleInputs, input_size: Sequence[int])
     size = tuple(input_size)
     if len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
         raise ExampleInputsError(f"input size {input_size!r} is not (C, H, W); pass three positive integers")
+    positional: list[tuple[int | str, Any]] = [*enumerate(inputs.args)]  # (position or name, value)
     images = [
-        key for key, value in [*enumerate(inputs.args), *inputs.kwargs.items()]
+        key for key, value in [*positional, *inputs.kwargs.items()]
         if isinstance(value, torch.Tensor) and value.ndim == 4 and value.is_floating_point()
     ]
     others = len([v for v in (*inputs.args, *inputs.kwargs.values()) if isinstance(v, torch.Tensor)]) - len(images)

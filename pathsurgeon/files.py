@@ -90,6 +90,7 @@ def check_outputs(
     """
     resolved: dict[str, Path] = {}
     seen: Seen = {}
+    value: str | os.PathLike | Sequence[str | os.PathLike] | None  # an output's path, then an input's
     for option, (value, kind) in outputs.items():
         if value is None:
             continue

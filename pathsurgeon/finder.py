@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx
@@ -175,7 +176,7 @@ def find_residual_adds(view: GraphView) -> list[ResidualAdd]:
             continue
         *_, shortcut, branch, source_node, slot_call = best
         block = view.owner(node)
-        paths = [(branch, slot_call)]
+        paths: Sequence[tuple[fx.Node, fx.Node | None]] = [(branch, slot_call)]
         if slot_call is None and (parallel := _parallel_paths(view, branch, data)):
             paths = parallel  # one residual branch per parallel path, each with its own slot
         for path, path_slot in paths:
@@ -233,14 +234,16 @@ def _parallel_paths(view: GraphView, branch: fx.Node, data: set[fx.Node]) -> lis
     """
     if not _is_sum_over_batch_of_stack(branch):
         return None
-    stacked = branch.args[0]
+    # torch.fx types node.args as ``Argument`` (any value a graph can hold); the check just above
+    # established that this one is the ``torch.stack`` node.
+    stacked = cast(fx.Node, branch.args[0])
     elements = stacked.args[0] if stacked.args else stacked.kwargs.get("tensors")
     if not isinstance(elements, (list, tuple)) or len(elements) < 2:
         return None
     slot_calls = [_slot_on_branch(view, e, data) if isinstance(e, fx.Node) else None for e in elements]
     if any(call is None for call in slot_calls):
         return None
-    return list(zip(elements, slot_calls, strict=True))
+    return list(zip(elements, cast(list[fx.Node], slot_calls), strict=True))  # no None: checked above
 
 
 def _is_sum_over_batch_of_stack(node: fx.Node) -> bool:
@@ -386,6 +389,7 @@ def select(view: GraphView, adds: list[ResidualAdd]) -> Selection:
         branch_slot_calls: dict[str, set[fx.Node]] = {}
         for a in adds:
             if a.slot is not None:
+                assert a.slot_call is not None  # a slot is only ever recorded with the node that calls it
                 branch_slot_calls.setdefault(a.slot, set()).add(a.slot_call)
         off_branch = {
             slot for node, slot in view.slot_calls.items() if node not in branch_slot_calls.get(slot, set())

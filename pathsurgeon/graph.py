@@ -15,6 +15,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
@@ -220,7 +221,8 @@ def _common(paths: Iterable[str]) -> str | None:
 def _anchor(node: fx.Node, owner: dict[fx.Node, str], top: str) -> str:
     """The module a node's value comes out into: a leaf call's parent, an attribute's holder."""
     if node.op in ("call_module", "get_attr"):
-        return node.target.rpartition(".")[0]
+        # torch.fx types a target as str | Callable; a call_module or get_attr node's is a dotted path
+        return cast(str, node.target).rpartition(".")[0]
     return owner.get(node, top)
 
 
@@ -236,16 +238,17 @@ def _owner_between(
         if common > 0:
             start = common.bit_length() - 1  # the nearest node every input depends on
             between = ancestors[node] >> (start + 1)
-            paths, leaves = [], set()
+            paths: list[str] = []
+            leaves: set[str] = set()
             index = start + 1
             while between:
                 if between & 1:
                     inner = nodes[index]
-                    if inner.op == "call_module":
-                        paths.append(inner.target)
-                        leaves.add(inner.target)
+                    if inner.op == "call_module":  # the target of these two ops is a dotted path
+                        paths.append(cast(str, inner.target))
+                        leaves.add(cast(str, inner.target))
                     elif inner.op == "get_attr":
-                        paths.append(inner.target.rpartition(".")[0])
+                        paths.append(cast(str, inner.target).rpartition(".")[0])
                 between >>= 1
                 index += 1
             found = _common(paths)
@@ -366,7 +369,7 @@ class _RealPaths:
         return self._cache[path]
 
     def _resolve(self, path: str) -> str | None:
-        module: object = self._model
+        module: Any = self._model
         for part in path.split("."):
             match = _SLICE.fullmatch(part)
             try:

@@ -280,7 +280,7 @@ def patch_inputs(model: nn.Module) -> ExampleInputs | None:
     config = getattr(model, "config", None)
     vision = getattr(config, "vision_config", None) or config
     patches, patch, channels = (getattr(vision, k, None) for k in ("num_patches", "patch_size", "num_channels"))
-    if not all(isinstance(v, int) for v in (patches, patch, channels)):
+    if not (isinstance(patches, int) and isinstance(patch, int) and isinstance(channels, int)):
         return None
     side = math.isqrt(max(patches, 0))
     check_made_up_shape(model, (side * side, channels * patch * patch))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from dataclasses import dataclass
+from typing import overload
 
 from torch import fx, nn
 
@@ -87,6 +88,10 @@ def under(name: str | None, path: str) -> bool:
     return name is not None and (not path or name == path or name.startswith(path + "."))
 
 
+@overload
+def relative(name: str, path: str) -> str: ...
+@overload
+def relative(name: str | None, path: str) -> str | None: ...
 def relative(name: str | None, path: str) -> str | None:
     """``name`` seen from the module at ``path`` (``encoder.model.layer1.0`` → ``layer1.0``)."""
     if name is None or not path:
@@ -389,7 +394,8 @@ def split_schedule(
             f"schedule has {len(schedule)} rates but the model's parts have {sum(counts)} depth units ({shown}); "
             f"pass {sum(counts)} rates, the parts' in execution order (pathsurgeon.find(model) lists the units)"
         )
-    pieces, start = [], 0
+    pieces: list[str | list[float]] = []
+    start = 0
     for count in counts:
         pieces.append(list(schedule[start:start + count]))
         start += count
@@ -484,7 +490,8 @@ def split_units(states: list[PartState], schedule: str | list[float]) -> list[st
             f"schedule has {len(schedule)} rates but the model's parts have {total} depth units ({shown}); "
             f"pass {total} rates, the parts' in execution order"
         )
-    pieces, start = [], 0
+    pieces: list[str | list[float]] = []
+    start = 0
     for state in states:
         pieces.append(list(schedule[start:start + state.units]))
         start += state.units

@@ -143,6 +143,7 @@ def make_plan(
     schedule = validate_schedule(schedule, rate)
     if isinstance(schedule, str):
         formula = recipe.schedule if schedule == "auto" else schedule
+        assert rate is not None  # validate_schedule refuses a named schedule without a rate
         rates = schedule_rates(formula, rate, len(units))
     else:
         if len(schedule) != len(units):
@@ -181,6 +182,7 @@ def make_branch(
     if residual.slot is not None:
         mechanism, target, axis = "slot", residual.slot, 0
     else:
+        assert residual.producer is not None  # select() leaves alone the adds with no module to hook
         mechanism, target = "hook", residual.producer
         axis = batch_axis(output_shapes.get(residual.producer), batch)
     return Branch(residual.block, plan.index_of(residual.block), rate, mechanism, target, axis,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -93,7 +94,7 @@ def published_rates(model_or_name: nn.Module | str) -> list[PublishedRate]:
         for entry in _entries():
             patterns = entry.get("timm", []) if "/" not in name else entry.get("hf", [])
             if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
-                fields = {k: entry.get(k) for k in ("family", "rate", "schedule", "setting", "source",
+                fields: dict[str, Any] = {k: entry.get(k) for k in ("family", "rate", "schedule", "setting", "source",
                                                      "schedule_source", "note")}
                 found.append(PublishedRate(**fields, matched=name))
     return found

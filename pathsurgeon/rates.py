@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -118,6 +119,7 @@ def fit_laws(values: dict[str, dict[float, float]], max_span: int) -> dict[str, 
         else:  # even a slot at the full rate: r * 17 / 17 is not always r, so it is fitted with the rest
             left[slot] = by_rate
     memo: dict = {}
+    law: RateLaw | None  # a candidate law, or the scaled one found (None: none)
     while left:
         candidates: list[tuple[str, int, dict[str, RateLaw]]] = []  # (kind, n, slots it explains), n ascending
         for span in range(1, max_span + 1):
@@ -222,7 +224,8 @@ class LibraryRates:
             self._laws = self._fit()
         if all(law is not None for law in self._laws.values()):
             memo: dict = {}
-            return {slot: law(rate, memo) for slot, law in self._laws.items()}
+            laws = cast(dict[str, RateLaw], self._laws)  # no None: checked just above
+            return {slot: law(rate, memo) for slot, law in laws.items()}
         rates = self._replay(rate)
         self._replayed[rate] = rates
         while len(self._replayed) > _CACHE_SIZE:
@@ -310,6 +313,7 @@ def rates_for(
     planned = [plan.rate_of(a.block) for a in chosen]
     if schedule != "auto":
         return BranchRates(planned, "explicit list" if isinstance(schedule, list) else f"{schedule} schedule")
+    assert rate is not None  # validate_schedule refuses schedule 'auto' without a rate
     fallback = "recipe" if recipe.entry else "linear over found units"
     if any(a.slot is None for a in chosen):  # hooked branches: the library has no slot to read
         return BranchRates(planned, fallback, library_rates(model, rate, []).note, library_asked=True)
@@ -320,5 +324,6 @@ def rates_for(
     by_slot = source.rates(rate)
     mine = {a.slot for a in chosen}
     left_alone = [(slot, value) for slot, value in by_slot.items() if value > 0 and slot not in mine]
-    return BranchRates([by_slot[a.slot] for a in chosen], source.rates.rates_from, library=source.rates,
+    values = [by_slot[cast(str, a.slot)] for a in chosen]  # each has a slot: checked above
+    return BranchRates(values, source.rates.rates_from, library=source.rates,
                        library_asked=True, left_alone=left_alone)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -115,7 +115,7 @@ class RateScheduler:
         else:
             from .config import validate_schedule
 
-            self._shape = validate_schedule(schedule, None)
+            self._shape = cast(list[float], validate_schedule(schedule, None))  # a list schedule: a list
             if not self._shape or max(self._shape) == 0.0:
                 raise InvalidScheduleError(
                     "a list schedule of zeros cannot be scaled to fn(step); pass schedule='linear' "
@@ -123,7 +123,7 @@ class RateScheduler:
                 )
         self.model = model
         self.fn = fn
-        self.schedule = schedule if isinstance(schedule, str) else list(self._shape)
+        self.schedule = schedule if isinstance(schedule, str) else list(cast(list[float], self._shape))  # set above
         self.last_step = -1
         self.rate = 0.0
         self.set_step(0)

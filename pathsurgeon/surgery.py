@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -35,6 +35,7 @@ from . import slots as slot_lib
 from .capture import Capture, capture
 from .changes import (
     RECORD_ATTRIBUTE,
+    Change,
     Record,
     Transaction,
     build_changes,
@@ -67,7 +68,7 @@ from .parts import (
 from .plan import make_branch, make_plan
 from .report import Branch, Fallback, LeftAlone, PartReport, Preview, Report
 from .runstate import serialised
-from .skipping import assign_entries, check_gathers
+from .skipping import GatheredChange, assign_entries, check_gathers
 from .verify import Observation, eval_outputs, max_abs_diff, observe, verification_error
 from .wrappers import check_model, check_not_sharded
 
@@ -152,11 +153,13 @@ def add(
                                              config.tolerance, difference)
         with clock("skip checks"):
             reasons = dict(planned.reasons)  # target -> why that branch computes every sample
-            gathered = [c for c in record.changes if c.gathers]
+            gathered: list[GatheredChange] = [c for c in record.changes if c.gathers]
             if gathered:
+                assert inputs is not None  # only modes other than 'sample' gather, and they require inputs
                 seen = observation is not None and observation.batch == inputs.batch_size
                 blocks = observation.block_inputs if seen else None
-                failed = check_gathers(model, gathered, inputs, blocks or None)
+                # check_gathers hands back the very changes it was given, typed by the protocol it reads
+                failed = cast(dict[Change, str], check_gathers(model, gathered, inputs, blocks or None))
                 for change, reason in failed.items():
                     change.remove_gathers()
                     change.gathers = []
@@ -264,6 +267,7 @@ def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[f
         by_slot = None
         if schedule == "auto" and all(c.hooked is None for c in mine):
             # the library's own numbers, from fitted rate laws: no rebuild per call
+            assert rate is not None  # state.plan refuses schedule 'auto' without a rate
             by_slot = state.library_rates(model, rate, [c.target for c in mine])
         for change in mine:
             rate_of[change.target] = by_slot[change.target] if by_slot is not None else plan.rate_of(change.block)
@@ -293,6 +297,7 @@ def strip(model: nn.Module) -> nn.Module:
         for name in surgered_submodules(model, include_root=True):
             owner = model.get_submodule(name)
             record = record_of(owner)
+            assert record is not None  # surgered_submodules lists only modules holding a record
             for change in reversed(record.changes):
                 transaction.do(change.undo, change.install)
             transaction.do(functools.partial(vars(owner).pop, RECORD_ATTRIBUTE),
@@ -352,7 +357,7 @@ def _observe(
     change the full batch would. Where the forward sees the whole batch anyway, it also records the
     block inputs a block-by-block skip check would re-run (else that check records them itself).
     """
-    hooks = {a.producer for a in selection.chosen if a.slot is None}
+    hooks = {cast(str, a.producer) for a in selection.chosen if a.slot is None}  # select() chose each for it
     skipping = config.mode != "sample"
     if inputs is None or (config.tolerance is None and not hooks):
         return None
@@ -594,7 +599,7 @@ def _hook_shapes(
     model: nn.Module, inputs: ExampleInputs | None, selection: PartSelection, *, made_up: bool
 ) -> dict[str, Any]:
     """Output shapes of the modules hooks would go on, from one eval forward (none needed for slots)."""
-    hooks = {a.producer for a in selection.chosen if a.slot is None}
+    hooks = {cast(str, a.producer) for a in selection.chosen if a.slot is None}  # select() chose each for it
     if not hooks or inputs is None:
         return {}
     with _made_up_inputs_checked(model, inputs, made_up=made_up):

@@ -126,11 +126,14 @@ def _parameters_on_meta() -> Iterator[None]:
     def buffer_on_meta(module, name, tensor, persistent=True):
         register_buffer(module, name, tensor.to("meta") if tensor is not None else None, persistent)
 
-    nn.Module.register_parameter, nn.Module.register_buffer = parameter_on_meta, buffer_on_meta
+    # setattr: mypy refuses an assignment to a method
+    setattr(nn.Module, "register_parameter", parameter_on_meta)  # noqa: B010
+    setattr(nn.Module, "register_buffer", buffer_on_meta)  # noqa: B010
     try:
         yield
     finally:
-        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+        setattr(nn.Module, "register_parameter", register_parameter)  # noqa: B010
+        setattr(nn.Module, "register_buffer", register_buffer)  # noqa: B010
 
 
 class _NoInitOnMeta(TorchFunctionMode):

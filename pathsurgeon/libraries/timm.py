@@ -39,7 +39,7 @@ def candidates(model: nn.Module) -> list[Constructor]:
     # module-level functions bound with functools.partial, not closures: the constructor is kept in the
     # surgery record on the model, which must pickle (torch.save(model), EMA copies)
     pool = _global_pool(model)
-    others = ({"global_pool": pool},) if pool is not None else ()
+    others: tuple[dict[str, Any], ...] = ({"global_pool": pool},) if pool is not None else ()
     others += tuple({"output_stride": stride} for stride in _output_strides(model, arguments))
     default = tuple(cfg.get("input_size") or ())[1:]
     sizes = () if "img_size" in arguments or not _accepts(type(model), "img_size") else tuple(
@@ -90,6 +90,7 @@ def _feature_arguments(model: nn.Module) -> dict[str, Any]:
     info = getattr(model, "feature_info", None)
     if not (hasattr(info, "out_indices") and hasattr(info, "reduction")) or hasattr(model, "num_classes"):
         return {}
+    assert info is not None  # hasattr(None, ...) is False
     arguments: dict[str, Any] = {"features_only": True, "out_indices": [int(i) for i in info.out_indices]}
     if type(model).__name__ == "FeatureGraphNet":  # built with feature_cls="fx": an fx GraphModule inside
         arguments["feature_cls"] = "fx"
@@ -100,7 +101,8 @@ def _output_strides(model: nn.Module, arguments: dict[str, Any]) -> list[int]:
     """Output strides to try for a features_only model whose deepest feature is finer than 1/32."""
     if "features_only" not in arguments:
         return []
-    reductions = list(model.feature_info.reduction())
+    info: Any = model.feature_info  # timm's FeatureInfo, typed Tensor | Module by nn.Module.__getattr__
+    reductions = list(info.reduction())
     deepest = max(reductions) if reductions else 32
     return [deepest] if deepest < 32 else []
 
@@ -112,13 +114,13 @@ IMAGE_SIZES = (224, 256, 384, 64, 96, 128, 160, 192, 288, 320, 448, 512, 32)
 def _create(name: str, arguments: dict[str, Any], rate: float | None) -> nn.Module:
     import timm
 
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in arguments.items()}
+    kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in arguments.items()}
     if rate is not None:
         kwargs[RATE_ARGUMENT] = rate
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def _accepts(cls: type, argument: str) -> bool:
+def _accepts(cls: type[nn.Module], argument: str) -> bool:
     """True when the class takes ``argument``, or may through ``**kwargs`` (then a build decides)."""
     try:
         parameters = inspect.signature(cls.__init__).parameters
@@ -164,7 +166,7 @@ def stated_input_size(model: nn.Module) -> tuple[int, int, int] | None:
     try:
         from timm.models import get_model_input_config
     except ImportError:  # an older timm: the same facts from the model's attributes
-        get_model_input_config = None
+        get_model_input_config = None  # type: ignore[assignment]  # the function a newer timm has, or None
     if get_model_input_config is not None and isinstance(traits, dict):
         channels, height, width = (int(v) for v in get_model_input_config(model)["input_size"])
         if traits.get("img_size") is None and (size := _image_size(model)) is not None:

@@ -43,7 +43,7 @@ def candidates(model: nn.Module) -> list[Constructor]:
     ]
 
 
-def original_class(model: nn.Module) -> type | None:
+def original_class(model: nn.Module) -> type[nn.Module] | None:
     """The torchvision class of ``model``; for an ``fx.GraphModule`` (``create_feature_extractor``,
     ``torch.fx.symbolic_trace``), the class it was traced from: the one its name gives, among the
     classes torchvision's builders return, unless its nodes record modules of another library."""
@@ -68,7 +68,7 @@ def original_class(model: nn.Module) -> type | None:
     return None
 
 
-def _build(name: str, arguments: tuple[tuple[str, Any], ...], cls: type, rate: float | None) -> nn.Module:
+def _build(name: str, arguments: tuple[tuple[str, Any], ...], cls: type[nn.Module], rate: float | None) -> nn.Module:
     import torchvision
 
     builder = torchvision.models.get_model_builder(name)
@@ -78,7 +78,7 @@ def _build(name: str, arguments: tuple[tuple[str, Any], ...], cls: type, rate: f
     return cls(*args, **{**kwargs, RATE_ARGUMENT: rate})
 
 
-def _class_call(builder, arguments: dict[str, Any], cls: type) -> tuple[tuple, dict]:
+def _class_call(builder, arguments: dict[str, Any], cls: type[nn.Module]) -> tuple[tuple, dict]:
     """The arguments ``builder`` passes to ``cls`` (recorded during one build)."""
     calls: list[tuple[tuple, dict]] = []
     had_own_init = "__init__" in vars(cls)
@@ -89,12 +89,12 @@ def _class_call(builder, arguments: dict[str, Any], cls: type) -> tuple[tuple, d
             calls.append((args, dict(kwargs)))
         original(self, *args, **kwargs)
 
-    cls.__init__ = recording_init
+    setattr(cls, "__init__", recording_init)  # noqa: B010  (mypy refuses an assignment to a method)
     try:
         builder(**arguments)
     finally:
         if had_own_init:
-            cls.__init__ = original
+            setattr(cls, "__init__", original)  # noqa: B010
         else:
             del cls.__init__
     if not calls:
