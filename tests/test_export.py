@@ -11,10 +11,13 @@ import timm
 import torch
 
 pytest.importorskip("onnxruntime")
-from conftest import pathsurgeon_leftovers  # noqa: E402
+from conftest import pathsurgeon_leftovers, tested_from  # noqa: E402
 
 import pathsurgeon  # noqa: E402
 from pathsurgeon.export import export_onnx  # noqa: E402
+
+# what ONNX export needs (pathsurgeon.versions.ONNX_EXPORT_TORCH); below it, export is refused in one line
+ONNX_EXPORT = tested_from("torch", "2.9", "export is refused (torch 2.4 has no dynamo exporter; 2.6 fails in it)")
 
 
 def timm_vit():
@@ -75,6 +78,7 @@ def aten_ops(model, x):
     return [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
 
 
+@ONNX_EXPORT
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_fine_tuned_and_stripped_model_exports_like_a_fresh_one(name, tmp_path):
     torch.manual_seed(0)
@@ -95,6 +99,7 @@ def test_fine_tuned_and_stripped_model_exports_like_a_fresh_one(name, tmp_path):
     assert aten_ops(model, x) == aten_ops(fresh, x)
 
 
+@ONNX_EXPORT
 def test_surgered_model_in_eval_exports_the_clean_graph(tmp_path):
     torch.manual_seed(0)
     model = timm_vit().eval()
@@ -106,6 +111,7 @@ def test_surgered_model_in_eval_exports_the_clean_graph(tmp_path):
     assert model.training and pathsurgeon.is_surgered(model)
 
 
+@ONNX_EXPORT
 def test_cli_export_strips_on_the_way(tmp_path):
     out, onnx_file = tmp_path / "dp", tmp_path / "model.onnx"
     subprocess.run([sys.executable, "-m", "pathsurgeon.cli", "add", "--model", "resnet18", "--rate", "0.1",
@@ -133,6 +139,7 @@ class RandomInEval(torch.nn.Module):
         return x + self.fc(x) * torch.rand(x.shape[0], 1).ge(0.5)
 
 
+@ONNX_EXPORT
 def test_a_graph_with_a_random_op_is_refused_and_not_written(tmp_path):
     with pytest.raises(pathsurgeon.PathSurgeonError, match="random ops"):
         export_onnx(RandomInEval(), tmp_path / "m.onnx", example_inputs=torch.randn(2, 4))
@@ -153,6 +160,7 @@ def io_shapes(file):
     return ({i.name: i.shape for i in session.get_inputs()}, {o.name: o.shape for o in session.get_outputs()})
 
 
+@ONNX_EXPORT
 @pytest.mark.parametrize("name", ["timm_vit", "hf_vit"])
 def test_python_export_takes_any_batch_under_sensible_names(name, tmp_path):
     torch.manual_seed(0)
@@ -170,6 +178,7 @@ def test_python_export_takes_any_batch_under_sensible_names(name, tmp_path):
         assert torch.allclose(torch.from_numpy(got), want, atol=1e-4)
 
 
+@ONNX_EXPORT
 def test_a_batch_of_one_is_traced_as_two_and_static_fixes_the_batch(tmp_path):
     torch.manual_seed(0)
     model = timm_vit().eval()
@@ -194,6 +203,7 @@ class BatchOfTwo(torch.nn.Module):
         return self.fc(x).reshape(2, -1)
 
 
+@ONNX_EXPORT
 def test_a_model_that_fixes_its_batch_is_refused_with_the_fix(tmp_path):
     with pytest.raises(pathsurgeon.PathSurgeonError, match=r"at batch 1 .*pass --static \(dynamic_batch=False\)"):
         export_onnx(BatchOfTwo(), tmp_path / "m.onnx", example_inputs=torch.randn(2, 3))
@@ -202,6 +212,7 @@ def test_a_model_that_fixes_its_batch_is_refused_with_the_fix(tmp_path):
     assert report.checked_batches == (2,)
 
 
+@ONNX_EXPORT
 def test_cli_export_of_a_timm_and_an_hf_model_runs_at_batch_1_and_5(tmp_path, capsys):
     from pathsurgeon import cli
 
@@ -225,6 +236,7 @@ def test_cli_export_of_a_timm_and_an_hf_model_runs_at_batch_1_and_5(tmp_path, ca
                     assert torch.allclose(torch.from_numpy(got), call(model, x), atol=1e-4)
 
 
+@ONNX_EXPORT
 def test_cli_export_input_size_and_static(tmp_path, capsys):
     from pathsurgeon import cli
 
@@ -264,6 +276,7 @@ class WithFlag(torch.nn.Module):
         return self.fc(x) * scale if flag else self.fc(x)
 
 
+@ONNX_EXPORT
 def test_the_batch_axis_is_called_batch_whatever_the_inputs(tmp_path):
     inputs = {"x": torch.randn(3, 4), "scale": torch.randn(3, 1), "flag": True}
     report = export_onnx(WithFlag(), tmp_path / "m.onnx", example_inputs=inputs, input_names=["x", "scale"],

@@ -24,6 +24,8 @@ from conftest import (
     module_layout,
     parent_rates,
     pathsurgeon_leftovers,
+    tested_from,
+    timm_model,
 )
 
 import pathsurgeon
@@ -116,7 +118,7 @@ def _build(name: str, overrides: dict, rate: float | None):
     if rate is not None:
         kwargs["drop_path_rate"] = rate
     torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, **kwargs)
+    return timm.create_model(timm_model(name), pretrained=False, **kwargs)
 
 
 def _inputs(model, size: int | None = None) -> torch.Tensor:
@@ -137,6 +139,7 @@ def test_matches_native_timm(family):
         assert report.rates_from == "timm constructor", report.rates_note
 
 
+@tested_from("timm", "1.0.31", "timm 1.0.8 builds these blocks (or takes these arguments) otherwise")
 @pytest.mark.parametrize("case", sorted(FINDER_CASES))
 def test_finder_fix_matches_native_timm(case):
     assert_matches_native(*FINDER_CASES[case])

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import tested_from, timm_model
 from safetensors.torch import load_file, save_file
 
 import pathsurgeon
@@ -594,6 +595,7 @@ def builds(monkeypatch):
     return devices
 
 
+@tested_from("torch", "2.9", "timm cannot build wholly on meta on 2.4: only parameters and buffers go there")
 def test_manifest_sizes_the_weights_do_not_fit_are_refused_before_allocating(surgered_dir, tmp_path, builds):
     folder = copy_dir(surgered_dir, tmp_path / "big")
     manifest = _manifest(folder)
@@ -669,6 +671,7 @@ def test_a_second_interrupt_during_rollback_does_not_stop_it(monkeypatch, reques
     ({}, "test_vit.zzz", "does not know"),
 ])
 def test_manifest_arguments_a_constructor_rejects_exit_2(surgered_dir, tmp_path, capsys, kwargs, name, words):
+    timm_model(name)
     folder = copy_dir(surgered_dir, tmp_path / "crafted")
     manifest = _manifest(folder)
     manifest["source"] = {"library": "timm", "name": name, "kwargs": kwargs}
@@ -699,6 +702,7 @@ def test_torchvision_manifest_arguments_a_builder_rejects_exit_2(tmp_path, capsy
     (lambda c: {"model_type": "timm_wrapper", "architecture": MODEL, "architectures": ["TimmWrapperModel"],
                 "model_args": {"checkpoint_path": "{evil}"}}, "model_args"),
 ])
+@tested_from("transformers", "5.0", "4.50 fails otherwise on the crafted configs")
 def test_hugging_face_configs_that_crash_transformers_exit_2(hf_dir, tmp_path, capsys, edit, words):
     marker = tmp_path / "marker"
     torch.save({"w": _Boom(str(marker))}, tmp_path / "evil.pth")
