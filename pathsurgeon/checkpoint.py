@@ -64,6 +64,13 @@ MAX_CONFIG_BYTES = 16 * 1024 * 1024  # as for pathsurgeon.json: the biggest real
 MAX_CONFIG_DEPTH = 64  # real configs nest a handful of levels (a backbone_config inside a vision_config)
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# a torch zip is written uncompressed (each record's declared size is its size on disk); a deflated record
+# may unpack to at most this much more than the file holds, wherever the model is not known yet
+MAX_UNPACKED_EXTRA = 256 * 1024 * 1024
+# with the model known: every value as float64, four times over (a training checkpoint's optimizer
+# moments and EMA copy), plus room for the pickle
+BYTES_PER_VALUE = 4 * 8
+UNPACKED_SLACK = 64 * 1024 * 1024
 
 
 def downloads_allowed() -> bool:
@@ -285,12 +292,49 @@ def weights_shapes(file: str | os.PathLike) -> dict[str, tuple[int, ...]]:
 
             with safe_open(str(file), framework="pt") as handle:
                 return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+        check_declared_sizes(file)
         state = torch.load(file, map_location="meta", weights_only=True, mmap=True)
+    except CheckpointError:
+        raise
     except Exception as error:  # noqa: BLE001 - a truncated file, a pickle weights_only refuses, not a zip
         raise CheckpointError(f"cannot read {file} ({_first_line(error)}); the file is truncated or not a "
                               "safetensors file or torch state_dict saved with weights_only=True") from error
     state = _unwrapped_state_dict(state, file)
     return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def check_declared_sizes(file: Path, model: nn.Module | None = None) -> None:
+    """Refuse a torch zip whose records declare more bytes than could be real, before torch allocates them.
+
+    torch allocates each record at the size the zip declares and only then inflates it: a few MB of deflated
+    zeros can declare gigabytes. Without a model the records may unpack to at most ``MAX_UNPACKED_EXTRA``
+    more than the file holds (torch writes them uncompressed); with one, to at most ``BYTES_PER_VALUE``
+    per value of its state_dict (plus ``UNPACKED_SLACK``).
+    """
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(file):
+            return  # a legacy torch file is not compressed: its size on disk is what it costs
+        with zipfile.ZipFile(file) as archive:
+            records = archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return  # torch.load reports a broken zip in its own words
+    declared = sum(record.file_size for record in records)
+    largest = max(records, key=lambda record: record.file_size, default=None)
+    if model is None:
+        limit = os.stat(file).st_size + MAX_UNPACKED_EXTRA
+        bound = f"the {os.stat(file).st_size:,} bytes it holds plus {MAX_UNPACKED_EXTRA >> 20} MiB"
+    else:
+        values = sum(tensor.numel() for tensor in model.state_dict().values())
+        limit = values * BYTES_PER_VALUE + UNPACKED_SLACK
+        bound = f"{limit:,} bytes, what {type(model).__name__}'s {values:,} values could need"
+    if largest is not None and declared > limit:
+        raise CheckpointError(
+            f"{file} is a zip whose records declare {declared:,} bytes unpacked ({largest.filename}: "
+            f"{largest.file_size:,}), over {bound}; it is crafted or damaged: save the state_dict again with "
+            "torch.save or as safetensors"
+        )
 
 
 def _check_build_against_weights(
@@ -602,7 +646,7 @@ def load_weights(model: nn.Module, file: str | os.PathLike, *, allow_missing_key
     Every key, shape and value is checked before the model is touched: a file that does not fit raises
     :class:`CheckpointError` and leaves the model as it was.
     """
-    state = read_weights(file)
+    state = read_weights(file, model)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -648,8 +692,9 @@ def _unusable_tensor(value: torch.Tensor, expected: torch.Tensor) -> str | None:
     return None
 
 
-def read_weights(file: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state_dict from a safetensors or torch file (``weights_only=True``), every value a tensor."""
+def read_weights(file: str | os.PathLike, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """A state_dict from a safetensors or torch file (``weights_only=True``), every value a tensor; a torch
+    zip declaring more than ``model`` (or, without one, the file) could hold is refused before it is read."""
     file = Path(file)
     check_weights_file(file)
     if file.suffix == ".safetensors":
@@ -663,6 +708,7 @@ def read_weights(file: str | os.PathLike) -> dict[str, torch.Tensor]:
                 "safetensors file"
             ) from error
     else:
+        check_declared_sizes(file, model)
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as error:

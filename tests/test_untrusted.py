@@ -841,3 +841,71 @@ def test_an_empty_weights_file_is_noticed_before_the_model_is_built(tmp_path, bu
     with pytest.raises(pathsurgeon.CheckpointError, match="empty"):
         checkpoint.load_model(MODEL, weights=tmp_path / "empty.safetensors")
     assert builds == []
+
+
+def zip_bomb(path: Path, declared: int) -> Path:
+    """test_vit's state_dict plus a 4-value tensor whose record is stored deflated and declares ``declared``
+    bytes unpacked, in both zip headers (a crafted file; torch allocates the declared size before inflating)."""
+    import io
+    import struct
+    import zipfile
+
+    state = timm.create_model(MODEL).state_dict()
+    state["bomb"] = torch.zeros(4)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    source = zipfile.ZipFile(buffer)
+    target = max((n for n in source.namelist() if "/data/" in n and n.rsplit("/", 1)[1].isdigit()),
+                 key=lambda n: int(n.rsplit("/", 1)[1]))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as crafted:
+        for info in source.infolist():
+            crafted.writestr(info.filename, source.read(info),
+                             zipfile.ZIP_DEFLATED if info.filename == target else zipfile.ZIP_STORED)
+    raw = bytearray(out.getvalue())
+    struct.pack_into("<I", raw, zipfile.ZipFile(io.BytesIO(bytes(raw))).getinfo(target).header_offset + 22, declared)
+    at = raw.find(b"PK\x01\x02")
+    while at >= 0:  # the central directory's entry, which zipfile and torch read
+        length = struct.unpack_from("<H", raw, at + 28)[0]
+        if raw[at + 46:at + 46 + length] == target.encode():
+            struct.pack_into("<I", raw, at + 24, declared)
+        at = raw.find(b"PK\x01\x02", at + 4)
+    path.write_bytes(bytes(raw))
+    assert zipfile.ZipFile(path).getinfo(target).file_size == declared
+    return path
+
+
+LIMITED_CLI = """
+import resource, sys
+size = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (size, size))
+from pathsurgeon import cli
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_a_zip_declaring_gigabytes_is_refused_before_torch_allocates_them(tmp_path):
+    """A 1.5 MB .pth whose deflated record declares 3 GB: refused from the zip's headers, under a memory cap
+    that makes a regression fail at once (torch's allocation) instead of eating the machine."""
+    bomb = zip_bomb(tmp_path / "bomb.pth", 3 << 30)
+    assert bomb.stat().st_size < 4 << 20
+    script = tmp_path / "limited.py"
+    script.write_text(LIMITED_CLI)
+    for command in (["inspect", "--model", MODEL, "--weights", bomb],
+                    ["add", "--model", MODEL, "--rate", "0.1", "--weights", bomb, "--out", tmp_path / "out"]):
+        done = subprocess.run([sys.executable, str(script), str(5_500 << 20), *map(str, command)],
+                              capture_output=True, text=True, timeout=120)
+        assert_refused(done.returncode, done.stderr, "declare 3,222,", "archive/data/", "crafted or damaged")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_zip_declaring_more_than_the_model_could_need_is_refused_before_loading(tmp_path, monkeypatch):
+    """Within the bound for a file alone (its size plus 256 MiB), but far over what test_vit's values need."""
+    bomb = zip_bomb(tmp_path / "bomb.pth", 200 << 20)
+    model = timm.create_model(MODEL)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load ran on the crafted zip"))
+    with pytest.raises(pathsurgeon.CheckpointError, match="what VisionTransformer's .* values could need") as caught:
+        checkpoint.load_weights(model, bomb)
+    assert "\n" not in str(caught.value)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
