@@ -395,7 +395,8 @@ def _refuse_remote_code(config_file: Path) -> dict[str, Any]:
 
     Also refused here, before transformers parses it: anything but a regular file (a FIFO blocks the
     read), more than 16 MiB, nesting deeper than 64 levels, and a ``timm_wrapper`` config whose
-    ``model_args`` go beyond the plain arguments a manifest may carry (they reach ``timm.create_model``).
+    ``model_args`` go beyond the plain arguments a manifest may carry (they reach ``timm.create_model``)
+    or whose ``architecture`` names a source (``local-dir:``, ``hf-hub:``) with model_args of its own.
     """
     fix = "pass a directory written by save_pretrained"
     try:
@@ -448,7 +449,8 @@ def _find_key(tree: Any, key: str) -> str | None:
 
 
 def _check_timm_wrapper_arguments(config: dict[str, Any], config_file: Path) -> None:
-    """HF's TimmWrapper hands ``model_args`` to ``timm.create_model``: the manifest's allow-list applies."""
+    """HF's TimmWrapper hands ``architecture`` and ``model_args`` to ``timm.create_model``: the manifest's
+    allow-list applies, and the architecture must be a timm name, not a source with a config of its own."""
     import jsonschema
 
     from .manifest import CONSTRUCTOR_ARGUMENTS, STRICT_VALIDATOR
@@ -456,6 +458,15 @@ def _check_timm_wrapper_arguments(config: dict[str, Any], config_file: Path) -> 
     allowed = CONSTRUCTOR_ARGUMENTS["timm"]
     schema = {"type": ["object", "null"], "additionalProperties": False, "properties": allowed}
     for path, value in _walk(config):
+        architecture = value.get("architecture") if isinstance(value, dict) else None
+        if isinstance(architecture, str) and ":" in architecture:
+            # timm.create_model("local-dir:/x" or "hf-hub:owner/name") reads that source's config.json and
+            # hands its model_args (and pretrained_cfg) to the constructor, past every check made here
+            where = f"{path}.architecture" if path else "architecture"
+            raise ManifestError(
+                f"{config_file}: {where} is {architecture[:100]!r}, a source timm would read its own config "
+                "and model_args from, unchecked; name a timm model (e.g. resnet50) in a timm_wrapper config"
+            )
         if not isinstance(value, dict) or "model_args" not in value:
             continue
         error = jsonschema.exceptions.best_match(STRICT_VALIDATOR(schema).iter_errors(value["model_args"]))

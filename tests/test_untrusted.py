@@ -909,3 +909,29 @@ def test_a_zip_declaring_more_than_the_model_could_need_is_refused_before_loadin
         checkpoint.load_weights(model, bomb)
     assert "\n" not in str(caught.value)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("architecture", ["local-dir:{target}", "hf-hub:owner/deep"])
+def test_a_timm_wrapper_architecture_naming_a_source_is_refused_before_timm_reads_it(tmp_path, capsys, monkeypatch,
+                                                                                      architecture):
+    """timm would read the target's config.json and build with its model_args (depth 20000: minutes, GBs)."""
+    target = tmp_path / "x"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({"architecture": MODEL, "num_classes": 10,
+                                                    "model_args": {"depth": 20000}}))
+    folder = tmp_path / "wrapper"
+    folder.mkdir()
+    config = transformers.TimmWrapperConfig(architecture=architecture.format(target=target), num_labels=10)
+    config.architectures = ["TimmWrapperForImageClassification"]
+    config.save_pretrained(folder)
+    state = timm.create_model(MODEL, num_classes=10).state_dict()
+    save_file({f"timm_model.{k}": v for k, v in state.items()}, str(folder / "model.safetensors"))
+
+    def create_model(name, *args, **kwargs):
+        raise AssertionError(f"timm.create_model({name!r}) ran on a crafted timm_wrapper config")
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    started = time.monotonic()
+    code, _, err = run(capsys, "inspect", "--model", folder)
+    assert_refused(code, err, "architecture", architecture.split(":")[0], "name a timm model")
+    assert time.monotonic() - started < 10
