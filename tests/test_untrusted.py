@@ -935,3 +935,22 @@ def test_a_timm_wrapper_architecture_naming_a_source_is_refused_before_timm_read
     code, _, err = run(capsys, "inspect", "--model", folder)
     assert_refused(code, err, "architecture", architecture.split(":")[0], "name a timm model")
     assert time.monotonic() - started < 10
+
+
+def test_a_shallow_copy_cannot_strip_or_re_rate_the_original_it_shares_its_modules_with():
+    import copy
+
+    model = timm.create_model(MODEL).eval()
+    pathsurgeon.add(model, 0.1, schedule="auto")
+    drops = [m for m in model.modules() if isinstance(m, pathsurgeon.DropPath)]
+    shallow = copy.copy(model)  # shares every submodule, and the record, with the original
+    for call in (pathsurgeon.strip, lambda m: pathsurgeon.set_rate(m, 0.3), lambda m: pathsurgeon.add(m, 0.1)):
+        with pytest.raises(pathsurgeon.PathSurgeonError, match="copy.copy .* copy.deepcopy") as caught:
+            call(shallow)
+        assert "\n" not in str(caught.value)
+    assert [m for m in model.modules() if isinstance(m, pathsurgeon.DropPath)] == drops  # nothing was stripped
+    assert pathsurgeon.is_surgered(model) and pathsurgeon.is_surgered(shallow)
+    pathsurgeon.set_rate(model, 0.2)  # the original still drives its own modules
+    assert max(m.rate for m in model.modules() if isinstance(m, pathsurgeon.DropPath)) == pytest.approx(0.2)
+    pathsurgeon.strip(model)
+    assert not pathsurgeon.is_surgered(model) and not pathsurgeon.is_surgered(shallow)
