@@ -293,14 +293,26 @@ def weights_shapes(file: str | os.PathLike) -> dict[str, tuple[int, ...]]:
             with safe_open(str(file), framework="pt") as handle:
                 return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
         check_declared_sizes(file)
-        state = torch.load(file, map_location="meta", weights_only=True, mmap=True)
+        state = _torch_load(file, map_location="meta", mmap=True)
     except CheckpointError:
         raise
     except Exception as error:  # noqa: BLE001 - a truncated file, a pickle weights_only refuses, not a zip
+        if "meta" in str(error).lower():  # sparse, quantized: tensors whose shape cannot be read on their own
+            raise CheckpointError(f"{file} holds tensors that are not plain dense ones (sparse or quantized?: "
+                                  f"{_first_line(error)[:80]}); save the model's state_dict() as it is trained "
+                                  "(plain float tensors)") from error
         raise CheckpointError(f"cannot read {file} ({_first_line(error)}); the file is truncated or not a "
                               "safetensors file or torch state_dict saved with weights_only=True") from error
     state = _unwrapped_state_dict(state, file)
     return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _torch_load(file: Path, **options: Any) -> Any:
+    """``torch.load(weights_only=True)`` without torch's warnings (TypedStorage deprecation, sparse
+    invariants), which would print lines of their own around pathsurgeon's one-line refusal."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(file, weights_only=True, **options)
 
 
 def check_declared_sizes(file: Path, model: nn.Module | None = None) -> None:
@@ -721,7 +733,7 @@ def read_weights(file: str | os.PathLike, model: nn.Module | None = None) -> dic
     else:
         check_declared_sizes(file, model)
         try:
-            state = torch.load(file, map_location="cpu", weights_only=True)
+            state = _torch_load(file, map_location="cpu")
         except Exception as error:
             raise CheckpointError(
                 f"cannot read {file} as a torch checkpoint with weights_only=True ({type(error).__name__}); "

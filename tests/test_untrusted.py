@@ -954,3 +954,27 @@ def test_a_shallow_copy_cannot_strip_or_re_rate_the_original_it_shares_its_modul
     assert max(m.rate for m in model.modules() if isinstance(m, pathsurgeon.DropPath)) == pytest.approx(0.2)
     pathsurgeon.strip(model)
     assert not pathsurgeon.is_surgered(model) and not pathsurgeon.is_surgered(shallow)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "quantized"])
+def test_sparse_or_quantized_weights_are_refused_in_one_line_without_torch_warnings(tmp_path, kind):
+    import warnings
+
+    state = timm.create_model(MODEL).state_dict()
+    head = state["head.weight"]
+    state["head.weight"] = (head.to_sparse() if kind == "sparse"
+                            else torch.quantize_per_tensor(head, 0.1, 0, torch.qint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.save(state, tmp_path / "w.pth")
+    done = subprocess.run([sys.executable, "-m", "pathsurgeon.cli", "inspect", "--model", MODEL, "--weights",
+                           str(tmp_path / "w.pth")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("pathsurgeon: error:"), done.stderr
+    assert "sparse or quantized" in done.stderr
+    model = timm.create_model(MODEL)
+    with warnings.catch_warnings(record=True) as caught:  # the Python API: the refusal, and no warning around it
+        warnings.simplefilter("always")
+        with pytest.raises(pathsurgeon.CheckpointError, match="head.weight"):
+            checkpoint.load_weights(model, tmp_path / "w.pth")
+    assert [str(w.message) for w in caught] == []
