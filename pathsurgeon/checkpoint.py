@@ -819,7 +819,8 @@ def write_checkpoint(model: nn.Module, directory: Path, source: dict[str, Any], 
     from safetensors.torch import save_file
 
     if source["library"] == "transformers":
-        model.save_pretrained(directory, safe_serialization=True)
+        with _transformers_quiet():  # "Writing model shards: 100%|███|" would be a line of its own on stderr
+            model.save_pretrained(directory, safe_serialization=True)
     else:
         state = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})

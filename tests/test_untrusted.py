@@ -978,3 +978,13 @@ def test_sparse_or_quantized_weights_are_refused_in_one_line_without_torch_warni
         with pytest.raises(pathsurgeon.CheckpointError, match="head.weight"):
             checkpoint.load_weights(model, tmp_path / "w.pth")
     assert [str(w.message) for w in caught] == []
+
+
+def test_hugging_face_add_and_strip_print_only_pathsurgeon_lines(hf_dir, tmp_path, capsys):
+    """save_pretrained's "Writing model shards: 100%|███|" progress bar is no line of ours."""
+    for argv in (["add", "--model", hf_dir, "--rate", "0.1", "--out", tmp_path / "surgered"],
+                 ["strip", "--in", tmp_path / "surgered", "--out", tmp_path / "clean"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 0, err
+        assert all(line.startswith("pathsurgeon: ") for line in err.splitlines()), err
+    assert (tmp_path / "clean" / "model.safetensors").is_file()
