@@ -109,6 +109,13 @@ def load_model(
         raise ModelSpecError(f"model spec {spec[:60]!r}... is not a usable path ({error.strerror or error}); pass "
                              "a timm model name, an HF hub id or a directory") from error
     if path.is_dir():
+        for name in (MANIFEST, HF_CONFIG):  # a FIFO there is not "a directory without config.json"
+            if (path / name).exists() and not (path / name).is_file():
+                try:
+                    _regular_file(path / name, name, "pass a directory written by pathsurgeon add --out or "
+                                  "save_pretrained")
+                except CheckpointError as error:
+                    raise ModelSpecError(str(error)) from None
         if (path / MANIFEST).is_file():
             model, manifest = _rebuild(path, say, allow_missing_keys=allow_missing_keys)  # its weights; no surgery
             loaded = LoadedModel(model, pretrained=True, saved_surgery=manifest["surgery"])

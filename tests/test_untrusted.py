@@ -988,3 +988,13 @@ def test_hugging_face_add_and_strip_print_only_pathsurgeon_lines(hf_dir, tmp_pat
         assert code == 0, err
         assert all(line.startswith("pathsurgeon: ") for line in err.splitlines()), err
     assert (tmp_path / "clean" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["config.json", "pathsurgeon.json"])
+def test_a_config_that_is_a_fifo_is_reported_as_not_a_regular_file(tmp_path, capsys, name):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    os.mkfifo(folder / name)  # never opened: a read would block forever
+    code, _, err = run(capsys, "inspect", "--model", folder)
+    assert_refused(code, err, f"{name} {folder / name} is not a regular file")
+    assert "without" not in err
