@@ -64,6 +64,7 @@ MAX_CONFIG_BYTES = 16 * 1024 * 1024  # as for pathsurgeon.json: the biggest real
 MAX_CONFIG_DEPTH = 64  # real configs nest a handful of levels (a backbone_config inside a vision_config)
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+ADAPTER_CONFIG = "adapter_config.json"  # transformers applies a PEFT adapter found next to the model
 # a torch zip is written uncompressed (each record's declared size is its size on disk); a deflated record
 # may unpack to at most this much more than the file holds, wherever the model is not known yet
 MAX_UNPACKED_EXTRA = 256 * 1024 * 1024
@@ -567,6 +568,12 @@ def _load_transformers(
         ) from error
     config_file = _hf_config_file(spec)
     raw_config = _refuse_remote_code(config_file)
+    if os.path.lexists(config_file.parent / ADAPTER_CONFIG):
+        raise ModelSpecError(
+            f"{spec} holds {ADAPTER_CONFIG} next to the model: transformers would inject that PEFT adapter "
+            "(LoRA) into it unasked; move the adapter files out, or merge it first (merge_and_unload, then "
+            "save_pretrained)"
+        )
     shapes = _weight_shapes_of_directory(config_file.parent)
     if shapes is not None:
         _check_config_against_weights(raw_config, shapes, spec)

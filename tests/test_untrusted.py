@@ -998,3 +998,14 @@ def test_a_config_that_is_a_fifo_is_reported_as_not_a_regular_file(tmp_path, cap
     code, _, err = run(capsys, "inspect", "--model", folder)
     assert_refused(code, err, f"{name} {folder / name} is not a regular file")
     assert "without" not in err
+
+
+def test_a_peft_adapter_next_to_a_hugging_face_model_is_refused_not_applied(hf_dir, tmp_path, capsys):
+    folder = copy_dir(hf_dir, tmp_path / "with-adapter")
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": str(hf_dir), "r": 4, "lora_alpha": 8,
+        "target_modules": ["query", "value"], "lora_dropout": 0.0, "bias": "none"}))
+    for argv in (["inspect", "--model", folder], ["add", "--model", folder, "--rate", "0.1", "--out", tmp_path / "o"]):
+        code, _, err = run(capsys, *argv)
+        assert_refused(code, err, "adapter_config.json", "merge")
+    assert not (tmp_path / "o").exists()
