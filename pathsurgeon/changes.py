@@ -21,16 +21,17 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
 
 from . import slots as slot_lib
 from .droppath import DropPath, traced_drop_path
-from .errors import AlreadySurgeredError, ScriptingError
+from .errors import AlreadySurgeredError, PathSurgeonError, ScriptingError
 from .report import Branch, Fallback, LeftAlone
 from .skipping import Gather
 
@@ -163,6 +164,16 @@ class Record:
     library_asked: bool = False
     parts: list[Any] = field(default_factory=list)  # parts.PartState, one per planned part: set_rate re-rates each
     inputs_given: bool = False  # add ran on the caller's example_inputs (save records it; load asks for them)
+    # a weak reference to the module the record is kept on: copy.copy(model) shares the record (and every
+    # submodule) with the original, and must not strip or re-rate it from there; a pickled or deep-copied
+    # record is bound again to the module that holds it, the first time it is read there
+    owner: Any = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "owner": None}
+
+    def bind(self, model: nn.Module) -> None:
+        self.owner = weakref.ref(model)
 
     @property
     def mode(self) -> str:
@@ -243,15 +254,38 @@ def _signals_deferred() -> Iterator[None]:
 # --- the record on the model ---------------------------------------------------------------------------
 
 
+def _holds_record(module: nn.Module) -> bool:
+    """Whether ``module`` holds a record in effect: its own, or its original's while the original holds it
+    too (a ``copy.copy``); not a copy's record whose original was stripped since (stale, nothing to act on)."""
+    record = vars(module).get(RECORD_ATTRIBUTE)
+    if record is None:
+        return False
+    owner = record.owner() if isinstance(record.owner, weakref.ref) else None
+    return owner is None or owner is module or vars(owner).get(RECORD_ATTRIBUTE) is record
+
+
 def record_of(model: nn.Module) -> Record | None:
-    return vars(model).get(RECORD_ATTRIBUTE)
+    """The record ``add`` kept on ``model``; refused when it belongs to another module (a ``copy.copy``)."""
+    record = vars(model).get(RECORD_ATTRIBUTE)
+    if record is None or not _holds_record(model):
+        return None  # none, or a copy.copy's stale one: its original was stripped
+    owner = record.owner() if isinstance(record.owner, weakref.ref) else None
+    if owner is None:  # unpickled, deep-copied, or its module is gone: this module holds it alone now
+        record.bind(model)
+    elif owner is not model:
+        raise PathSurgeonError(
+            f"this {type(model).__name__} holds the pathsurgeon record of another {type(owner).__name__}, "
+            "with which it shares its submodules (copy.copy of a surgered model?): use copy.deepcopy for a "
+            "model of its own, or call strip / set_rate on the original"
+        )
+    return record
 
 
 def surgered_submodules(model: nn.Module, include_root: bool = False) -> list[str]:
     """Names of the modules in ``model``'s tree that hold a surgery record ('' is the model itself)."""
     return [
         name for name, module in model.named_modules()
-        if (include_root or name) and RECORD_ATTRIBUTE in vars(module)
+        if (include_root or name) and _holds_record(module)
     ]
 
 
@@ -292,7 +326,7 @@ def unrecorded_changes(model: nn.Module) -> list[Change]:
     it. Each one is rebuilt as a :class:`Change` from what it holds, so ``strip`` undoes it all the same.
     """
     recorded = {id(c.drop) for name in surgered_submodules(model, include_root=True)
-                for c in cast(Record, record_of(model.get_submodule(name))).changes}  # each holds one
+                for c in vars(model.get_submodule(name))[RECORD_ATTRIBUTE].changes}  # each holds one
     found: list[Change] = []
     for name, module in model.named_modules():
         for attr, child in list(module._modules.items()):

@@ -64,6 +64,14 @@ MAX_CONFIG_BYTES = 16 * 1024 * 1024  # as for pathsurgeon.json: the biggest real
 MAX_CONFIG_DEPTH = 64  # real configs nest a handful of levels (a backbone_config inside a vision_config)
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+ADAPTER_CONFIG = "adapter_config.json"  # transformers applies a PEFT adapter found next to the model
+# a torch zip is written uncompressed (each record's declared size is its size on disk); a deflated record
+# may unpack to at most this much more than the file holds, wherever the model is not known yet
+MAX_UNPACKED_EXTRA = 256 * 1024 * 1024
+# with the model known: every value as float64, four times over (a training checkpoint's optimizer
+# moments and EMA copy), plus room for the pickle
+BYTES_PER_VALUE = 4 * 8
+UNPACKED_SLACK = 64 * 1024 * 1024
 
 
 def downloads_allowed() -> bool:
@@ -102,6 +110,13 @@ def load_model(
         raise ModelSpecError(f"model spec {spec[:60]!r}... is not a usable path ({error.strerror or error}); pass "
                              "a timm model name, an HF hub id or a directory") from error
     if path.is_dir():
+        for name in (MANIFEST, HF_CONFIG):  # a FIFO there is not "a directory without config.json"
+            if (path / name).exists() and not (path / name).is_file():
+                try:
+                    _regular_file(path / name, name, "pass a directory written by pathsurgeon add --out or "
+                                  "save_pretrained")
+                except CheckpointError as error:
+                    raise ModelSpecError(str(error)) from None
         if (path / MANIFEST).is_file():
             model, manifest = _rebuild(path, say, allow_missing_keys=allow_missing_keys)  # its weights; no surgery
             loaded = LoadedModel(model, pretrained=True, saved_surgery=manifest["surgery"])
@@ -285,12 +300,61 @@ def weights_shapes(file: str | os.PathLike) -> dict[str, tuple[int, ...]]:
 
             with safe_open(str(file), framework="pt") as handle:
                 return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
-        state = torch.load(file, map_location="meta", weights_only=True, mmap=True)
+        check_declared_sizes(file)
+        state = _torch_load(file, map_location="meta", mmap=True)
+    except CheckpointError:
+        raise
     except Exception as error:  # noqa: BLE001 - a truncated file, a pickle weights_only refuses, not a zip
+        if "meta" in str(error).lower():  # sparse, quantized: tensors whose shape cannot be read on their own
+            raise CheckpointError(f"{file} holds tensors that are not plain dense ones (sparse or quantized?: "
+                                  f"{_first_line(error)[:80]}); save the model's state_dict() as it is trained "
+                                  "(plain float tensors)") from error
         raise CheckpointError(f"cannot read {file} ({_first_line(error)}); the file is truncated or not a "
                               "safetensors file or torch state_dict saved with weights_only=True") from error
     state = _unwrapped_state_dict(state, file)
     return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _torch_load(file: Path, **options: Any) -> Any:
+    """``torch.load(weights_only=True)`` without torch's warnings (TypedStorage deprecation, sparse
+    invariants), which would print lines of their own around pathsurgeon's one-line refusal."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(file, weights_only=True, **options)
+
+
+def check_declared_sizes(file: Path, model: nn.Module | None = None) -> None:
+    """Refuse a torch zip whose records declare more bytes than could be real, before torch allocates them.
+
+    torch allocates each record at the size the zip declares and only then inflates it: a few MB of deflated
+    zeros can declare gigabytes. Without a model the records may unpack to at most ``MAX_UNPACKED_EXTRA``
+    more than the file holds (torch writes them uncompressed); with one, to at most ``BYTES_PER_VALUE``
+    per value of its state_dict (plus ``UNPACKED_SLACK``).
+    """
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(file):
+            return  # a legacy torch file is not compressed: its size on disk is what it costs
+        with zipfile.ZipFile(file) as archive:
+            records = archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return  # torch.load reports a broken zip in its own words
+    declared = sum(record.file_size for record in records)
+    largest = max(records, key=lambda record: record.file_size, default=None)
+    if model is None:
+        limit = os.stat(file).st_size + MAX_UNPACKED_EXTRA
+        bound = f"the {os.stat(file).st_size:,} bytes it holds plus {MAX_UNPACKED_EXTRA >> 20} MiB"
+    else:
+        values = sum(tensor.numel() for tensor in model.state_dict().values())
+        limit = values * BYTES_PER_VALUE + UNPACKED_SLACK
+        bound = f"{limit:,} bytes, what {type(model).__name__}'s {values:,} values could need"
+    if largest is not None and declared > limit:
+        raise CheckpointError(
+            f"{file} is a zip whose records declare {declared:,} bytes unpacked ({largest.filename}: "
+            f"{largest.file_size:,}), over {bound}; it is crafted or damaged: save the state_dict again with "
+            "torch.save or as safetensors"
+        )
 
 
 def _check_build_against_weights(
@@ -351,7 +415,8 @@ def _refuse_remote_code(config_file: Path) -> dict[str, Any]:
 
     Also refused here, before transformers parses it: anything but a regular file (a FIFO blocks the
     read), more than 16 MiB, nesting deeper than 64 levels, and a ``timm_wrapper`` config whose
-    ``model_args`` go beyond the plain arguments a manifest may carry (they reach ``timm.create_model``).
+    ``model_args`` go beyond the plain arguments a manifest may carry (they reach ``timm.create_model``)
+    or whose ``architecture`` names a source (``local-dir:``, ``hf-hub:``) with model_args of its own.
     """
     fix = "pass a directory written by save_pretrained"
     try:
@@ -404,7 +469,8 @@ def _find_key(tree: Any, key: str) -> str | None:
 
 
 def _check_timm_wrapper_arguments(config: dict[str, Any], config_file: Path) -> None:
-    """HF's TimmWrapper hands ``model_args`` to ``timm.create_model``: the manifest's allow-list applies."""
+    """HF's TimmWrapper hands ``architecture`` and ``model_args`` to ``timm.create_model``: the manifest's
+    allow-list applies, and the architecture must be a timm name, not a source with a config of its own."""
     import jsonschema
 
     from .manifest import CONSTRUCTOR_ARGUMENTS, STRICT_VALIDATOR
@@ -412,6 +478,15 @@ def _check_timm_wrapper_arguments(config: dict[str, Any], config_file: Path) -> 
     allowed = CONSTRUCTOR_ARGUMENTS["timm"]
     schema = {"type": ["object", "null"], "additionalProperties": False, "properties": allowed}
     for path, value in _walk(config):
+        architecture = value.get("architecture") if isinstance(value, dict) else None
+        if isinstance(architecture, str) and ":" in architecture:
+            # timm.create_model("local-dir:/x" or "hf-hub:owner/name") reads that source's config.json and
+            # hands its model_args (and pretrained_cfg) to the constructor, past every check made here
+            where = f"{path}.architecture" if path else "architecture"
+            raise ManifestError(
+                f"{config_file}: {where} is {architecture[:100]!r}, a source timm would read its own config "
+                "and model_args from, unchecked; name a timm model (e.g. resnet50) in a timm_wrapper config"
+            )
         if not isinstance(value, dict) or "model_args" not in value:
             continue
         error = jsonschema.exceptions.best_match(STRICT_VALIDATOR(schema).iter_errors(value["model_args"]))
@@ -493,6 +568,12 @@ def _load_transformers(
         ) from error
     config_file = _hf_config_file(spec)
     raw_config = _refuse_remote_code(config_file)
+    if os.path.lexists(config_file.parent / ADAPTER_CONFIG):
+        raise ModelSpecError(
+            f"{spec} holds {ADAPTER_CONFIG} next to the model: transformers would inject that PEFT adapter "
+            "(LoRA) into it unasked; move the adapter files out, or merge it first (merge_and_unload, then "
+            "save_pretrained)"
+        )
     shapes = _weight_shapes_of_directory(config_file.parent)
     if shapes is not None:
         _check_config_against_weights(raw_config, shapes, spec)
@@ -602,7 +683,7 @@ def load_weights(model: nn.Module, file: str | os.PathLike, *, allow_missing_key
     Every key, shape and value is checked before the model is touched: a file that does not fit raises
     :class:`CheckpointError` and leaves the model as it was.
     """
-    state = read_weights(file)
+    state = read_weights(file, model)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -648,8 +729,9 @@ def _unusable_tensor(value: torch.Tensor, expected: torch.Tensor) -> str | None:
     return None
 
 
-def read_weights(file: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state_dict from a safetensors or torch file (``weights_only=True``), every value a tensor."""
+def read_weights(file: str | os.PathLike, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """A state_dict from a safetensors or torch file (``weights_only=True``), every value a tensor; a torch
+    zip declaring more than ``model`` (or, without one, the file) could hold is refused before it is read."""
     file = Path(file)
     check_weights_file(file)
     if file.suffix == ".safetensors":
@@ -663,8 +745,9 @@ def read_weights(file: str | os.PathLike) -> dict[str, torch.Tensor]:
                 "safetensors file"
             ) from error
     else:
+        check_declared_sizes(file, model)
         try:
-            state = torch.load(file, map_location="cpu", weights_only=True)
+            state = _torch_load(file, map_location="cpu")
         except Exception as error:
             raise CheckpointError(
                 f"cannot read {file} as a torch checkpoint with weights_only=True ({type(error).__name__}); "
@@ -751,7 +834,8 @@ def write_checkpoint(model: nn.Module, directory: Path, source: dict[str, Any], 
 
     if source["library"] == "transformers":
         # a transformers PreTrainedModel; nn.Module.__getattr__ types the attribute as Tensor | Module
-        cast(Any, model).save_pretrained(directory, safe_serialization=True)
+        with _transformers_quiet():  # "Writing model shards: 100%|███|" would be a line of its own on stderr
+            cast(Any, model).save_pretrained(directory, safe_serialization=True)
     else:
         state = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})

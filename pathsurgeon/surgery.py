@@ -134,6 +134,7 @@ def add(
                     planned.schedule, rates_from=planned.rates_from,
                     parts=[PartState.of(p) for p in planned.part_plans], inputs_given=example_inputs is not None)
     _mirror_library(record)
+    record.bind(model)  # a copy.copy of the model shares the record, and is refused where it would use it
     difference = None
     with Transaction() as transaction:
         # the record is the first change, so that an interrupt at any later point is undone with the rest

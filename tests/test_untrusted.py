@@ -845,3 +845,171 @@ def test_an_empty_weights_file_is_noticed_before_the_model_is_built(tmp_path, bu
     with pytest.raises(pathsurgeon.CheckpointError, match="empty"):
         checkpoint.load_model(MODEL, weights=tmp_path / "empty.safetensors")
     assert builds == []
+
+
+def zip_bomb(path: Path, declared: int) -> Path:
+    """test_vit's state_dict plus a 4-value tensor whose record is stored deflated and declares ``declared``
+    bytes unpacked, in both zip headers (a crafted file; torch allocates the declared size before inflating)."""
+    import io
+    import struct
+    import zipfile
+
+    state = timm.create_model(MODEL).state_dict()
+    state["bomb"] = torch.zeros(4)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    source = zipfile.ZipFile(buffer)
+    target = max((n for n in source.namelist() if "/data/" in n and n.rsplit("/", 1)[1].isdigit()),
+                 key=lambda n: int(n.rsplit("/", 1)[1]))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as crafted:
+        for info in source.infolist():
+            crafted.writestr(info.filename, source.read(info),
+                             zipfile.ZIP_DEFLATED if info.filename == target else zipfile.ZIP_STORED)
+    raw = bytearray(out.getvalue())
+    struct.pack_into("<I", raw, zipfile.ZipFile(io.BytesIO(bytes(raw))).getinfo(target).header_offset + 22, declared)
+    at = raw.find(b"PK\x01\x02")
+    while at >= 0:  # the central directory's entry, which zipfile and torch read
+        length = struct.unpack_from("<H", raw, at + 28)[0]
+        if raw[at + 46:at + 46 + length] == target.encode():
+            struct.pack_into("<I", raw, at + 24, declared)
+        at = raw.find(b"PK\x01\x02", at + 4)
+    path.write_bytes(bytes(raw))
+    assert zipfile.ZipFile(path).getinfo(target).file_size == declared
+    return path
+
+
+LIMITED_CLI = """
+import resource, sys
+size = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (size, size))
+from pathsurgeon import cli
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_a_zip_declaring_gigabytes_is_refused_before_torch_allocates_them(tmp_path):
+    """A 1.5 MB .pth whose deflated record declares 3 GB: refused from the zip's headers, under a memory cap
+    that makes a regression fail at once (torch's allocation) instead of eating the machine."""
+    bomb = zip_bomb(tmp_path / "bomb.pth", 3 << 30)
+    assert bomb.stat().st_size < 4 << 20
+    script = tmp_path / "limited.py"
+    script.write_text(LIMITED_CLI)
+    for command in (["inspect", "--model", MODEL, "--weights", bomb],
+                    ["add", "--model", MODEL, "--rate", "0.1", "--weights", bomb, "--out", tmp_path / "out"]):
+        done = subprocess.run([sys.executable, str(script), str(5_500 << 20), *map(str, command)],
+                              capture_output=True, text=True, timeout=120)
+        assert_refused(done.returncode, done.stderr, "declare 3,222,", "archive/data/", "crafted or damaged")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_zip_declaring_more_than_the_model_could_need_is_refused_before_loading(tmp_path, monkeypatch):
+    """Within the bound for a file alone (its size plus 256 MiB), but far over what test_vit's values need."""
+    bomb = zip_bomb(tmp_path / "bomb.pth", 200 << 20)
+    model = timm.create_model(MODEL)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load ran on the crafted zip"))
+    with pytest.raises(pathsurgeon.CheckpointError, match="what VisionTransformer's .* values could need") as caught:
+        checkpoint.load_weights(model, bomb)
+    assert "\n" not in str(caught.value)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("architecture", ["local-dir:{target}", "hf-hub:owner/deep"])
+def test_a_timm_wrapper_architecture_naming_a_source_is_refused_before_timm_reads_it(tmp_path, capsys, monkeypatch,
+                                                                                      architecture):
+    """timm would read the target's config.json and build with its model_args (depth 20000: minutes, GBs)."""
+    target = tmp_path / "x"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({"architecture": MODEL, "num_classes": 10,
+                                                    "model_args": {"depth": 20000}}))
+    folder = tmp_path / "wrapper"
+    folder.mkdir()
+    config = transformers.TimmWrapperConfig(architecture=architecture.format(target=target), num_labels=10)
+    config.architectures = ["TimmWrapperForImageClassification"]
+    config.save_pretrained(folder)
+    state = timm.create_model(MODEL, num_classes=10).state_dict()
+    save_file({f"timm_model.{k}": v for k, v in state.items()}, str(folder / "model.safetensors"))
+
+    def create_model(name, *args, **kwargs):
+        raise AssertionError(f"timm.create_model({name!r}) ran on a crafted timm_wrapper config")
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    started = time.monotonic()
+    code, _, err = run(capsys, "inspect", "--model", folder)
+    assert_refused(code, err, "architecture", architecture.split(":")[0], "name a timm model")
+    assert time.monotonic() - started < 10
+
+
+def test_a_shallow_copy_cannot_strip_or_re_rate_the_original_it_shares_its_modules_with():
+    import copy
+
+    model = timm.create_model(MODEL).eval()
+    pathsurgeon.add(model, 0.1, schedule="auto")
+    drops = [m for m in model.modules() if isinstance(m, pathsurgeon.DropPath)]
+    shallow = copy.copy(model)  # shares every submodule, and the record, with the original
+    for call in (pathsurgeon.strip, lambda m: pathsurgeon.set_rate(m, 0.3), lambda m: pathsurgeon.add(m, 0.1)):
+        with pytest.raises(pathsurgeon.PathSurgeonError, match="copy.copy .* copy.deepcopy") as caught:
+            call(shallow)
+        assert "\n" not in str(caught.value)
+    assert [m for m in model.modules() if isinstance(m, pathsurgeon.DropPath)] == drops  # nothing was stripped
+    assert pathsurgeon.is_surgered(model) and pathsurgeon.is_surgered(shallow)
+    pathsurgeon.set_rate(model, 0.2)  # the original still drives its own modules
+    assert max(m.rate for m in model.modules() if isinstance(m, pathsurgeon.DropPath)) == pytest.approx(0.2)
+    pathsurgeon.strip(model)
+    assert not pathsurgeon.is_surgered(model) and not pathsurgeon.is_surgered(shallow)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "quantized"])
+def test_sparse_or_quantized_weights_are_refused_in_one_line_without_torch_warnings(tmp_path, kind):
+    import warnings
+
+    state = timm.create_model(MODEL).state_dict()
+    head = state["head.weight"]
+    state["head.weight"] = (head.to_sparse() if kind == "sparse"
+                            else torch.quantize_per_tensor(head, 0.1, 0, torch.qint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.save(state, tmp_path / "w.pth")
+    done = subprocess.run([sys.executable, "-m", "pathsurgeon.cli", "inspect", "--model", MODEL, "--weights",
+                           str(tmp_path / "w.pth")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("pathsurgeon: error:"), done.stderr
+    assert "sparse or quantized" in done.stderr
+    model = timm.create_model(MODEL)
+    with warnings.catch_warnings(record=True) as caught:  # the Python API: the refusal, and no warning around it
+        warnings.simplefilter("always")
+        with pytest.raises(pathsurgeon.CheckpointError, match="head.weight"):
+            checkpoint.load_weights(model, tmp_path / "w.pth")
+    assert [str(w.message) for w in caught] == []
+
+
+def test_hugging_face_add_and_strip_print_only_pathsurgeon_lines(hf_dir, tmp_path, capsys):
+    """save_pretrained's "Writing model shards: 100%|███|" progress bar is no line of ours."""
+    for argv in (["add", "--model", hf_dir, "--rate", "0.1", "--out", tmp_path / "surgered"],
+                 ["strip", "--in", tmp_path / "surgered", "--out", tmp_path / "clean"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 0, err
+        assert all(line.startswith("pathsurgeon: ") for line in err.splitlines()), err
+    assert (tmp_path / "clean" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["config.json", "pathsurgeon.json"])
+def test_a_config_that_is_a_fifo_is_reported_as_not_a_regular_file(tmp_path, capsys, name):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    os.mkfifo(folder / name)  # never opened: a read would block forever
+    code, _, err = run(capsys, "inspect", "--model", folder)
+    assert_refused(code, err, f"{name} {folder / name} is not a regular file")
+    assert "without" not in err
+
+
+def test_a_peft_adapter_next_to_a_hugging_face_model_is_refused_not_applied(hf_dir, tmp_path, capsys):
+    folder = copy_dir(hf_dir, tmp_path / "with-adapter")
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": str(hf_dir), "r": 4, "lora_alpha": 8,
+        "target_modules": ["query", "value"], "lora_dropout": 0.0, "bias": "none"}))
+    for argv in (["inspect", "--model", folder], ["add", "--model", folder, "--rate", "0.1", "--out", tmp_path / "o"]):
+        code, _, err = run(capsys, *argv)
+        assert_refused(code, err, "adapter_config.json", "merge")
+    assert not (tmp_path / "o").exists()
