@@ -289,8 +289,12 @@ def _included(block: str, include: tuple[str, ...], exclude: tuple[str, ...]) ->
 
 
 def bring_in(part: Part, adds: list[ResidualAdd]) -> list[str]:
-    """The ``include=`` patterns that name every block of ``part`` with residual adds."""
-    return [f"{part.path}.*" if part.path else "*"]
+    """The ``include=`` patterns that name every block of ``part`` with residual adds (its path itself
+    too, where the part's own forward does the add: UperNet's ``decode_head``, whose blocks
+    ``decode_head.*`` does not name)."""
+    if not part.path:
+        return ["*"]
+    return ([part.path] if any(a.block == part.path for a in adds) else []) + [f"{part.path}.*"]
 
 
 def select_by_part(
@@ -330,16 +334,22 @@ def select_by_part(
     left_alone: list[LeftAlone] = []
     chosen: list[ResidualAdd] = []
     groups: list[tuple[Part, list[ResidualAdd]]] = []
-    for part in every:
+    for part in list(every):
         mine = by_part.get(part.path, [])
         if not mine:
             continue
         if not part.default:
+            # the hint names only adds include= would truly bring in (UperNet's FPN sum is none)
+            trial = select(view, mine)
+            left_alone += trial.left_alone
+            if not trial.chosen:  # nothing to bring in: no part left alone to report, no hint
+                every[every.index(part)] = dataclasses.replace(part, default=True)
+                continue
             what = (f"which is no library model (a decoder, neck, head or fusion block of {model_name}); no library"
                     if part.is_region else f"a text decoder / language model ({part.source}); no vision library")
-            for block in dict.fromkeys(a.block for a in mine):
+            for block in dict.fromkeys(a.block for a in trial.chosen):
                 left_alone.append(LeftAlone(block, (
-                    f"in {part.name}, {what} gives it drop path; include={bring_in(part, mine)} "
+                    f"in {part.name}, {what} gives it drop path; include={bring_in(part, trial.chosen)} "
                     "brings it in with its own linear schedule"
                 )))
             continue

@@ -468,10 +468,10 @@ def _part_reports(part_plans: list[PartPlan], branches: list[Branch], selection:
                    sum(1 for b in branches if b.part == p.part.path))
         for p in part_plans
     ]
+    # the include= patterns that bring each in are named once, in report.left_alone
     alone = [
         PartReport(part.path, part.library, part.source, "left alone",
-                   f"no {'' if part.is_region else 'vision '}library gives it drop path; "
-                   f"include=['{part.path}.*'] brings it in", 0, 0)
+                   f"no {'' if part.is_region else 'vision '}library gives it drop path", 0, 0)
         for part in selection.parts if not part.default
     ]
     return planned + alone

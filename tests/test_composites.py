@@ -402,7 +402,9 @@ def test_sam_mask_decoder_is_left_alone_by_default_and_include_brings_it_in_on_i
     assert {b.part for b in default.branches} == {"vision_encoder"}
     decoder = [k for k in default.left_alone if k.block.startswith("mask_decoder.")]
     assert {k.block for k in decoder} == set(_sam_decoder_residuals(model).values())
-    assert all("include=['mask_decoder.*'] brings it in" in k.reason for k in decoder)
+    # the hint goes with the adds include= brings in; the others say why they stay alone (issue 28, item 6)
+    hinted = [k for k in decoder if "include=['mask_decoder.*'] brings it in" in k.reason]
+    assert hinted and all("include=" not in k.reason for k in decoder if k not in hinted)
     assert ("mask_decoder", "region", "left alone") in [(p.path, p.source, p.rates_from) for p in default.parts]
     assert "left alone (no library drop path; include= brings them in): mask_decoder" in default.summary()
 
@@ -453,7 +455,8 @@ def test_detr_encoder_is_left_alone_by_default_and_include_brings_it_in_on_its_o
     assert {b.part for b in default.branches} == {"model.backbone.model"}
     encoder = [k for k in default.left_alone if k.block.startswith("model.encoder.")]
     assert {f"model.encoder.layers.{i}" for i in range(config.encoder_layers)} <= {k.block for k in encoder}
-    assert all("include=['model.encoder.*'] brings it in" in k.reason for k in encoder)
+    hinted = [k for k in encoder if "include=['model.encoder.*'] brings it in" in k.reason]
+    assert hinted and all("include=" not in k.reason for k in encoder if k not in hinted)
     regions = [(p.path, p.rates_from) for p in default.parts if p.source == "region"]
     assert regions == [("model.encoder", "left alone"), ("model.decoder", "left alone")]
 
@@ -818,3 +821,39 @@ def test_the_inputs_hint_shows_the_keywords_a_dict_input_model_takes(llava):
                        match=r"example_inputs=\{'pixel_values': torch.randn\(2, C, H, W\), 'input_ids': "):
         pathsurgeon.add(model, RATE)
     assert pathsurgeon_leftovers(model) == []
+
+
+# --- rates a library would not build, hints that do not hold --------------------------------------------
+
+
+def test_lora_first_then_add_on_an_hf_swin_gets_hfs_own_floats():
+    """PEFT's LoRA layers rename the weights (fc1.base_layer.weight): the library is asked through them."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = transformers.SwinConfig(embed_dim=16, depths=[1, 2], num_heads=[1, 2], window_size=4, image_size=32,
+                                     patch_size=4)
+    model = peft.get_peft_model(quiet(lambda: transformers.SwinForImageClassification(config)),
+                                peft.LoraConfig(r=4, target_modules=["fc1", "fc2"])).eval()
+    report = pathsurgeon.add(model, RATE, example_inputs={"pixel_values": torch.randn(2, 3, 32, 32)})
+    try:
+        built = copy.deepcopy(config)
+        built.drop_path_rate = RATE
+        expected = library_rates(quiet(lambda: transformers.SwinForImageClassification(built)), "base_model.model")
+        assert branch_rates(report.branches) == expected  # 0.15, not 0.15000000596 (float32 linspace)
+        assert report.parts[0].rates_from == "transformers config"
+    finally:
+        pathsurgeon.strip(model)
+
+
+def test_upernet_names_no_include_hint_that_brings_in_nothing():
+    torch.manual_seed(0)
+    backbone = transformers.SwinConfig(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                                       image_size=64, out_features=["stage1", "stage2", "stage3", "stage4"])
+    model = quiet(lambda: transformers.UperNetForSemanticSegmentation(
+        transformers.UperNetConfig(backbone_config=backbone, hidden_size=16, auxiliary_in_channels=64))).eval()
+    report = pathsurgeon.add(model, RATE, example_inputs=torch.randn(2, 3, 64, 64))
+    pathsurgeon.strip(model)
+    # the head's FPN sums are computed inline: no include= brings them in, so none is offered
+    head = [k for k in report.left_alone if k.block.startswith("decode_head")]
+    assert head and all("brings it in" not in k.reason for k in head)
+    assert "include=" not in str(report.to_dict()) and "decode_head" not in report.summary()
