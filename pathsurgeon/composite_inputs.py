@@ -3,8 +3,9 @@
 A whole-model image batch (:func:`pathsurgeon.inputs.example_inputs`) leaves the text tower of a CLIP
 and the prompt path of a SAM unrun, or fails outright. Here: image and text for two-tower models
 (open_clip's ``CLIP``, Hugging Face models whose forward takes both ``pixel_values`` and
-``input_ids``), image and one point prompt for SAM-style models. None where the model is none of
-these (the image batch is then made as for any model).
+``input_ids``), image and one point prompt for SAM-style models, image and decoder token ids for
+captioning models (VisionEncoderDecoder: the image at its encoder's size). None where the model is none
+of these (the image batch is then made as for any model).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ TEXT_TOKENS = 16  # enough positions to run every text layer; fewer than any tex
 
 def composite_inputs(model: nn.Module) -> ExampleInputs | None:
     """Inputs that run every part of a two-tower or prompted composite (None: not one of those)."""
-    for make in (_open_clip_inputs, _hf_image_text_inputs, _hf_prompted_inputs):
+    for make in (_open_clip_inputs, _hf_image_text_inputs, _hf_prompted_inputs, _hf_captioning_inputs):
         made = make(model)
         if made is not None:
             return made
@@ -113,3 +114,26 @@ def _hf_prompted_inputs(model: nn.Module) -> ExampleInputs | None:
         "input_points": points.to(device=device, dtype=dtype),
         "input_labels": torch.ones((EXAMPLE_BATCH, 1, 1), dtype=torch.long, device=device),
     })
+
+
+def _hf_captioning_inputs(model: nn.Module) -> ExampleInputs | None:
+    """Hugging Face captioning models (``VisionEncoderDecoderModel``): ``pixel_values`` of the size the
+    encoder's config states (a 32-pixel ViT takes 32, not 224), ``decoder_input_ids`` from the decoder's
+    vocabulary, and ``use_cache=False`` (a returned key/value cache is no output to compare, nor to trace)."""
+    parameters = forward_parameters(model)
+    encoder, decoder = getattr(model, "encoder", None), getattr(getattr(model, "config", None), "decoder", None)
+    vocabulary = getattr(decoder, "vocab_size", None)
+    if not {"pixel_values", "decoder_input_ids"} <= parameters or not isinstance(encoder, nn.Module):
+        return None
+    shape, _ = input_shape(encoder)
+    if shape is None or len(shape) != 3 or not isinstance(vocabulary, int):
+        return None
+    channels, *size = shape
+    generator = torch.Generator().manual_seed(_SEED)
+    positions = getattr(decoder, "max_position_embeddings", None) or getattr(decoder, "n_positions", None)
+    length = min(int(positions or TEXT_TOKENS), TEXT_TOKENS)
+    kwargs = {"pixel_values": _images(model, channels, tuple(size), generator),
+              "decoder_input_ids": _tokens(model, vocabulary, length, generator)}
+    if "use_cache" in parameters:
+        kwargs["use_cache"] = False
+    return ExampleInputs((), kwargs)

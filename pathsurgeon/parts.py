@@ -16,6 +16,10 @@ Placement by default (the principle: drop path where the part's library puts it)
   exactly what ``add`` did before parts existed;
 - a library part inside a composite gets drop path at its library's rates (linear over its own depth
   where its library has none, as for a whole model);
+- a text decoder or language model inside a captioning or vision-language model (the ``decoder`` of a
+  VisionEncoderDecoder, the ``language_model`` of a Llava or PaliGemma) is a Hugging Face part that no
+  vision library gives drop path: left alone by default, as regions are, and brought in by ``include=``
+  patterns that name its blocks (then its library's rates, linear over its depth where it has none);
 - residual blocks outside every library part (decoders, necks, prompt encoders, fusion blocks, heads)
   are grouped into *regions*, one per outermost module that holds no library part; no library gives
   them drop path, so they are left alone (listed in ``Report.left_alone`` with the reason) unless
@@ -47,6 +51,7 @@ __all__ = [
     "PartPlan",
     "PartSelection",
     "PartState",
+    "bring_in",
     "library_parts",
     "part_module",
     "part_of",
@@ -66,7 +71,7 @@ class Part:
     """One part: ``path`` (module path, '' for the model itself), ``library`` ('timm', 'transformers',
     'torchvision'; None where no library built it), ``source`` (how it was found: 'the model', 'timm
     model', 'torchvision model', the sub-config attribute such as 'backbone_config', or 'region'),
-    ``default`` (changed by default; False for regions, which ``include=`` brings in)."""
+    ``default`` (changed by default; False for regions and language models, which ``include=`` brings in)."""
 
     path: str
     library: str | None
@@ -119,6 +124,22 @@ def _is_transformers_model(module: nn.Module) -> bool:
     except ImportError:
         return False
     return isinstance(module, PreTrainedModel)
+
+
+def _is_language_model(module: nn.Module, parent_config: object, root: nn.Module) -> bool:
+    """A Hugging Face text decoder or language model inside a composite: its config marks it a decoder
+    (``is_decoder``: VisionEncoderDecoder's GPT-2 or BERT decoder), it generates text itself
+    (``GenerationMixin``: a causal LM), or it is the ``text_config`` model of a composite that generates
+    text (Llava, PaliGemma); a text *encoder* (CLIP's, Grounding DINO's BERT) is none of these."""
+    try:
+        from transformers import GenerationMixin
+    except ImportError:
+        return False
+    config = getattr(module, "config", None)
+    if getattr(config, "is_decoder", False) is True or isinstance(module, GenerationMixin):
+        return True
+    return (isinstance(root, GenerationMixin) and parent_config is not None
+            and getattr(parent_config, "text_config", None) is config)
 
 
 def _holds_timm_model(module: nn.Module) -> bool:
@@ -177,7 +198,8 @@ def library_parts(model: nn.Module) -> list[Part]:
     Hugging Face composite, open_clip, segmentation_models_pytorch, a user's module): every outermost
     timm model, torchvision classification model, and Hugging Face model built from a config other
     than its parent's (a sub-config); HF ``TimmWrapper`` / ``TimmBackbone`` stand for the timm model
-    they hold. None found: the model itself, no library.
+    they hold. None found: the model itself, no library. A text decoder or language model
+    (:func:`_is_language_model`) is a part left alone by default (``default=False``).
     """
     if _is_timm_model(model) or _is_torchvision_model(model):
         return [Part("", "timm" if _is_timm_model(model) else "torchvision", "the model")]
@@ -195,7 +217,7 @@ def library_parts(model: nn.Module) -> list[Part]:
                 walk(child, full, getattr(child, "config", config))
             elif _is_transformers_model(child) and getattr(child, "config", None) is not config:
                 source = _sub_config_name(config, child.config) or f"{type(child.config).__name__}"
-                found.append(Part(full, "transformers", source))
+                found.append(Part(full, "transformers", source, default=not _is_language_model(child, config, model)))
             else:
                 walk(child, full, config)
 
@@ -271,6 +293,15 @@ def _included(block: str, include: tuple[str, ...], exclude: tuple[str, ...]) ->
     )
 
 
+def bring_in(part: Part, adds: list[ResidualAdd]) -> list[str]:
+    """The ``include=`` patterns that name every block of ``part`` with residual adds (its path itself
+    too, where the part's own forward does the add: UperNet's ``decode_head``, whose blocks
+    ``decode_head.*`` does not name)."""
+    if not part.path:
+        return ["*"]
+    return ([part.path] if any(a.block == part.path for a in adds) else []) + [f"{part.path}.*"]
+
+
 def select_by_part(
     view: GraphView,
     adds: list[ResidualAdd],
@@ -291,6 +322,9 @@ def select_by_part(
             return PartSelection(selection, towers, [part for part, _ in towers])
         group = [(parts[0], selection.chosen)] if selection.chosen else []
         return PartSelection(selection, group, parts)
+    # a language model is left alone unless an include pattern names one of its blocks
+    parts = [dataclasses.replace(p, default=True) if not p.default and any(
+        _included(a.block, include, exclude) for a in adds if part_of(a.block, parts) is p) else p for p in parts]
     by_part: dict[str, list[ResidualAdd]] = {}
     regions: dict[str, Part] = {}
     for add in adds:
@@ -305,16 +339,22 @@ def select_by_part(
     left_alone: list[LeftAlone] = []
     chosen: list[ResidualAdd] = []
     groups: list[tuple[Part, list[ResidualAdd]]] = []
-    for part in every:
+    for part in list(every):
         mine = by_part.get(part.path, [])
         if not mine:
             continue
         if not part.default:
-            for block in dict.fromkeys(a.block for a in mine):
-                pattern = f"{part.path}.*" if part.path else "*"
+            # the hint names only adds include= would truly bring in (UperNet's FPN sum is none)
+            trial = select(view, mine)
+            left_alone += trial.left_alone
+            if not trial.chosen:  # nothing to bring in: no part left alone to report, no hint
+                every[every.index(part)] = dataclasses.replace(part, default=True)
+                continue
+            what = (f"which is no library model (a decoder, neck, head or fusion block of {model_name}); no library"
+                    if part.is_region else f"a text decoder / language model ({part.source}); no vision library")
+            for block in dict.fromkeys(a.block for a in trial.chosen):
                 left_alone.append(LeftAlone(block, (
-                    f"in {part.name}, which is no library model (a decoder, neck, head or fusion block of "
-                    f"{model_name}); no library gives it drop path; include=['{pattern}'] "
+                    f"in {part.name}, {what} gives it drop path; include={bring_in(part, trial.chosen)} "
                     "brings it in with its own linear schedule"
                 )))
             continue

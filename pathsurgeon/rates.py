@@ -259,6 +259,31 @@ class RateSource:
     note: str = ""
 
 
+def _without_adapters(model: nn.Module) -> nn.Module:
+    """``model`` as its library built it, where PEFT (LoRA first, then ``add``) wrapped its layers: a copy
+    of the module tree, sharing every tensor, with each PEFT layer replaced by its ``base_layer``, so that
+    the rebuilt tree is compared with the library's own (``fc1.weight``, not ``fc1.base_layer.weight``).
+    ``model`` itself where no PEFT layer is inside."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return model
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer) and name]
+    if not wrapped:
+        return model
+    import copy
+
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    view = copy.deepcopy(model, memo=dict(shared))
+    for name in wrapped:
+        parent, _, child = name.rpartition(".")
+        owner = view.get_submodule(parent) if parent else view
+        layer = getattr(owner, child, None)
+        if isinstance(layer, BaseTunerLayer):  # not already gone with a wrapped parent
+            setattr(owner, child, layer.get_base_layer())
+    return view
+
+
 def library_rates(model: nn.Module, rate: float, slot_names: list[str]) -> RateSource:
     """Ask ``model``'s library for the rates of ``slot_names`` at ``rate``.
 
@@ -267,7 +292,7 @@ def library_rates(model: nn.Module, rate: float, slot_names: list[str]) -> RateS
     arguments), the constructor takes no rate, or it has no drop-path slot where the model has one.
     """
     try:
-        constructor, rebuilt = identify_and_replay(model, rate)
+        constructor, rebuilt = identify_and_replay(_without_adapters(model), rate)
     except RebuildError as error:
         return RateSource(None, str(error))
     except Exception as error:  # noqa: BLE001 - asking the library must never break add: say why, use the recipe

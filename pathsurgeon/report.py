@@ -141,7 +141,7 @@ class Report:
             named = ", ".join(f"{p.name} ({p.rates_from})" for p in wrapped)
             parts = f"{len(wrapped)} part{'s' if len(wrapped) > 1 else ''}"
             text = f"{len(self.branches)} branches in {len(self.blocks)} blocks of {parts}: {named}"
-            alone = [p.name for p in self.parts if not p.branches]
+            alone = [p.name for p in self.parts if p.rates_from == "left alone"]  # not parts include= left out
             if alone:
                 text += f"; left alone (no library drop path; include= brings them in): {', '.join(alone)}"
             text += f"; {check}"

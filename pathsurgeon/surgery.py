@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import fnmatch
 import functools
+import inspect
 import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -114,7 +115,7 @@ def add(
 
     with clock("capture"):
         inputs = _inputs(model, example_inputs, required=config.tolerance is not None or config.mode != "sample")
-        captured = _with_made_up_inputs(model, inputs, example_inputs, lambda: capture(model, inputs))
+        captured, inputs = _capture(model, inputs, example_inputs)
     with clock("find"):
         selection = select_by_part(captured.view, find_residual_adds(captured.view), library_parts(model),
                                    config.include, config.exclude, type(model).__name__)
@@ -335,7 +336,7 @@ class _Clock:
 def _discover(model: nn.Module, given_inputs: Any) -> tuple[Capture, PartSelection, ExampleInputs | None]:
     check_not_sharded(model)
     inputs = _inputs(model, given_inputs, required=False)
-    captured = _with_made_up_inputs(model, inputs, given_inputs, lambda: capture(model, inputs))
+    captured, inputs = _capture(model, inputs, given_inputs)
     selection = select_by_part(captured.view, find_residual_adds(captured.view), library_parts(model),
                                model_name=type(model).__name__)
     selection.selection.left_alone += _unreached(model, captured)
@@ -472,10 +473,11 @@ def _part_reports(part_plans: list[PartPlan], branches: list[Branch], selection:
                    sum(1 for b in branches if b.part == p.part.path))
         for p in part_plans
     ]
+    # the include= patterns that bring each in are named once, in report.left_alone
     alone = [
-        PartReport(part.path, None, part.source, "left alone",
-                   f"no library gives it drop path; include=['{part.path}.*'] brings it in", 0, 0)
-        for part in selection.parts if part.is_region and not part.default
+        PartReport(part.path, part.library, part.source, "left alone",
+                   f"no {'' if part.is_region else 'vision '}library gives it drop path", 0, 0)
+        for part in selection.parts if not part.default
     ]
     return planned + alone
 
@@ -570,6 +572,45 @@ def _with_made_up_inputs(model: nn.Module, inputs: ExampleInputs | None, given: 
         )
         raise CaptureError(f"{error}; it ran on inputs pathsurgeon made up ({shown}): if {type(model).__name__} "
                            "takes others, pass example_inputs=") from error
+
+
+def _capture(model: nn.Module, inputs: ExampleInputs | None, given: Any) -> tuple[Capture, ExampleInputs | None]:
+    """The graph, and the inputs it was captured on: a model that returns a key/value cache
+    (``DynamicCache``, ``EncoderDecoderCache``: no type torch.export can capture) is captured again with
+    ``use_cache=False`` where its forward takes it and the inputs do not set it; else the error says how."""
+    try:
+        return _with_made_up_inputs(model, inputs, given, lambda: capture(model, inputs)), inputs
+    except CaptureError as error:
+        if inputs is None or not _cache_output(error):
+            raise
+        hint = CaptureError(
+            f"{error}; {type(model).__name__} returns a key/value cache, which no graph capture can hold: "
+            "set model.config.use_cache = False (or pass use_cache=False in example_inputs) and call again"
+        )
+        if not _takes_use_cache(model) or "use_cache" in inputs.kwargs:
+            raise hint from error
+        uncached = ExampleInputs(inputs.args, {**inputs.kwargs, "use_cache": False})
+        try:
+            return _with_made_up_inputs(model, uncached, given, lambda: capture(model, uncached)), uncached
+        except CaptureError as again:  # use_cache=False did not help: say how, else what failed then
+            if _cache_output(again):
+                raise hint from again
+            raise
+
+
+def _cache_output(error: CaptureError) -> bool:
+    """Whether torch.export failed on a key/value cache the model returned (``DynamicCache``, ...)."""
+    return "Cache" in str(error) and "not a known type" in str(error)
+
+
+def _takes_use_cache(model: nn.Module) -> bool:
+    """Whether ``model``'s forward takes ``use_cache``: by name, or through ``**kwargs`` it hands to a
+    language model (transformers 5's Llava and PaliGemma)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "use_cache" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _eager_refusal(model: nn.Module, inputs: ExampleInputs) -> Exception | None:
