@@ -128,12 +128,14 @@ def _hf_captioning_inputs(model: nn.Module) -> ExampleInputs | None:
     shape, _ = input_shape(encoder)
     if shape is None or len(shape) != 3 or not isinstance(vocabulary, int):
         return None
-    channels, *size = shape
+    channels, height, width = shape
     generator = torch.Generator().manual_seed(_SEED)
     positions = getattr(decoder, "max_position_embeddings", None) or getattr(decoder, "n_positions", None)
     length = min(int(positions or TEXT_TOKENS), TEXT_TOKENS)
-    kwargs = {"pixel_values": _images(model, channels, tuple(size), generator),
-              "decoder_input_ids": _tokens(model, vocabulary, length, generator)}
+    kwargs: dict[str, torch.Tensor | bool] = {
+        "pixel_values": _images(model, channels, (height, width), generator),
+        "decoder_input_ids": _tokens(model, vocabulary, length, generator),
+    }
     if "use_cache" in parameters:
         kwargs["use_cache"] = False
     return ExampleInputs((), kwargs)
