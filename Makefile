@@ -60,7 +60,7 @@ $(FLOORS_STAMP): .ci/floors.txt pyproject.toml
 test-floors: dist $(FLOORS_STAMP)
 	$(FLOORS)/bin/pip install --quiet --no-deps --force-reinstall "$$(ls dist/*.tar.gz)"
 	.ci/install_check.sh $(FLOORS)
-	cd tests && ../$(FLOORS)/bin/python -m pytest -n 2 -p no:cacheprovider --rootdir=.. -c ../pyproject.toml .
+	cd tests && ../$(FLOORS)/bin/python -m pytest -n 2 -rs -p no:cacheprovider --rootdir=.. -c ../pyproject.toml .
 
 # What CI runs (.ci/run).
 ci: lint typecheck test check-wheel test-floors

@@ -95,3 +95,22 @@ def test_version_is_read_from_one_place():
     assert "dynamic" in (ROOT / "pyproject.toml").read_text() and "version = " not in (
         (ROOT / "pyproject.toml").read_text().split("[project]")[1].split("[")[0]
     )
+
+
+def test_the_declared_floors_are_the_ones_ci_installs():
+    """pyproject.toml's lower bounds and .ci/floors.txt (what `make test-floors` installs) name the same
+    releases, so the floors users are promised are the floors CI tests."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {}
+    for requirement in project["dependencies"] + project["optional-dependencies"]["hf"]:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", requirement)
+        if match and match.group(1) in ("torch", "timm", "transformers"):
+            declared[match.group(1)] = match.group(2)
+    pinned = dict(re.findall(r"^([a-z]+)==([0-9.]+)$", (ROOT / ".ci" / "floors.txt").read_text(), re.M))
+    assert set(declared) == {"torch", "timm", "transformers"}
+    for name, floor in declared.items():
+        assert pinned[name].startswith(floor), f"{name}: pyproject says >={floor}, CI installs {pinned[name]}"
+    assert project["requires-python"] == ">=3.11"
