@@ -41,8 +41,8 @@ def register_leaf_module(cls: type) -> type:
 def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
     try:
         from timm.layers import get_notrace_functions, get_notrace_modules
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return (), ()
+    except ImportError:  # timm before 1.0.10 or so kept the registries with its feature extraction
+        from timm.models._features_fx import get_notrace_functions, get_notrace_modules
     return tuple(get_notrace_modules()), tuple(get_notrace_functions())
 
 

@@ -492,7 +492,6 @@ def _run_export(args) -> int:
     from .export import export_onnx, format_shape, parse_input_size, require_export, validate_opset
     from .files import check_outputs
 
-    require_export()  # before anything is read or built
     if args.source is not None and args.weights is not None:
         raise PathSurgeonError("--weights goes with --model; a --in directory already holds its weights")
     if args.opset is not None:
@@ -504,6 +503,7 @@ def _run_export(args) -> int:
         raise PathSurgeonError(f"--batch {args.batch} is not a positive integer; pass e.g. --batch 1")
     input_size = parse_input_size(args.input_size) if args.input_size is not None else None
     check_outputs({"--onnx": (args.onnx, "file")}, _model_inputs(args))
+    require_export()  # before anything is read or built
     progress = _Progress()
     if args.source is not None:
         progress(f"reading {args.source}")

@@ -62,7 +62,7 @@ def pathsurgeon_leftovers(model: nn.Module) -> list[str]:
     return found
 
 
-def tested_from(distribution: str, release: str, failure: str) -> pytest.MarkDecorator:
+def supported_from(distribution: str, release: str, failure: str) -> pytest.MarkDecorator:
     """Skip below ``release``: what the test checks is tested from that release on, and fails below it
     (``failure``: what was seen at the floors of .ci/floors.txt). README "Supported versions" lists them."""
     from pathsurgeon.versions import installed
@@ -72,6 +72,17 @@ def tested_from(distribution: str, release: str, failure: str) -> pytest.MarkDec
     return pytest.mark.skipif(
         have is None or have < wanted, reason=f"tested from {distribution} {release}; older: {failure}"
     )
+
+
+# what ONNX export needs (pathsurgeon.versions.ONNX_EXPORT_TORCH); below it, export is refused in one line
+ONNX_EXPORT = supported_from("torch", "2.9", "export is refused (torch 2.4 has no dynamo exporter; 2.6 fails in it)")
+
+
+def export_works() -> bool:
+    """Whether this torch can export to ONNX (below it, every export is refused before anything else)."""
+    from pathsurgeon.versions import ONNX_EXPORT_TORCH, installed
+
+    return (installed("torch") or ()) >= ONNX_EXPORT_TORCH
 
 
 def timm_model(name: str) -> str:

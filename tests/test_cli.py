@@ -10,7 +10,7 @@ import sys
 import pytest
 import timm
 import torch
-from conftest import pathsurgeon_leftovers, tested_from
+from conftest import pathsurgeon_leftovers, supported_from
 from safetensors.torch import load_file, save_file
 
 import pathsurgeon
@@ -164,7 +164,7 @@ def test_pretrained_weights_come_from_the_local_cache(tmp_path, capsys, monkeypa
     assert torch.equal(saved["conv1.weight"], reference.state_dict()["conv1.weight"])
 
 
-@tested_from("transformers", "5.0", "HF ViT adds its MLP residual inside ViTOutput: a block of its own")
+@supported_from("transformers", "5.0", "HF ViT adds its MLP residual inside ViTOutput: a block of its own")
 def test_hugging_face_directory_round_trip(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import called_drop_paths, pathsurgeon_leftovers, tested_from
+from conftest import called_drop_paths, pathsurgeon_leftovers, supported_from
 
 import pathsurgeon
 from pathsurgeon import slots as slot_lib
@@ -92,7 +92,7 @@ def test_smp_timm_encoder_gets_timms_own_rates_bitwise(smp_unet):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
-@tested_from("torch", "2.14", "smp Unet cannot be captured on torch 2.4 (torch.export's module-stack tracer fails)")
+@supported_from("torch", "2.14", "smp Unet cannot be captured on torch 2.4 (torch.export's module-stack tracer fails)")
 @pytest.mark.parametrize("name", ["dpn68", "dpn68b"])
 def test_smp_dpn_encoder_slicing_its_stages_maps_branches_to_real_modules(name):
     # smp's DPN encoder runs ``self.features[a:b](x)``: torch.export names the temporary Sequential
@@ -219,7 +219,7 @@ def dpt_on_dinov2():
     return quiet(lambda: transformers.DPTForDepthEstimation(config)).eval()
 
 
-@tested_from("transformers", "5.0", "on 4.50 the parts found and left alone differ")
+@supported_from("transformers", "5.0", "on 4.50 the parts found and left alone differ")
 def test_hf_backbone_config_part_gets_the_sub_configs_rates(dpt_on_dinov2):
     model = dpt_on_dinov2
     report = pathsurgeon.add(model, RATE, example_inputs=torch.randn(2, 3, 32, 32))
@@ -271,7 +271,7 @@ def hf_clip():
     return quiet(lambda: transformers.CLIPModel(config)).eval()
 
 
-@tested_from("transformers", "5.0", "on 4.50 the towers get no rates from their configs")
+@supported_from("transformers", "5.0", "on 4.50 the towers get no rates from their configs")
 def test_clip_towers_each_get_their_own_schedule(hf_clip):
     inputs = {"pixel_values": torch.randn(2, 3, 32, 32), "input_ids": torch.randint(2, 100, (2, 7))}
     report = pathsurgeon.add(hf_clip, RATE, example_inputs=inputs)
@@ -308,7 +308,7 @@ def _outputs_equal(a, b) -> bool:
     return bool(tensors) and all(torch.equal(x, y) for x, y in tensors)
 
 
-@tested_from("transformers", "5.0", "LW-DETR and other configs it builds are missing from 4.50")
+@supported_from("transformers", "5.0", "LW-DETR and other configs it builds are missing from 4.50")
 def test_default_inputs_are_at_the_image_size_of_the_backbone_config():
     """LW-DETR states its image size on its backbone's config only; its windows do not fit 224 pixels."""
     torch.manual_seed(0)
@@ -325,7 +325,7 @@ def test_default_inputs_are_at_the_image_size_of_the_backbone_config():
     assert [(p.path, p.source, p.branches) for p in found.parts][0] == ("model.backbone.backbone", "backbone_config", 8)
 
 
-@tested_from("transformers", "5.0", "Grounding DINO cannot be captured on 4.50 (a data-dependent guard)")
+@supported_from("transformers", "5.0", "Grounding DINO cannot be captured on 4.50 (a data-dependent guard)")
 def test_grounding_dino_default_inputs_run_its_text_backbone_too():
     """Grounding DINO takes an image and text, its image size on the backbone's config: both made up."""
     torch.manual_seed(0)
@@ -377,7 +377,7 @@ def _sam_decoder_residuals(model) -> dict[str, str]:
     return expected
 
 
-@tested_from("transformers", "5.0", "Sam2HieraDetConfig is missing from 4.50")
+@supported_from("transformers", "5.0", "Sam2HieraDetConfig is missing from 4.50")
 def test_sam2_default_inputs_are_at_its_prompt_encoders_image_size():
     """SAM 2 keeps its image size on the prompt encoder's config, not the vision config's."""
     torch.manual_seed(0)
@@ -400,7 +400,7 @@ def test_sam2_default_inputs_are_at_its_prompt_encoders_image_size():
     assert mlps == {f"vision_encoder.backbone.blocks.{i}.mlp" for i in range(4)}
 
 
-@tested_from("transformers", "5.0", "SAM cannot be captured on 4.50 (a data-dependent guard)")
+@supported_from("transformers", "5.0", "SAM cannot be captured on 4.50 (a data-dependent guard)")
 def test_sam_mask_decoder_is_left_alone_by_default_and_include_brings_it_in_on_its_own_schedule(hf_sam):
     model, inputs = hf_sam
     before = eval_outputs(model, inputs)
@@ -445,7 +445,7 @@ def test_sam_mask_decoder_is_left_alone_by_default_and_include_brings_it_in_on_i
     assert _outputs_equal(before, eval_outputs(model, inputs))
 
 
-@tested_from("transformers", "5.0", "on 4.50 DETR's backbone part is found at another path")
+@supported_from("transformers", "5.0", "on 4.50 DETR's backbone part is found at another path")
 def test_detr_encoder_is_left_alone_by_default_and_include_brings_it_in_on_its_own_schedule():
     torch.manual_seed(0)
     backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1],
@@ -574,7 +574,7 @@ def test_clip_default_inputs_run_both_towers(hf_clip):
     assert {t.split(".")[0] for t, _ in found} == {"vision_model", "text_model"}
 
 
-@tested_from("transformers", "5.0", "SigLIP2 cannot be captured on 4.50 (a data-dependent guard)")
+@supported_from("transformers", "5.0", "SigLIP2 cannot be captured on 4.50 (a data-dependent guard)")
 def test_siglip2_default_inputs_run_both_towers_on_patches():
     """SigLIP2 takes its images cut into patches (NaFlex) and text: both towers run without inputs."""
     tower = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import tested_from
+from conftest import supported_from
 from torch import nn
 
 import pathsurgeon
@@ -49,7 +49,7 @@ def test_ddp_trains_every_mode_without_find_unused_parameters(tmp_path):
                 assert "\n" not in refusal
 
 
-@tested_from("torch", "2.6", "torch.distributed.fsdp.fully_shard is public from 2.6")
+@supported_from("torch", "2.6", "torch.distributed.fsdp.fully_shard is public from 2.6")
 def test_fsdp2_add_before_sharding_strip_after_training_full_state_dict_has_the_original_keys(tmp_path):
     ranks = torchrun("fsdp", tmp_path)
     for rank_index, rank in enumerate(ranks):

@@ -11,13 +11,10 @@ import timm
 import torch
 
 pytest.importorskip("onnxruntime")
-from conftest import pathsurgeon_leftovers, tested_from  # noqa: E402
+from conftest import ONNX_EXPORT, pathsurgeon_leftovers  # noqa: E402
 
 import pathsurgeon  # noqa: E402
 from pathsurgeon.export import export_onnx  # noqa: E402
-
-# what ONNX export needs (pathsurgeon.versions.ONNX_EXPORT_TORCH); below it, export is refused in one line
-ONNX_EXPORT = tested_from("torch", "2.9", "export is refused (torch 2.4 has no dynamo exporter; 2.6 fails in it)")
 
 
 def timm_vit():

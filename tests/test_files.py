@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ONNX_EXPORT
 from safetensors.torch import load_file
 
 from pathsurgeon import cli
@@ -104,6 +105,7 @@ def test_an_output_file_that_was_there_when_checked_is_replaced(tmp_path, capsys
 # --- ONNX over 2 GB -----------------------------------------------------------------------------------
 
 
+@ONNX_EXPORT
 def test_an_export_with_external_data_is_carried_into_place_and_loads_there(tmp_path, monkeypatch):
     """torch writes NAME.onnx.data beside the .onnx for models over 2 GB; lowering its threshold makes a tiny
     model take that path. Both files must end up in place, and the file must load from there."""
@@ -130,6 +132,7 @@ def test_an_export_with_external_data_is_carried_into_place_and_loads_there(tmp_
     onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
 
 
+@ONNX_EXPORT
 def test_an_export_whose_weights_file_is_missing_in_place_is_put_back(tmp_path, monkeypatch):
     """The check runs on the file in place; when it fails, what was there before is back and nothing is left."""
     import torch

@@ -13,7 +13,7 @@ import types
 import pytest
 import timm
 import torch
-from conftest import tested_from
+from conftest import supported_from
 from torch import nn
 
 import pathsurgeon
@@ -96,7 +96,7 @@ def test_fixed_count_is_dinov2_efficient_stochastic_depth(rate):
         assert torch.equal(model(x), reference(x))
 
 
-@tested_from("torch", "2.14", "dynamo refuses the fixed-count rows op (Dynamic shape operator; seen on 2.4 and 2.9)")
+@supported_from("torch", "2.14", "dynamo refuses the fixed-count rows op (Dynamic shape operator; seen on 2.4 and 2.9)")
 def test_fixed_count_compiles_fullgraph_once_for_every_step_and_rate():
     """One graph, no break, no recompile while the rate moves (0 included); compiled equals eager."""
     import torch._dynamo

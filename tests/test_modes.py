@@ -13,7 +13,7 @@ import functools
 import pytest
 import timm
 import torch
-from conftest import module_layout, pathsurgeon_leftovers, tested_from
+from conftest import module_layout, pathsurgeon_leftovers, supported_from
 from torch import nn
 from torchvision.ops import StochasticDepth
 
@@ -276,7 +276,7 @@ def test_failure_during_the_subset_check_leaves_the_model_as_it_was(monkeypatch)
     assert module_layout(model) == layout and list(model.state_dict()) == keys
 
 
-@pytest.mark.parametrize("mode", ["sample", "skip", "batch", pytest.param("fixed_count", marks=tested_from(
+@pytest.mark.parametrize("mode", ["sample", "skip", "batch", pytest.param("fixed_count", marks=supported_from(
     "torch", "2.14", "dynamo refuses the fixed-count rows op (Dynamic shape operator; seen on 2.4 and 2.9)"))])
 def test_torch_compile_matches_eager(mode):
     """Inductor with ``fallback_random`` draws eager's random numbers, so compiled and eager steps agree.

@@ -13,7 +13,7 @@ import re
 import pytest
 import timm
 import torch
-from conftest import tested_from
+from conftest import supported_from
 
 import pathsurgeon
 from pathsurgeon import cli, published
@@ -40,7 +40,7 @@ def test_every_timm_pattern_names_a_pretrained_timm_model():
             assert all(name in known for name in timm.list_models(pattern, pretrained=True))
 
 
-@tested_from("timm", "1.0.31", "timm 1.0.8 lists pretrained names without their tags")
+@supported_from("timm", "1.0.31", "timm 1.0.8 lists pretrained names without their tags")
 def test_a_bare_timm_name_means_its_default_pretrained_tag():
     for entry in published._entries():
         for name in timm.list_models(entry.get("timm", []), pretrained=True):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import assert_same_training_output, module_layout, pathsurgeon_leftovers, tested_from
+from conftest import assert_same_training_output, module_layout, pathsurgeon_leftovers, supported_from
 from torch import nn
 
 import pathsurgeon
@@ -446,7 +446,7 @@ def test_interrupt_anywhere_in_add_leaves_the_model_consistent(vit, monkeypatch,
     assert_unchanged(vit, before)
 
 
-@tested_from("torch", "2.9", "timm cannot build under torch.device('meta') on 2.4: .item() of a meta linspace")
+@supported_from("torch", "2.9", "timm cannot build under torch.device('meta') on 2.4: .item() of a meta linspace")
 def test_model_on_the_meta_device(vit_factory):
     native = vit_factory(0.2)
     with torch.device("meta"):

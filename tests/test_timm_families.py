@@ -24,7 +24,7 @@ from conftest import (
     module_layout,
     parent_rates,
     pathsurgeon_leftovers,
-    tested_from,
+    supported_from,
     timm_model,
 )
 
@@ -133,7 +133,7 @@ _FAMILY_RELEASES = {"coat": ("1.0.31", "timm 1.0.8's CoaT has no stochastic dept
 
 
 @pytest.mark.parametrize("family", [
-    pytest.param(family, marks=tested_from("timm", *_FAMILY_RELEASES[family])) if family in _FAMILY_RELEASES
+    pytest.param(family, marks=supported_from("timm", *_FAMILY_RELEASES[family])) if family in _FAMILY_RELEASES
     else family for family in sorted(FAMILIES)
 ])
 def test_matches_native_timm(family):
@@ -146,8 +146,16 @@ def test_matches_native_timm(family):
         assert report.rates_from == "timm constructor", report.rates_note
 
 
-@tested_from("timm", "1.0.31", "timm 1.0.8 builds these blocks (or takes these arguments) otherwise")
-@pytest.mark.parametrize("case", sorted(FINDER_CASES))
+_CASE_RELEASES = dict.fromkeys(  # cases an older timm builds otherwise (or whose arguments it lacks)
+    ["parallel paths summed before the add", "pooled shortcut that splits and joins", "windowed attention in a ViT"],
+    ("1.0.31", "timm 1.0.8 builds these blocks (or takes these arguments) otherwise"),
+)
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(case, marks=supported_from("timm", *_CASE_RELEASES[case])) if case in _CASE_RELEASES else case
+    for case in sorted(FINDER_CASES)
+])
 def test_finder_fix_matches_native_timm(case):
     assert_matches_native(*FINDER_CASES[case])
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from conftest import module_layout, pathsurgeon_leftovers  # noqa: E402
+from conftest import module_layout, pathsurgeon_leftovers, supported_from, transformers_class  # noqa: E402
 
 import pathsurgeon  # noqa: E402
 
@@ -27,7 +27,8 @@ MODELS = {
     "beit": (T.BeitConfig, T.BeitForImageClassification, VIT),
     "data2vec_vision": (T.Data2VecVisionConfig, T.Data2VecVisionForImageClassification, VIT),
     "dinov2": (T.Dinov2Config, T.Dinov2Model, {k: v for k, v in VIT.items() if k != "intermediate_size"}),
-    "dinov3_vit": (T.DINOv3ViTConfig, T.DINOv3ViTModel, VIT),
+    # transformers 4.56 added DINOv3: absent from the floors' release, skipped there (build)
+    "dinov3_vit": (getattr(T, "DINOv3ViTConfig", None), getattr(T, "DINOv3ViTModel", None), VIT),
     "convnext": (T.ConvNextConfig, T.ConvNextForImageClassification, STAGES),
     "convnextv2": (T.ConvNextV2Config, T.ConvNextV2ForImageClassification, STAGES),
     "swin": (
@@ -75,6 +76,8 @@ NO_NATIVE_DROP_PATH = {"vit", "deit", "vit_mae", "clip_vision", "siglip_vision"}
 
 def build(name: str, rate: float | None = None):
     config_class, model_class, kwargs = MODELS[name]
+    if config_class is None or model_class is None:
+        pytest.skip(f"transformers {T.__version__} has no {name} (a later release added it)")
     kwargs = dict(kwargs)
     if rate is not None:
         kwargs["drop_path_rate"] = rate
@@ -116,7 +119,13 @@ def first_tensor(output) -> torch.Tensor:
     return output.logits if getattr(output, "logits", None) is not None else output.last_hidden_state
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+# 4.x ViT-family layers add their MLP residual inside XxxOutput: found as a block of its own
+LAYERS_OF_5 = supported_from("transformers", "5.0", "4.x ViT layers add the MLP residual inside XxxOutput")
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=LAYERS_OF_5) if name in ("vit", "deit", "vit_mae") else name for name in sorted(MODELS)
+])
 def test_add_verify_strip_keeps_a_transformers_model(name):
     needs_rate = name not in NO_NATIVE_DROP_PATH
     model = build(name, 0.0 if needs_rate else None)
@@ -300,7 +309,10 @@ def test_hooked_branches_are_really_dropped(name):
         assert bool((out.flatten(1) == 0).all(1).any()), target  # at rate 0.9, 8 samples: some are dropped
 
 
-@pytest.mark.parametrize("name", sorted(set(MODELS) - {"vit_mae"}))
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=LAYERS_OF_5) if name in ("vit", "deit") else name
+    for name in sorted(set(MODELS) - {"vit_mae"})
+])
 def test_skip_mode_equals_sample_mode(name):
     """Same masks, same numbers: mode 'skip' draws as 'sample' does (HF's dropout is 0 in these configs)."""
     needs_rate = name not in NO_NATIVE_DROP_PATH
@@ -401,8 +413,9 @@ def test_slots_on_windows_of_a_sample_mask_rows_as_hugging_face_does():
     config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8,
                   num_windows=2, window_block_indexes=[0], out_indices=[2])
     torch.manual_seed(0)
-    native = T.RfDetrDinov2Backbone(T.RfDetrDinov2Config(**config, drop_path_rate=0.3)).eval()
-    model = T.RfDetrDinov2Backbone(T.RfDetrDinov2Config(**config)).eval()
+    backbone, backbone_config = transformers_class("RfDetrDinov2Backbone"), transformers_class("RfDetrDinov2Config")
+    native = backbone(backbone_config(**config, drop_path_rate=0.3)).eval()
+    model = backbone(backbone_config(**config)).eval()
     model.load_state_dict(native.state_dict())
     inputs = pixels(model, batch=4)
     report = pathsurgeon.add(model, 0.3)
@@ -435,6 +448,7 @@ def test_a_drop_path_also_called_off_the_branch_is_held_at_zero_not_stacked():
     assert module_layout(model) == layout and pathsurgeon_leftovers(model) == []
 
 
+@supported_from("transformers", "5.0", "SigLIP2 cannot be captured on 4.50 (a data-dependent guard)")
 def test_default_inputs_for_token_id_and_pre_patchified_models():
     imagegpt = T.ImageGPTForImageClassification(T.ImageGPTConfig(n_layer=2, n_embd=32, n_head=2)).eval()
     assert pathsurgeon.add(imagegpt, 0.1).max_abs_diff == 0.0  # input_ids below its vocabulary

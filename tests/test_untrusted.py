@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import tested_from, timm_model
+from conftest import export_works, supported_from, timm_model
 from safetensors.torch import load_file, save_file
 
 import pathsurgeon
@@ -126,6 +126,8 @@ def test_directory_with_its_own_code_is_refused_everywhere(hf_dir, tmp_path, cap
         ["strip", "--in", pathsurgeon_dir, "--out", tmp_path / "clean"],
         ["export", "--in", pathsurgeon_dir, "--onnx", tmp_path / "b.onnx"],
     ):
+        if argv[0] == "export" and not export_works():
+            continue  # refused for the torch release before the directory is read
         code, _, err = run(capsys, *argv)
         assert_refused(code, err, "auto_map", "never")
     with pytest.raises(pathsurgeon.PathSurgeonError, match="auto_map"):
@@ -232,7 +234,9 @@ def test_manifest_class_must_be_a_listed_transformers_model(hf_dir, tmp_path, ca
         folder = copy_dir(hf_dir, tmp_path / class_name)
         manifest = {"format": 1, "source": {"library": "transformers", "class": class_name}, "surgery": None}
         (folder / "pathsurgeon.json").write_text(json.dumps(manifest))
-        code, _, err = run(capsys, "export", "--in", folder, "--onnx", tmp_path / f"{class_name}.onnx")
+        command = ("export", "--in", folder, "--onnx", tmp_path / f"{class_name}.onnx") if export_works() else (
+            "strip", "--in", folder, "--out", tmp_path / f"{class_name}-clean")
+        code, _, err = run(capsys, *command)
         assert_refused(code, err, words)
     folder = copy_dir(hf_dir, tmp_path / "not-a-model")
     config = json.loads((folder / "config.json").read_text())
@@ -595,7 +599,7 @@ def builds(monkeypatch):
     return devices
 
 
-@tested_from("torch", "2.9", "timm cannot build wholly on meta on 2.4: only parameters and buffers go there")
+@supported_from("torch", "2.9", "timm cannot build wholly on meta on 2.4: only parameters and buffers go there")
 def test_manifest_sizes_the_weights_do_not_fit_are_refused_before_allocating(surgered_dir, tmp_path, builds):
     folder = copy_dir(surgered_dir, tmp_path / "big")
     manifest = _manifest(folder)
@@ -702,7 +706,7 @@ def test_torchvision_manifest_arguments_a_builder_rejects_exit_2(tmp_path, capsy
     (lambda c: {"model_type": "timm_wrapper", "architecture": MODEL, "architectures": ["TimmWrapperModel"],
                 "model_args": {"checkpoint_path": "{evil}"}}, "model_args"),
 ])
-@tested_from("transformers", "5.0", "4.50 fails otherwise on the crafted configs")
+@supported_from("transformers", "5.0", "4.50 fails otherwise on the crafted configs")
 def test_hugging_face_configs_that_crash_transformers_exit_2(hf_dir, tmp_path, capsys, edit, words):
     marker = tmp_path / "marker"
     torch.save({"w": _Boom(str(marker))}, tmp_path / "evil.pth")

@@ -173,7 +173,9 @@ def stated_input_size(model: nn.Module) -> tuple[int, int, int] | None:
             height, width = size
         return channels, height, width
     own_channels = getattr(model, "in_chans", None)
-    projection = getattr(getattr(model, "patch_embed", None), "proj", None)
+    embedding = getattr(model, "patch_embed", None)
+    # timm.layers' PatchEmbed projects the image itself (VOLO's own PatchEmbed has a stem before it)
+    projection = getattr(embedding, "proj", None) if type(embedding).__module__.startswith("timm.layers") else None
     if isinstance(own_channels, int) and not isinstance(own_channels, bool):
         channels = own_channels
     elif isinstance(projection, nn.Conv2d):
