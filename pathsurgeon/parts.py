@@ -129,17 +129,22 @@ def _is_transformers_model(module: nn.Module) -> bool:
 def _is_language_model(module: nn.Module, parent_config: object, root: nn.Module) -> bool:
     """A Hugging Face text decoder or language model inside a composite: its config marks it a decoder
     (``is_decoder``: VisionEncoderDecoder's GPT-2 or BERT decoder), it generates text itself
-    (``GenerationMixin``: a causal LM), or it is the ``text_config`` model of a composite that generates
-    text (Llava, PaliGemma); a text *encoder* (CLIP's, Grounding DINO's BERT) is none of these."""
-    try:
-        from transformers import GenerationMixin
-    except ImportError:
-        return False
+    (``can_generate()``: a causal LM), or it is the ``text_config`` model of a composite that generates
+    text (Llava, PaliGemma); a text *encoder* (CLIP's, Grounding DINO's BERT) is none of these. Not
+    ``isinstance(GenerationMixin)``: in transformers 4.x every model inherits it, a ViT too."""
     config = getattr(module, "config", None)
-    if getattr(config, "is_decoder", False) is True or isinstance(module, GenerationMixin):
+    if getattr(config, "is_decoder", False) is True or _generates(module):
         return True
-    return (isinstance(root, GenerationMixin) and parent_config is not None
+    return (_generates(root) and parent_config is not None
             and getattr(parent_config, "text_config", None) is config)
+
+
+def _generates(module: nn.Module) -> bool:
+    can_generate = getattr(module, "can_generate", None)
+    try:
+        return callable(can_generate) and can_generate() is True
+    except Exception:  # a model's own can_generate that cannot answer for it: not a generator we know
+        return False
 
 
 def _holds_timm_model(module: nn.Module) -> bool:
