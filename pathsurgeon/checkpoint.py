@@ -908,7 +908,7 @@ def _rebuild(
     directory: Path, say: Callable[[str], None], *, allow_missing_keys: bool = False
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model of a pathsurgeon directory with its weights, without surgery; and the checked manifest."""
-    if not (directory / MANIFEST).is_file():
+    if not (directory / MANIFEST).exists():  # one that is there but no regular file: read_manifest says so
         raise ModelSpecError(f"{directory} has no {MANIFEST}; pass a directory written by pathsurgeon.save or "
                              "pathsurgeon add --out")
     manifest = read_manifest(directory)

@@ -1008,6 +1008,14 @@ def test_a_config_that_is_a_fifo_is_reported_as_not_a_regular_file(tmp_path, cap
     assert "without" not in err
 
 
+def test_load_of_a_directory_whose_manifest_is_a_fifo_says_it_is_not_a_regular_file(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    os.mkfifo(folder / "pathsurgeon.json")  # never opened: a read would block forever
+    with pytest.raises(pathsurgeon.ManifestError, match="pathsurgeon.json is not a regular file"):
+        pathsurgeon.load(folder)
+
+
 def test_a_peft_adapter_next_to_a_hugging_face_model_is_refused_not_applied(hf_dir, tmp_path, capsys):
     folder = copy_dir(hf_dir, tmp_path / "with-adapter")
     (folder / "adapter_config.json").write_text(json.dumps({
