@@ -168,8 +168,15 @@ _written: list[str] = []
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _written.clear()
+    # the whole run, reports included: a second signal while it stops is ignored; the program itself (no
+    # argv: the console script) keeps ignoring them until it has exited
+    with _terminate_as_exception(for_good=argv is None):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
-        with _offline_by_default(), _terminate_as_exception(), _stdout_guarded():
+        with _offline_by_default(), _stdout_guarded():
             from .files import check_path_text
 
             for attribute, option in _PATH_OPTIONS.items():
@@ -274,11 +281,25 @@ class _Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def _terminate_as_exception() -> Iterator[None]:
+def _terminate_as_exception(for_good: bool = False) -> Iterator[None]:
+    """SIGTERM / SIGHUP raise :class:`_Terminated`, SIGINT (where Python's default handler has it) raises
+    KeyboardInterrupt; only the first signal does: the run is then stopping, and a second one (Ctrl-C twice,
+    SIGTERM then SIGHUP) must neither cut its clean-up short nor change its exit code. ``for_good``: once
+    a signal was taken, leave all three ignored (the process is exiting) instead of restoring them."""
+    stopping: list[int] = []
+
     def handler(signum, frame):
+        if stopping:
+            return
+        stopping.append(signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise _Terminated(signal.Signals(signum).name)
 
     wanted = [getattr(signal, name) for name in EXIT_CODES if hasattr(signal, name)]  # no SIGHUP on Windows
+    with contextlib.suppress(ValueError):  # not the main thread: getsignal works, signal() would not
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not one ignored (`cmd &`) or the caller's
+            wanted.append(signal.SIGINT)
     try:
         previous = {number: signal.signal(number, handler) for number in wanted}
     except ValueError:  # not the main thread: leave signals alone
@@ -288,7 +309,7 @@ def _terminate_as_exception() -> Iterator[None]:
         yield
     finally:
         for number, handler_before in previous.items():
-            signal.signal(number, handler_before)
+            signal.signal(number, signal.SIG_IGN if for_good and stopping else handler_before)
 
 
 @contextlib.contextmanager
@@ -482,8 +503,13 @@ def _after_strip(out: str, source: dict) -> str:
 
     also = (f"{source['class']}.from_pretrained({out!r}) too" if source.get("library") == "transformers"
             else f"{out}/model.safetensors holds {source.get('library')}'s own keys")
-    return (f"next: pathsurgeon export --in {shlex.quote(out)} --onnx model.onnx, or in Python "
-            f"pathsurgeon.load({out!r}) ({also})")
+    from . import versions
+
+    python = f"pathsurgeon.load({out!r}) ({also})"
+    if (versions.installed("torch") or ()) < versions.ONNX_EXPORT_TORCH:  # export would be refused here
+        wanted = ".".join(map(str, versions.ONNX_EXPORT_TORCH))
+        return f"next: in Python {python}; ONNX export (pathsurgeon export) needs torch >= {wanted}"
+    return f"next: pathsurgeon export --in {shlex.quote(out)} --onnx model.onnx, or in Python {python}"
 
 
 def _run_export(args) -> int:

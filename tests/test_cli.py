@@ -10,7 +10,7 @@ import sys
 import pytest
 import timm
 import torch
-from conftest import pathsurgeon_leftovers, supported_from
+from conftest import ONNX_EXPORT, pathsurgeon_leftovers, supported_from
 from safetensors.torch import load_file, save_file
 
 import pathsurgeon
@@ -65,9 +65,10 @@ def test_strip_writes_a_clean_checkpoint(tmp_path, capsys):
     assert run(capsys, "add", "--model", MODEL, "--rate", "0.2", "--out", str(surgered))[0] == 0
     code, out, _ = run(capsys, "strip", "--in", str(surgered), "--out", str(clean))
     assert code == 0
-    assert out.strip() == (f"wrote {clean}: ResNet with no pathsurgeon plan; next: pathsurgeon export --in {clean} "
-                           f"--onnx model.onnx, or in Python pathsurgeon.load({str(clean)!r}) "
-                           f"({clean}/model.safetensors holds timm's own keys)")
+    python = f"pathsurgeon.load({str(clean)!r}) ({clean}/model.safetensors holds timm's own keys)"
+    after = (f"pathsurgeon export --in {clean} --onnx model.onnx, or in Python {python}" if ONNX_EXPORT
+             else f"in Python {python}; ONNX export (pathsurgeon export) needs torch >= 2.9")
+    assert out.strip() == f"wrote {clean}: ResNet with no pathsurgeon plan; next: {after}"
     manifest = json.loads((clean / "pathsurgeon.json").read_text())
     assert manifest["surgery"] is None
     model = pathsurgeon.load(clean)
@@ -205,3 +206,17 @@ def test_add_on_a_directory_written_by_add_says_it_replaces_the_saved_surgery(tm
     assert json.loads((tmp_path / "p.json").read_text())["branches"][-1]["rate"] == pytest.approx(0.2)
     code, printed, err = run(capsys, "inspect", "--model", str(out))
     assert code == 0 and "the rates shown are the model's without it" in err
+
+
+def test_strip_suggests_no_export_where_this_torch_cannot_export(tmp_path, capsys, monkeypatch):
+    from pathsurgeon import versions
+
+    surgered, clean = tmp_path / "a", tmp_path / "b"
+    assert run(capsys, "add", "--model", MODEL, "--rate", "0.2", "--out", str(surgered))[0] == 0
+    monkeypatch.setattr(versions, "ONNX_EXPORT_TORCH", (99,))
+    code, out, _ = run(capsys, "strip", "--in", str(surgered), "--out", str(clean))
+    assert code == 0
+    assert out.strip() == (f"wrote {clean}: ResNet with no pathsurgeon plan; next: in Python "
+                           f"pathsurgeon.load({str(clean)!r}) ({clean}/model.safetensors holds timm's own keys); "
+                           "ONNX export (pathsurgeon export) needs torch >= 99")
+    assert "pathsurgeon export --in" not in out

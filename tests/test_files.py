@@ -5,6 +5,7 @@ happens (two processes, a real rlimit, a real pipe, a real signal)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -305,3 +306,80 @@ def test_a_signal_after_the_outputs_are_in_place_says_they_were_written(tmp_path
     err = capsys.readouterr().err
     assert "o was written completely" in err and "nothing was written" not in err
     assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
+# Runs the CLI with the checkpoint write blocked once the staging directory holds the weights; with
+# GATE set, the clean-up of a staging directory also waits (after writing CLEANING) until the GATE file
+# appears, so that a second signal can be sent while the clean-up runs.
+TWICE = """
+import os, shutil, signal, sys, time
+from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal, even under `pytest &`
+import safetensors.torch
+real_save, real_rmtree = safetensors.torch.save_file, shutil.rmtree
+def slow_save(state, path, metadata=None):
+    real_save(state, path, metadata=metadata)
+    Path({ready!r}).write_text("staged")
+    time.sleep(120)
+def gated_rmtree(path, *args, **kwargs):
+    gate = os.environ.get("GATE")
+    if gate and ".pathsurgeon-" in Path(path).name and not Path(gate).exists():
+        Path({cleaning!r}).write_text("cleaning")
+        deadline = time.monotonic() + 30
+        while not Path(gate).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return real_rmtree(path, *args, **kwargs)
+safetensors.torch.save_file, shutil.rmtree = slow_save, gated_rmtree
+from pathsurgeon import cli
+sys.exit(cli.main())  # as the console script runs it
+"""
+
+
+def wait_for(path: Path, process: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 240
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"the run never reached {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("first, second, exit_code", [("SIGINT", "SIGINT", 130), ("SIGTERM", "SIGHUP", 143)])
+def test_a_second_signal_during_the_clean_up_is_held_until_it_is_done(tmp_path, first, second, exit_code):
+    """Ctrl-C twice, or SIGTERM then SIGHUP, while a checkpoint is written: the second signal lands during
+    the clean-up (held there until it is done) or just before or after it. Each time the run exits with
+    the first signal's code, without a traceback, and leaves neither staging directories nor the output."""
+    import signal
+
+    first_signal, second_signal = getattr(signal, first), getattr(signal, second)
+    # None: the second signal is sent once the run is inside the clean-up; a number: that many seconds after
+    # the first (after the run took it, before or after its clean-up). The runs start together.
+    gaps = [None, 0.05]
+    runs = []
+    for index, gap in enumerate(gaps):
+        folder = tmp_path / f"run{index}"
+        work = folder / "work"
+        work.mkdir(parents=True)
+        script = folder / "twice.py"
+        script.write_text(TWICE.format(ready=str(folder / "ready"), cleaning=str(folder / "cleaning")))
+        env = dict(os.environ, GATE=str(folder / "gate")) if gap is None else dict(os.environ)
+        process = subprocess.Popen([sys.executable, str(script), "add", "--model", MODEL, "--rate", "0.1",
+                                    "--out", str(work / "D")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env=env)
+        runs.append((gap, folder, work, process))
+    for gap, folder, work, process in runs:
+        wait_for(folder / "ready", process, "the checkpoint write")
+        assert [p.name for p in work.iterdir() if p.name.startswith(".D.pathsurgeon-")]  # staged, not yet in place
+        process.send_signal(first_signal)
+        if gap is None:
+            wait_for(folder / "cleaning", process, "the clean-up")
+            process.send_signal(second_signal)
+            time.sleep(0.05)  # the second signal is delivered (and held) while the clean-up still waits
+            (folder / "gate").write_text("go")
+        else:
+            time.sleep(gap)
+            process.send_signal(second_signal)
+        _, err = process.communicate(timeout=120)
+        context = f"{first} then {second}, gap {gap}: {err}"
+        assert process.returncode == exit_code, context
+        assert "Traceback" not in err and "nothing was written" in err, context
+        assert list(work.iterdir()) == [], context  # no staging directory, no D
