@@ -4,7 +4,8 @@ A whole-model image batch (:func:`pathsurgeon.inputs.example_inputs`) leaves the
 and the prompt path of a SAM unrun, or fails outright. Here: image and text for two-tower models
 (open_clip's ``CLIP``, Hugging Face models whose forward takes both ``pixel_values`` and
 ``input_ids``), image and one point prompt for SAM-style models, image and decoder token ids for
-captioning models (VisionEncoderDecoder: the image at its encoder's size). None where the model is none
+captioning models (VisionEncoderDecoder: the image at its encoder's size), a list of images for a
+torchvision detector (at its transform's ``min_size``). None where the model is none
 of these (the image batch is then made as for any model).
 """
 
@@ -25,7 +26,7 @@ from .inputs import (
     size_pair,
 )
 
-__all__ = ["composite_inputs"]
+__all__ = ["composite_inputs", "detection_image_size"]
 
 _SEED = 0
 TEXT_TOKENS = 16  # enough positions to run every text layer; fewer than any text tower's context
@@ -33,7 +34,8 @@ TEXT_TOKENS = 16  # enough positions to run every text layer; fewer than any tex
 
 def composite_inputs(model: nn.Module) -> ExampleInputs | None:
     """Inputs that run every part of a two-tower or prompted composite (None: not one of those)."""
-    for make in (_open_clip_inputs, _hf_image_text_inputs, _hf_prompted_inputs, _hf_captioning_inputs):
+    for make in (_open_clip_inputs, _hf_image_text_inputs, _hf_prompted_inputs, _hf_captioning_inputs,
+                 _detection_inputs):
         made = make(model)
         if made is not None:
             return made
@@ -139,3 +141,28 @@ def _hf_captioning_inputs(model: nn.Module) -> ExampleInputs | None:
     if "use_cache" in parameters:
         kwargs["use_cache"] = False
     return ExampleInputs((), kwargs)
+
+
+def detection_image_size(model: nn.Module, *, padded: bool = False) -> int | None:
+    """The side of the images a torchvision detector's transform (``GeneralizedRCNNTransform``) makes:
+    its ``min_size`` (at most ``max_size``), ``padded`` up to ``size_divisible`` as its backbone sees them;
+    None where ``model`` has no such transform."""
+    try:
+        from torchvision.models.detection.transform import GeneralizedRCNNTransform
+    except ImportError:
+        return None
+    transform = getattr(model, "transform", None)
+    if not isinstance(transform, GeneralizedRCNNTransform):
+        return None
+    side = min(max(int(s) for s in transform.min_size), int(transform.max_size))
+    divisor = int(transform.size_divisible)
+    return -(-side // divisor) * divisor if padded else side
+
+
+def _detection_inputs(model: nn.Module) -> ExampleInputs | None:
+    """A list of images, as a torchvision detector's forward takes them (eval mode: no targets)."""
+    side = detection_image_size(model)
+    if side is None:
+        return None
+    images = _images(model, 3, (side, side), torch.Generator().manual_seed(_SEED))
+    return ExampleInputs((list(images),), {})

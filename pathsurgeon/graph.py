@@ -9,9 +9,12 @@ derived once per view, on first use.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import math
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -301,10 +304,15 @@ def from_export(
     ``probe_op``: the custom op marking a drop-path slot; its second argument is the probe's id,
     ``slot_of_probe`` maps ids to slot names.
     """
+    printed = io.StringIO()
     with warnings.catch_warnings():
         # export complains about attributes the shadow's forward assigns (caches); the shadow is thrown away
         warnings.simplefilter("ignore")
-        program = torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
+        # a failed export prints its partial graph (thousands of lines) on stderr; the error says enough
+        with contextlib.redirect_stderr(printed), contextlib.redirect_stdout(printed):
+            program = torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
+    if printed.getvalue():  # an export that worked printed nothing of that: pass on whatever it did print
+        sys.stderr.write(printed.getvalue())
     graph = program.graph
     signature = program.graph_signature
     parameter_names = set(signature.inputs_to_parameters)

@@ -52,6 +52,7 @@ __all__ = [
     "PartSelection",
     "PartState",
     "bring_in",
+    "capturable_parts",
     "library_parts",
     "part_module",
     "part_of",
@@ -230,6 +231,37 @@ def library_parts(model: nn.Module) -> list[Part]:
     if found:
         return found
     return [Part("", "transformers" if root_config is not None else None, "the model")]
+
+
+def _detection_bodies() -> tuple[type, ...]:
+    try:
+        from torchvision.models._utils import IntermediateLayerGetter
+    except ImportError:  # no torchvision: only library parts
+        return ()
+    return (IntermediateLayerGetter,)
+
+
+def capturable_parts(model: nn.Module) -> list[str]:
+    """Where a whole model cannot be captured (a torchvision detector: data-dependent box handling), the
+    outermost parts that can be surgered on their own: a torchvision detection backbone's body (an
+    ``IntermediateLayerGetter`` over a torchvision ResNet or MobileNetV3's stages), and every library
+    part :func:`library_parts` finds inside (a timm or Hugging Face backbone). The rest is left alone."""
+    bodies = _detection_bodies()
+    found: list[str] = []
+
+    def walk(module: nn.Module, path: str) -> None:
+        for name, child in module.named_children():
+            full = f"{path}.{name}" if path else name
+            if isinstance(child, bodies):
+                found.append(full)
+            else:
+                walk(child, full)
+
+    walk(model, "")
+    for part in library_parts(model):
+        if part.path and part.default and not any(under(part.path, held) for held in found):
+            found.append(part.path)
+    return found
 
 
 # --- selecting the residual adds part by part ---------------------------------------------------------

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
+import torch
 from torch import nn
 
 from . import slots as slot_lib
@@ -46,15 +47,23 @@ from .changes import (
     surgered_submodules,
     unrecorded_changes,
 )
-from .composite_inputs import composite_inputs
+from .composite_inputs import composite_inputs, detection_image_size
 from .config import DropPathConfig, config_from_arguments, validate_rate, validate_schedule
-from .errors import CaptureError, ExampleInputsError, NoBranchesError, PathSurgeonError, warn_user
+from .errors import (
+    CaptureError,
+    ExampleInputsError,
+    NoBranchesError,
+    PathSurgeonError,
+    VerificationError,
+    warn_user,
+)
 from .finder import find_residual_adds
-from .inputs import ExampleInputs, example_inputs, made_up_inputs_failed
+from .inputs import EXAMPLE_BATCH, ExampleInputs, example_inputs, made_up_inputs_failed, placement
 from .parts import (
     PartPlan,
     PartSelection,
     PartState,
+    capturable_parts,
     library_parts,
     part_module,
     part_of,
@@ -115,7 +124,13 @@ def add(
 
     with clock("capture"):
         inputs = _inputs(model, example_inputs, required=config.tolerance is not None or config.mode != "sample")
-        captured, inputs = _capture(model, inputs, example_inputs)
+        try:
+            captured, inputs = _capture(model, inputs, example_inputs)
+        except CaptureError as error:
+            held = capturable_parts(model)
+            if not held:
+                raise
+            return _add_to_parts(model, config, inputs, held, error, clock)
     with clock("find"):
         selection = select_by_part(captured.view, find_residual_adds(captured.view), library_parts(model),
                                    config.include, config.exclude, type(model).__name__)
@@ -448,6 +463,121 @@ def _plan(
     rates_from, note = _rates_summary(part_plans)
     schedule = validate_schedule(config.schedule_argument, config.rate)
     return _Planned(branches, left_alone, reasons, part_plans, schedule, formula, rates_from, note, norms)
+
+
+def _add_to_parts(
+    model: nn.Module, config: DropPathConfig, inputs: ExampleInputs | None, held: list[str], error: CaptureError,
+    clock: _Clock,
+) -> Report:
+    """A model that cannot be captured whole (a torchvision detector) but holds parts that can (its
+    ``backbone.body``, a timm or Hugging Face backbone): :func:`add` on each part, with inputs made for
+    it (images at the size the detector's transform makes, else the part's own made-up inputs); the
+    rest is left alone. The model's own eval outputs are checked on ``inputs``; on any failure every
+    part is stripped again. :func:`strip` on the model undoes it all (surgery on submodules included)."""
+    reference = None
+    if config.tolerance is not None and inputs is not None:
+        with clock("observe"):
+            reference = eval_outputs(model, inputs)
+    side = detection_image_size(model, padded=True)
+    reports: list[tuple[str, Report]] = []
+    difference = None
+    with Transaction() as transaction:
+        for path in held:
+            part = model.get_submodule(path)
+            part_inputs = None
+            if side is not None:
+                device, dtype = placement(part)
+                generator = torch.Generator().manual_seed(0)
+                part_inputs = torch.randn((EXAMPLE_BATCH, 3, side, side), generator=generator).to(device, dtype)
+            with clock("parts"):
+                transaction.do(functools.partial(_add_part, reports, path, part, config, part_inputs),
+                               functools.partial(_strip_part, part))
+        if reference is not None:
+            assert inputs is not None and config.tolerance is not None
+            with clock("verify"):
+                difference = max_abs_diff(reference, eval_outputs(model, inputs))
+            if not difference <= config.tolerance:
+                raise VerificationError(
+                    f"{type(model).__name__}'s eval outputs moved by {difference:.3g} after drop path went into "
+                    f"{', '.join(held)}; nothing was changed; report the model to pathsurgeon"
+                )
+    return _parts_report(model, config, reports, held, error, difference, clock)
+
+
+def _add_part(reports: list[tuple[str, Report]], path: str, part: nn.Module, config: DropPathConfig,
+              inputs: Any) -> None:
+    reports.append((path, add(part, config, example_inputs=inputs)))
+
+
+def _strip_part(part: nn.Module) -> None:
+    strip(part)
+
+
+def _parts_report(
+    model: nn.Module, config: DropPathConfig, reports: list[tuple[str, Report]], held: list[str],
+    error: CaptureError, difference: float | None, clock: _Clock,
+) -> Report:
+    """One report for the model: each part's branches under the part's path, the rest left alone."""
+    branches: list[Branch] = []
+    left_alone: list[LeftAlone] = []
+    fallbacks: list[Fallback] = []
+    part_reports: list[PartReport] = []
+    notes: list[str] = []
+
+    def inside(path: str, name: str | None) -> str | None:
+        return f"{path}.{name}" if name else (path if name == "" else None)
+
+    for path, report in reports:
+        body = type(model.get_submodule(path)).__name__ == "IntermediateLayerGetter"
+        mine = [dataclasses.replace(b, block=cast(str, inside(path, b.block)), target=cast(str, inside(path, b.target)),
+                                    unit=inside(path, b.unit), entry=inside(path, b.entry), part=path)
+                for b in report.branches]
+        branches += mine
+        left_alone += [LeftAlone(cast(str, inside(path, k.block)), k.reason) for k in report.left_alone]
+        fallbacks += [Fallback(cast(str, inside(path, f.block)), cast(str, inside(path, f.target)), f.reason)
+                      for f in report.fallbacks]
+        note = report.rates_note
+        if body and report.rates_from == "linear over found units":
+            note = ("torchvision builds no drop path into a detector's backbone (a ResNet's or MobileNetV3's "
+                    "stages): linear over its found units")
+        if note:
+            notes.append(f"{path}: {note}")
+        library = "torchvision" if body else next((p.library for p in report.parts if p.library), None)
+        part_reports.append(PartReport(path, library, "detection backbone" if body else "library part",
+                                       report.rates_from, note, len({b.block for b in mine}), len(mine)))
+    reason = (f"{type(model).__name__} cannot be captured whole ({_first_clause(error)}); drop path went into "
+              f"its parts {', '.join(held)} alone")
+    left_alone += [LeftAlone(name, reason) for name in _outside(model, held)]
+    sources = {r.rates_from for _, r in reports}
+    rates_from = sources.pop() if len(sources) == 1 else "per part"
+    formulas = {r.formula for _, r in reports}
+    schedule = validate_schedule(config.schedule_argument, config.rate)
+    return Report(branches, difference, "per part", schedule, formulas.pop() if len(formulas) == 1 else "per part",
+                  left_alone, config.mode, fallbacks, rates_from, "; ".join(notes), clock.seconds, part_reports)
+
+
+def _first_clause(error: CaptureError) -> str:
+    text = str(error)
+    start = text.find("(")
+    return text[start + 1:].split(";")[0].split(". ")[0].strip(" )") if start >= 0 else text.split(";")[0]
+
+
+def _outside(model: nn.Module, held: list[str]) -> list[str]:
+    """The outermost modules of ``model`` that hold none of the ``held`` parts (what was left alone)."""
+    names: list[str] = []
+
+    def walk(module: nn.Module, path: str) -> None:
+        for name, child in module.named_children():
+            full = f"{path}.{name}" if path else name
+            if full in held:
+                continue
+            if any(h.startswith(full + ".") for h in held):
+                walk(child, full)
+            else:
+                names.append(full)
+
+    walk(model, "")
+    return names
 
 
 def _mirror_library(record: Record) -> None:

@@ -872,3 +872,52 @@ def test_upernet_names_no_include_hint_that_brings_in_nothing():
     head = [k for k in report.left_alone if k.block.startswith("decode_head")]
     assert head and all("brings it in" not in k.reason for k in head)
     assert "include=" not in str(report.to_dict()) and "decode_head" not in report.summary()
+
+
+# --- torchvision detectors: captured part by part -----------------------------------------------------
+
+
+def _detections(model: torch.nn.Module, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [t for output in model(images) for t in output.values()]
+
+
+@pytest.mark.parametrize("builder, alone", [
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", ["backbone.fpn", "rpn", "roi_heads", "transform"]),
+    ("retinanet_resnet50_fpn", ["backbone.fpn", "anchor_generator", "head", "transform"]),
+])
+def test_torchvision_detector_gets_drop_path_in_its_backbone_body(builder, alone, capfd):
+    """A detector cannot be captured whole (box handling is data-dependent): its backbone body is
+    surgered on its own, linear over its found units (torchvision builds no drop path there), the rest is
+    left alone; the detector's eval outputs stay bitwise equal; strip restores everything; none of
+    torch.export's partial graphs or debug lines is printed."""
+    detection = pytest.importorskip("torchvision.models.detection")
+    torch.manual_seed(0)
+    model = getattr(detection, builder)(weights=None, weights_backbone=None, min_size=64, max_size=64).eval()
+    pristine = copy.deepcopy(model)
+    images = [torch.rand(3, 64, 64), torch.rand(3, 72, 64)]
+    before = _detections(model, images)
+
+    report = pathsurgeon.add(model, 0.1)
+
+    printed = capfd.readouterr()
+    assert "def forward" not in printed.out + printed.err and "torch.__trace" not in printed.out + printed.err
+    assert [p.path for p in report.parts] == ["backbone.body"]
+    assert report.branches and all(b.block.startswith("backbone.body.") for b in report.branches)
+    rates = [b.rate for b in report.branches]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates)
+    assert report.rates_from == "linear over found units" and "backbone.body:" in report.rates_note
+    assert set(alone) <= {k.block for k in report.left_alone}
+    assert report.max_abs_diff == 0.0
+    assert pathsurgeon.is_surgered(model)
+    after = _detections(model, images)
+    assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    model.train()
+    model.backbone.body(torch.rand(2, 3, 64, 64))  # the hooks run in training
+    model.eval()
+
+    pathsurgeon.strip(model)
+    assert not pathsurgeon.is_surgered(model) and pathsurgeon_leftovers(model) == []
+    stripped = _detections(model, images)
+    assert all(torch.equal(a, b) for a, b in zip(before, stripped, strict=True))
+    assert str(model) == str(pristine)
