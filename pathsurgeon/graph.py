@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import math
 import re
-import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -296,6 +294,31 @@ def _is_shape_node(node: fx.Node, non_tensor: set[fx.Node]) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _no_partial_graph_dump() -> Iterator[None]:
+    """torch.export prints the partial graph of a failed export (thousands of lines) on stderr before it
+    raises; the error, which pathsurgeon reports in one line, says enough. Only that module's ``print`` is
+    silenced, and only for the call: nothing another thread or the user prints is touched."""
+    try:
+        from torch.export import _trace
+    except ImportError:  # another layout of torch: its dump stays
+        yield
+        return
+    namespace = vars(_trace)
+    previous = namespace.get("print", _MISSING)
+    namespace["print"] = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if previous is _MISSING:
+            namespace.pop("print", None)
+        else:
+            namespace["print"] = previous
+
+
+_MISSING = object()
+
+
 def from_export(
     model: nn.Module, inputs: ExampleInputs, slot_of_probe: dict[int, str], probe_op: object
 ) -> GraphView:
@@ -304,15 +327,10 @@ def from_export(
     ``probe_op``: the custom op marking a drop-path slot; its second argument is the probe's id,
     ``slot_of_probe`` maps ids to slot names.
     """
-    printed = io.StringIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _no_partial_graph_dump():
         # export complains about attributes the shadow's forward assigns (caches); the shadow is thrown away
         warnings.simplefilter("ignore")
-        # a failed export prints its partial graph (thousands of lines) on stderr; the error says enough
-        with contextlib.redirect_stderr(printed), contextlib.redirect_stdout(printed):
-            program = torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
-    if printed.getvalue():  # an export that worked printed nothing of that: pass on whatever it did print
-        sys.stderr.write(printed.getvalue())
+        program = torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
     graph = program.graph
     signature = program.graph_signature
     parameter_names = set(signature.inputs_to_parameters)
