@@ -46,6 +46,7 @@ check-wheel: dist
 	$(WHEEL_VENV)/bin/pip install --quiet --upgrade pip
 	$(WHEEL_VENV)/bin/pip install --quiet --progress-bar off "$$(ls dist/*.whl)[hf,export]"
 	.ci/install_check.sh $(WHEEL_VENV)
+	rm -rf $(WHEEL_VENV)  # 6 GB of a second torch: gone once checked (the floors' environment is kept)
 
 $(FLOORS_STAMP): .ci/floors.txt pyproject.toml
 	@echo "Creating $(FLOORS): the oldest supported torch, torchvision, timm and transformers (about 5 GB)..."
