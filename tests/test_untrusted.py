@@ -938,11 +938,9 @@ def test_a_timm_wrapper_architecture_naming_a_source_is_refused_before_timm_read
     def create_model(name, *args, **kwargs):
         raise AssertionError(f"timm.create_model({name!r}) ran on a crafted timm_wrapper config")
 
-    monkeypatch.setattr(timm, "create_model", create_model)
-    started = time.monotonic()
+    monkeypatch.setattr(timm, "create_model", create_model)  # timm never reaches the target's model_args
     code, _, err = run(capsys, "inspect", "--model", folder)
     assert_refused(code, err, "architecture", architecture.split(":")[0], "name a timm model")
-    assert time.monotonic() - started < 10
 
 
 def test_a_shallow_copy_cannot_strip_or_re_rate_the_original_it_shares_its_modules_with():
