@@ -284,31 +284,41 @@ def identify_constructor(model: nn.Module, rate: float | None = None) -> Constru
     return constructor
 
 
+def _replays(model: nn.Module, rate: float | None) -> Iterator[tuple[Constructor, nn.Module | None, str | None]]:
+    """Every library adapter's candidate constructor for ``model``, replayed at ``rate``: (candidate, the
+    rebuilt model, how its module tree differs from ``model``'s, None where it is the same). A constructor
+    that fails is simply not the one: (candidate, None, why it failed)."""
+    for adapter in _adapters():
+        for candidate in adapter.candidates(model):
+            try:
+                candidate, rebuilt = _replay_candidate(candidate, rate)
+            except Exception as error:  # noqa: BLE001 - a constructor that fails is simply not the one
+                yield candidate, None, f"{candidate.name}: {type(error).__name__}: {_first_line(error)}"
+                continue
+            yield candidate, rebuilt, tree_difference(model, rebuilt)
+
+
 def identify_and_replay(model: nn.Module, rate: float | None) -> tuple[Constructor, nn.Module]:
     """:func:`identify_constructor`, and the matching replay at ``rate`` (the constructor's default
     when ``rate`` is None or the constructor takes no rate)."""
     if isinstance(model, fx.GraphModule):
         return _identify_graph_module(model, rate)
     reasons: list[str] = []
-    for adapter in _adapters():
-        for candidate in adapter.candidates(model):
-            try:
-                candidate, rebuilt = _replay_candidate(candidate, rate)
-            except Exception as error:  # noqa: BLE001 - a constructor that fails is simply not the one
-                reasons.append(f"{candidate.name}: {type(error).__name__}: {_first_line(error)}")
-                continue
-            difference = tree_difference(model, rebuilt)
-            if difference is None:
-                return candidate, rebuilt
-            if _same_names(model, rebuilt):
-                for variant in candidate.variants():
-                    try:
-                        variant, rebuilt = _replay_candidate(variant, rate)
-                    except Exception:  # noqa: BLE001 - not this value
-                        continue
-                    if tree_difference(model, rebuilt) is None:
-                        return variant, rebuilt
-            reasons.append(f"{_call(candidate)}: {difference}")
+    for candidate, rebuilt, difference in _replays(model, rate):
+        if rebuilt is None:
+            reasons.append(str(difference))
+            continue
+        if difference is None:
+            return candidate, rebuilt
+        if _same_names(model, rebuilt):  # the same modules, other shapes: a variant of its arguments may fit
+            for variant in candidate.variants():
+                try:
+                    variant, rebuilt = _replay_candidate(variant, rate)
+                except Exception:  # noqa: BLE001 - not this value
+                    continue
+                if tree_difference(model, rebuilt) is None:
+                    return variant, rebuilt
+        reasons.append(f"{_call(candidate)}: {difference}")
     if not reasons:
         raise RebuildError(
             f"{type(model).__name__} is not a timm, torchvision or transformers model pathsurgeon can rebuild"
@@ -323,18 +333,13 @@ def _identify_graph_module(model: fx.GraphModule, rate: float | None) -> tuple[C
     the extractor cannot be told apart, and the error says so."""
     fits: list[tuple[Constructor, nn.Module]] = []
     reasons: list[str] = []
-    for adapter in _adapters():
-        for candidate in adapter.candidates(model):
-            try:
-                candidate, rebuilt = _replay_candidate(candidate, rate)
-            except Exception as error:  # noqa: BLE001 - a constructor that fails is simply not the one
-                reasons.append(f"{candidate.name}: {type(error).__name__}: {_first_line(error)}")
-                continue
-            difference = tree_difference(model, rebuilt)
-            if difference is None:
-                fits.append((candidate, rebuilt))
-            else:
-                reasons.append(f"{_call(candidate)}: {difference}")
+    for candidate, rebuilt, difference in _replays(model, rate):
+        if rebuilt is None:
+            reasons.append(str(difference))
+        elif difference is None:
+            fits.append((candidate, rebuilt))
+        else:
+            reasons.append(f"{_call(candidate)}: {difference}")
     if not fits:
         if not reasons:
             raise RebuildError(f"this fx GraphModule ({type(model).__name__}) was not traced from a torchvision "
