@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from ._version import __version__
+from .choices import MODES, SCHEDULES
 
 if TYPE_CHECKING:
     from .files import PathInputs
@@ -66,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _schedule_argument(add)
     add.add_argument(
-        "--mode", default="sample", choices=("sample", "skip", "batch", "fixed_count"),
+        "--mode", default="sample", choices=MODES,
         help="sample: timm's per-sample drop path (default); skip: per-sample, dropped samples not computed; "
         "batch: one draw per branch per mini-batch, a dropped branch not computed; fixed_count: DINOv2's "
         "efficient stochastic depth, exactly max(int(B*(1-rate)), 1) samples computed, scaled by B/k",
@@ -138,7 +139,7 @@ def _allow_missing_argument(parser: argparse.ArgumentParser) -> None:
 
 def _schedule_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--schedule", choices=("auto", "linear", "uniform"),
+        "--schedule", choices=SCHEDULES,
         help="auto: what the model's library does for its family (default; with --rate published, the "
         "authors' schedule); linear: 0 to R over depth; uniform: R everywhere",
     )

@@ -12,36 +12,34 @@ from __future__ import annotations
 import fnmatch
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .choices import BATCH_NORM_CHOICES, MODES, SCHEDULES, BatchNormChoice, Mode, ScheduleName
 from .errors import InvalidModeError, InvalidRateError, InvalidScheduleError, PathSurgeonError
 
 __all__ = [
     "BATCH_NORM_CHOICES",
     "MODES",
     "SCHEDULES",
+    "BatchNormChoice",
     "DropPathConfig",
+    "Mode",
+    "ScheduleName",
     "brief",
     "config_from_arguments",
+    "matches",
     "real_number",
+    "selected",
     "validate_batch_norm",
     "validate_mode",
     "validate_rate",
     "validate_schedule",
     "validate_tolerance",
 ]
-
-SCHEDULES = ("auto", "linear", "uniform")
-MODES = ("sample", "skip", "batch", "fixed_count")
-# What a branch holding a BatchNorm does in the modes that compute part of the batch ('skip',
-# 'fixed_count'): "fallback" computes every sample (the BatchNorm sees the statistics mode 'sample' gives
-# it); "kept_rows" computes the kept samples only, so the BatchNorm normalises with, and updates its
-# running statistics from, the kept samples alone — another estimator, taken only on request. Mode
-# 'batch' needs neither: a kept branch sees the whole batch, a dropped one runs nothing.
-BATCH_NORM_CHOICES = ("fallback", "kept_rows")
 
 
 def real_number(value: object) -> float | None:
@@ -86,7 +84,7 @@ def validate_rate(rate: object, *, what: str = "rate", example: str = "rate=0.1"
     return value
 
 
-def validate_mode(mode: object) -> str:
+def validate_mode(mode: object) -> Mode:
     """Return ``mode`` if it is one of :data:`MODES`, or raise :class:`~pathsurgeon.errors.InvalidModeError`."""
     if not isinstance(mode, str) or mode not in MODES:
         raise InvalidModeError(
@@ -97,7 +95,7 @@ def validate_mode(mode: object) -> str:
     return mode
 
 
-def validate_batch_norm(value: object) -> str:
+def validate_batch_norm(value: object) -> BatchNormChoice:
     """Return ``value`` if it is one of :data:`BATCH_NORM_CHOICES`, else raise a one-line error."""
     if not isinstance(value, str) or value not in BATCH_NORM_CHOICES:
         raise PathSurgeonError(
@@ -107,7 +105,7 @@ def validate_batch_norm(value: object) -> str:
     return value
 
 
-def validate_schedule(schedule: object, rate: float | None) -> str | list[float]:
+def validate_schedule(schedule: object, rate: float | None) -> ScheduleName | list[float]:
     """Check a schedule (and that ``rate`` fits it) without looking at a model."""
     if isinstance(schedule, str):
         if schedule not in SCHEDULES:
@@ -119,7 +117,8 @@ def validate_schedule(schedule: object, rate: float | None) -> str | list[float]
         return schedule
     if not isinstance(schedule, (list, tuple)) and not (isinstance(schedule, torch.Tensor) and schedule.ndim == 1):
         raise InvalidScheduleError(
-            f"schedule must be 'auto', 'linear', 'uniform' or a list of rates, got {type(schedule).__name__}"
+            f"schedule must be {', '.join(repr(s) for s in SCHEDULES)} or a list of rates, "
+            f"got {type(schedule).__name__}"
         )
     if rate is not None:
         raise InvalidScheduleError(
@@ -139,6 +138,21 @@ def validate_tolerance(verify: object) -> float | None:
     if value is not None and value >= 0:  # NaN fails the comparison
         return value
     raise PathSurgeonError(f"verify must be True, False or a tolerance >= 0, got {brief(verify)}")
+
+
+def matches(name: str, patterns: Iterable[str]) -> bool:
+    """Whether block ``name`` matches any of the glob ``patterns``: the one place ``include`` / ``exclude``
+    patterns are matched (``fnmatch``, case-sensitive, ``*`` may span dots)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def selected(block: str, include: Iterable[str], exclude: Iterable[str], *, no_include_selects: bool = True) -> bool:
+    """Whether ``include`` / ``exclude`` select ``block``: an ``include`` pattern matches it (or, with
+    ``no_include_selects``, there is none) and no ``exclude`` pattern does. Parts left alone by default
+    (regions, language models) are brought in only by a pattern that names them: ``no_include_selects=False``."""
+    include = tuple(include)
+    included = matches(block, include) or (no_include_selects and not include)
+    return included and not matches(block, exclude)
 
 
 def _globs(value: object, what: str) -> tuple[str, ...]:
@@ -171,16 +185,16 @@ class DropPathConfig:
     """
 
     rate: float | None = None
-    schedule: str | tuple[float, ...] = "auto"
-    mode: str = "sample"
+    schedule: ScheduleName | tuple[float, ...] = "auto"
+    mode: Mode = "sample"
     verify: bool | float = True
     include: tuple[str, ...] = field(default=())
     exclude: tuple[str, ...] = field(default=())
-    batch_norm: str = "fallback"
+    batch_norm: BatchNormChoice = "fallback"
 
     def __post_init__(self) -> None:
         rate = validate_rate(self.rate) if self.rate is not None else None
-        schedule: str | list[float] | tuple[float, ...] = validate_schedule(self.schedule, rate)
+        schedule: ScheduleName | list[float] | tuple[float, ...] = validate_schedule(self.schedule, rate)
         if isinstance(schedule, list):
             schedule = tuple(schedule)
         verify: bool | float
@@ -206,14 +220,13 @@ class DropPathConfig:
         return validate_tolerance(self.verify)
 
     @property
-    def schedule_argument(self) -> str | list[float]:
+    def schedule_argument(self) -> ScheduleName | list[float]:
         """The schedule in the form the planner takes (a list, not a tuple)."""
         return list(self.schedule) if isinstance(self.schedule, tuple) else self.schedule
 
     def selects(self, block: str) -> bool:
         """Whether the branches of ``block`` are changed (see the class docstring)."""
-        included = not self.include or any(fnmatch.fnmatchcase(block, g) for g in self.include)
-        return included and not any(fnmatch.fnmatchcase(block, g) for g in self.exclude)
+        return selected(block, self.include, self.exclude)
 
     def replace(self, **changes: Any) -> DropPathConfig:
         """A copy with some fields changed (and checked again)."""

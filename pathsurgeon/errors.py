@@ -45,7 +45,7 @@ class InvalidRateError(PathSurgeonError, ValueError):
 
 
 class InvalidModeError(PathSurgeonError, ValueError):
-    """A mode that is not 'sample', 'skip' or 'batch'."""
+    """A mode that is not one of :data:`~pathsurgeon.choices.MODES` ('sample', 'skip', 'batch', 'fixed_count')."""
 
 
 class InvalidScheduleError(PathSurgeonError, ValueError):

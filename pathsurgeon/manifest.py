@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .choices import BATCH_NORM_CHOICES, MODES, SCHEDULES
 from .errors import ManifestError
 
 __all__ = [
@@ -42,10 +43,10 @@ MAX_BYTES = 16 * 1024 * 1024  # a manifest lists branches; a bigger file is not 
 _SIZE = {"type": "integer", "minimum": 1, "maximum": 65536}
 _RATE = {"type": "number", "minimum": 0, "exclusiveMaximum": 1}
 _NAME = {"type": "string", "maxLength": 1000}
-_MODE = {"enum": ["sample", "skip", "batch", "fixed_count"]}
+_MODE = {"enum": list(MODES)}
 _SCHEDULE = {
     "oneOf": [
-        {"enum": ["auto", "linear", "uniform"]},
+        {"enum": list(SCHEDULES)},
         {"type": "array", "items": _RATE, "maxItems": 100_000},
     ]
 }
@@ -144,7 +145,7 @@ _SURGERY_2 = {
                 "verify": {"oneOf": [{"type": "boolean"}, {"type": "number", "minimum": 0}]},
                 "include": _GLOBS,
                 "exclude": _GLOBS,
-                "batch_norm": {"enum": ["fallback", "kept_rows"]},
+                "batch_norm": {"enum": list(BATCH_NORM_CHOICES)},
             },
         },
         "rate": {"oneOf": [{"type": "null"}, _RATE]},  # in effect when saved (set_rate may have moved it)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # report.py stays plain data: the choices are only named in its type hints
+    from .config import Mode, ScheduleName
 
 __all__ = ["Branch", "Fallback", "LeftAlone", "PartReport", "Preview", "Report", "format_branches", "partly_wrapped"]
 
@@ -101,10 +104,10 @@ class Report:
     branches: list[Branch]
     max_abs_diff: float | None
     method: str
-    schedule: str | list[float]
+    schedule: ScheduleName | list[float]
     formula: str
     left_alone: list[LeftAlone] = field(default_factory=list)
-    mode: str = "sample"
+    mode: Mode = "sample"
     fallbacks: list[Fallback] = field(default_factory=list)
     rates_from: str = "linear over found units"
     rates_note: str = ""

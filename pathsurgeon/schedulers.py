@@ -24,7 +24,7 @@ from typing import Any, cast
 
 from torch import nn
 
-from .config import validate_rate
+from .config import ScheduleName, validate_rate
 from .errors import InvalidRateError, InvalidScheduleError, PathSurgeonError
 
 __all__ = ["Early", "Late", "RateScheduler", "Warmup", "require_scheduler"]
@@ -92,7 +92,7 @@ class RateScheduler:
     """
 
     def __init__(
-        self, model: nn.Module, fn: Callable[[int], float], *, schedule: str | Sequence[float] | None = None
+        self, model: nn.Module, fn: Callable[[int], float], *, schedule: ScheduleName | Sequence[float] | None = None
     ) -> None:
         from .changes import record_of
         from .wrappers import check_model
@@ -123,7 +123,9 @@ class RateScheduler:
                 )
         self.model = model
         self.fn = fn
-        self.schedule = schedule if isinstance(schedule, str) else list(cast(list[float], self._shape))  # set above
+        self.schedule: ScheduleName | list[float] = (
+            schedule if isinstance(schedule, str) else list(cast(list[float], self._shape))  # set above
+        )
         self.last_step = -1
         self.rate = 0.0
         self.set_step(0)
