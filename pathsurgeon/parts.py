@@ -33,12 +33,12 @@ Placement by default (the principle: drop path where the part's library puts it)
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from dataclasses import dataclass
 from typing import overload
 
 from torch import fx, nn
 
+from .config import selected
 from .errors import InvalidScheduleError
 from .finder import ResidualAdd, Selection, select
 from .graph import GraphView
@@ -324,12 +324,6 @@ def _region(block: str, library: list[Part]) -> str:
     return ""
 
 
-def _included(block: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(block, g) for g in include) and not any(
-        fnmatch.fnmatchcase(block, g) for g in exclude
-    )
-
-
 def bring_in(part: Part, adds: list[ResidualAdd]) -> list[str]:
     """The ``include=`` patterns that name every block of ``part`` with residual adds (its path itself
     too, where the part's own forward does the add: UperNet's ``decode_head``, whose blocks
@@ -360,15 +354,18 @@ def select_by_part(
         group = [(parts[0], selection.chosen)] if selection.chosen else []
         return PartSelection(selection, group, parts)
     # a language model is left alone unless an include pattern names one of its blocks
+    def named(block: str) -> bool:  # by an include pattern: how a part left alone by default is brought in
+        return selected(block, include, exclude, no_include_selects=False)
+
     parts = [dataclasses.replace(p, default=True) if not p.default and any(
-        _included(a.block, include, exclude) for a in adds if part_of(a.block, parts) is p) else p for p in parts]
+        named(a.block) for a in adds if part_of(a.block, parts) is p) else p for p in parts]
     by_part: dict[str, list[ResidualAdd]] = {}
     regions: dict[str, Part] = {}
     for add in adds:
         holder = part_of(add.block, parts)
         if holder is None:
             path = _region(add.block, parts)
-            brought_in = any(_included(a.block, include, exclude) for a in adds
+            brought_in = any(named(a.block) for a in adds
                              if part_of(a.block, parts) is None and _region(a.block, parts) == path)
             holder = regions.setdefault(path, Part(path, None, "region", default=brought_in))
         by_part.setdefault(holder.path, []).append(add)
@@ -460,20 +457,27 @@ def split_schedule(
     in execution order, each taking as many rates as it has depth units."""
     if isinstance(schedule, str) or len(groups) == 1:
         return [schedule] * len(groups)
-    counts = []
+    units = []
     for part, chosen in groups:
         blocks = list(dict.fromkeys(relative(a.block, part.path) for a in chosen))
-        counts.append(len(make_plan(part_module(model, part), blocks, 0.0, "uniform",
-                                    part_recipe(model, part)).units))
-    if sum(counts) != len(schedule):
-        shown = ", ".join(f"{part.name}: {n}" for (part, _), n in zip(groups, counts, strict=True))
+        units.append((part, len(make_plan(part_module(model, part), blocks, 0.0, "uniform",
+                                          part_recipe(model, part)).units)))
+    return _split_list(schedule, units)
+
+
+def _split_list(schedule: list[float], units: list[tuple[Part, int]]) -> list[str | list[float]]:
+    """An explicit schedule list cut into one slice per part, in order, each as long as the part's
+    depth units; the one error when the lengths do not add up (at ``add`` and at ``set_rate``)."""
+    total = sum(count for _, count in units)
+    if total != len(schedule):
+        shown = ", ".join(f"{part.name}: {count}" for part, count in units)
         raise InvalidScheduleError(
-            f"schedule has {len(schedule)} rates but the model's parts have {sum(counts)} depth units ({shown}); "
-            f"pass {sum(counts)} rates, the parts' in execution order (pathsurgeon.find(model) lists the units)"
+            f"schedule has {len(schedule)} rates but the model's parts have {total} depth units ({shown}); "
+            f"pass {total} rates, the parts' in execution order (pathsurgeon.find(model) lists the units)"
         )
     pieces: list[str | list[float]] = []
     start = 0
-    for count in counts:
+    for _, count in units:
         pieces.append(list(schedule[start:start + count]))
         start += count
     return pieces
@@ -505,7 +509,7 @@ def plan_part(
         calls = [relative(s, part.path) for s in slot_calls if under(s, part.path)]
         rates = rates_for(module, calls, mine, plan, rate, schedule, recipe)
         if part.path:
-            rates.left_alone = [(f"{part.path}.{slot}", value) for slot, value in rates.left_alone]
+            rates.off_branch = {f"{part.path}.{slot}": value for slot, value in rates.off_branch.items()}
     return PartPlan(part, prefixed(plan, part.path), rates, recipe, list(chosen))
 
 
@@ -560,19 +564,7 @@ def split_units(states: list[PartState], schedule: str | list[float]) -> list[st
     """An explicit schedule list split over recorded parts (see :func:`split_schedule`)."""
     if isinstance(schedule, str) or len(states) == 1:
         return [schedule] * len(states)
-    total = sum(s.units for s in states)
-    if total != len(schedule):
-        shown = ", ".join(f"{s.part.name}: {s.units}" for s in states)
-        raise InvalidScheduleError(
-            f"schedule has {len(schedule)} rates but the model's parts have {total} depth units ({shown}); "
-            f"pass {total} rates, the parts' in execution order"
-        )
-    pieces: list[str | list[float]] = []
-    start = 0
-    for state in states:
-        pieces.append(list(schedule[start:start + state.units]))
-        start += state.units
-    return pieces
+    return _split_list(schedule, [(state.part, state.units) for state in states])
 
 
 def unreached_modules(model: nn.Module, view: GraphView) -> list[str]:

@@ -319,7 +319,8 @@ class BranchRates:
     note: str = ""
     library: LibraryRates | None = None
     library_asked: bool = False
-    left_alone: list[tuple[str, float]] = field(default_factory=list)  # (slot, rate) the library drops elsewhere
+    # the library's drop-path slots on no chosen branch, with their rates (add lists each as left alone)
+    off_branch: dict[str, float] = field(default_factory=dict)
 
 
 def rates_for(
@@ -348,7 +349,7 @@ def rates_for(
         return BranchRates(planned, fallback, source.note, library_asked=True)
     by_slot = source.rates(rate)
     mine = {a.slot for a in chosen}
-    left_alone = [(slot, value) for slot, value in by_slot.items() if value > 0 and slot not in mine]
+    off_branch = {slot: value for slot, value in by_slot.items() if value > 0 and slot not in mine}
     values = [by_slot[cast(str, a.slot)] for a in chosen]  # each has a slot: checked above
     return BranchRates(values, source.rates.rates_from, library=source.rates,
-                       library_asked=True, left_alone=left_alone)
+                       library_asked=True, off_branch=off_branch)

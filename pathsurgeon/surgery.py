@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import fnmatch
 import functools
 import inspect
 import itertools
@@ -48,7 +47,15 @@ from .changes import (
     unrecorded_changes,
 )
 from .composite_inputs import composite_inputs, detection_image_size
-from .config import DropPathConfig, config_from_arguments, validate_rate, validate_schedule
+from .config import (
+    DropPathConfig,
+    Mode,
+    ScheduleName,
+    config_from_arguments,
+    matches,
+    validate_rate,
+    validate_schedule,
+)
 from .errors import (
     CaptureError,
     ExampleInputsError,
@@ -93,8 +100,8 @@ def add(
     model: nn.Module,
     rate: float | DropPathConfig | None = None,
     *,
-    schedule: str | Sequence[float] = _UNSET,
-    mode: str = _UNSET,
+    schedule: ScheduleName | Sequence[float] = _UNSET,
+    mode: Mode = _UNSET,
     verify: bool | float = _UNSET,
     example_inputs: Any = None,
 ) -> Report:
@@ -191,9 +198,12 @@ def add(
         record.fallbacks = list(dict.fromkeys(
             Fallback(b.block, b.target, reasons[b.target]) for b in planned.branches if b.target in reasons
         ))
-    return Report(record.branches, difference, captured.method, planned.schedule, planned.formula,
-                  planned.left_alone, config.mode, record.fallbacks, planned.rates_from, planned.rates_note,
-                  clock.seconds, _part_reports(planned.part_plans, record.branches, selection))
+    return Report(
+        branches=record.branches, max_abs_diff=difference, method=captured.method, schedule=planned.schedule,
+        formula=planned.formula, left_alone=planned.left_alone, mode=config.mode, fallbacks=record.fallbacks,
+        rates_from=planned.rates_from, rates_note=planned.rates_note, timings=clock.seconds,
+        parts=_part_reports(planned.part_plans, record.branches, selection),
+    )
 
 
 @serialised
@@ -228,7 +238,8 @@ def find(model: nn.Module, example_inputs: Any = None) -> list[Branch]:
 
 @serialised
 def preview(
-    model: nn.Module, rate: float | None, *, schedule: str | Sequence[float] = "auto", example_inputs: Any = None
+    model: nn.Module, rate: float | None, *, schedule: ScheduleName | Sequence[float] = "auto",
+    example_inputs: Any = None,
 ) -> Preview:
     """The branches with the rates :func:`add` would give them (with ``rates_from``); changes nothing."""
     check_model(model)
@@ -246,11 +257,14 @@ def preview(
         for planned in part_plans for a, r in zip(planned.chosen, planned.rates.values, strict=True)
     ], selection)
     rates_from, note = _rates_summary(part_plans)
-    return Preview(branches, rates_from, note, _part_reports(part_plans, branches, selection))
+    return Preview(branches, rates_from=rates_from, rates_note=note,
+                   parts=_part_reports(part_plans, branches, selection))
 
 
 @serialised
-def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[float] = "auto") -> list[Branch]:
+def set_rate(
+    model: nn.Module, rate: float | None, *, schedule: ScheduleName | Sequence[float] = "auto"
+) -> list[Branch]:
     """Re-rate a model surgered by :func:`add` (in place); returns the branches with their new rates.
 
     Cheap enough to call every training step (:class:`~pathsurgeon.RateScheduler` does): with
@@ -391,7 +405,7 @@ class _Planned:
     left_alone: list[LeftAlone]
     reasons: dict[str, str]  # target -> why that branch computes every sample (modes 'skip' and 'batch')
     part_plans: list[PartPlan]
-    schedule: str | list[float]
+    schedule: ScheduleName | list[float]
     formula: str
     rates_from: str
     rates_note: str
@@ -404,7 +418,7 @@ def _warn_unmatched_patterns(config: DropPathConfig, blocks: Sequence[str]) -> N
     names = list(dict.fromkeys(blocks))
     for argument, patterns in (("include", config.include), ("exclude", config.exclude)):
         for pattern in patterns:
-            if any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            if any(matches(name, [pattern]) for name in names):
                 continue
             close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5) or names[:3]
             warn_user(
@@ -426,7 +440,7 @@ def _plan(
         left_alone += [
             LeftAlone(slot.rpartition(".")[0], f"the library drops {slot} (rate {value:.4g}) off any residual "
                                                "branch; left alone")
-            for slot, value in planned.rates.left_alone
+            for slot, value in planned.rates.off_branch.items()
             if not any(f"slot {slot} " in k.reason for k in left_alone)  # already listed as off the branch
         ]
     shapes = observation.output_shapes if observation is not None else {}
@@ -543,8 +557,10 @@ def _parts_report(
         if note:
             notes.append(f"{path}: {note}")
         library = "torchvision" if body else next((p.library for p in report.parts if p.library), None)
-        part_reports.append(PartReport(path, library, "detection backbone" if body else "library part",
-                                       report.rates_from, note, len({b.block for b in mine}), len(mine)))
+        part_reports.append(PartReport(
+            path=path, library=library, source="detection backbone" if body else "library part",
+            rates_from=report.rates_from, rates_note=note, blocks=len({b.block for b in mine}), branches=len(mine),
+        ))
     reason = (f"{type(model).__name__} cannot be captured whole ({_first_clause(error)}); drop path went into "
               f"its parts {', '.join(held)} alone")
     left_alone += [LeftAlone(name, reason) for name in _outside(model, held)]
@@ -552,8 +568,12 @@ def _parts_report(
     rates_from = sources.pop() if len(sources) == 1 else "per part"
     formulas = {r.formula for _, r in reports}
     schedule = validate_schedule(config.schedule_argument, config.rate)
-    return Report(branches, difference, "per part", schedule, formulas.pop() if len(formulas) == 1 else "per part",
-                  left_alone, config.mode, fallbacks, rates_from, "; ".join(notes), clock.seconds, part_reports)
+    return Report(
+        branches=branches, max_abs_diff=difference, method="per part", schedule=schedule,
+        formula=formulas.pop() if len(formulas) == 1 else "per part", left_alone=left_alone, mode=config.mode,
+        fallbacks=fallbacks, rates_from=rates_from, rates_note="; ".join(notes), timings=clock.seconds,
+        parts=part_reports,
+    )
 
 
 def _first_clause(error: CaptureError) -> str:
@@ -598,15 +618,16 @@ def _rates_summary(part_plans: list[PartPlan]) -> tuple[str, str]:
 def _part_reports(part_plans: list[PartPlan], branches: list[Branch], selection: PartSelection) -> list[PartReport]:
     """The planned parts, then the regions left alone (no library gives them drop path)."""
     planned = [
-        PartReport(p.part.path, p.part.library, p.part.source, p.rates.rates_from, p.rates.note,
-                   len({b.block for b in branches if b.part == p.part.path}),
-                   sum(1 for b in branches if b.part == p.part.path))
+        PartReport(path=p.part.path, library=p.part.library, source=p.part.source, rates_from=p.rates.rates_from,
+                   rates_note=p.rates.note, blocks=len({b.block for b in branches if b.part == p.part.path}),
+                   branches=sum(1 for b in branches if b.part == p.part.path))
         for p in part_plans
     ]
     # the include= patterns that bring each in are named once, in report.left_alone
     alone = [
-        PartReport(part.path, part.library, part.source, "left alone",
-                   f"no {'' if part.is_region else 'vision '}library gives it drop path", 0, 0)
+        PartReport(path=part.path, library=part.library, source=part.source, rates_from="left alone",
+                   rates_note=f"no {'' if part.is_region else 'vision '}library gives it drop path",
+                   blocks=0, branches=0)
         for part in selection.parts if not part.default
     ]
     return planned + alone
