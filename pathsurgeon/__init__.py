@@ -15,9 +15,15 @@ Names are imported on first use, so ``pathsurgeon --help`` answers without impor
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 from ._version import __version__ as __version__
+
+# The package's logger, parent of every module's (``pathsurgeon.surgery``, ...): progress and decisions
+# nobody asked to see. A library configures no handler of its own beyond this one, which keeps
+# Python's last-resort handler from printing them; the application chooses what it shows.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 # The public names, by the module that defines them: the one list of them.
 _MODULES = {

@@ -14,6 +14,7 @@ during forward never see proxies or fake tensors; the user's model is only read.
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ from .inputs import ExampleInputs
 from .runstate import private_rng, training_flags_kept
 
 __all__ = ["Capture", "capture", "register_leaf_module"]
+
+log = logging.getLogger(__name__)
 
 _LEAF_MODULES: list[type] = []
 
@@ -115,6 +118,8 @@ def capture(model: nn.Module, inputs: ExampleInputs | None) -> Capture:
         except Exception as error:  # tracing fails in many ways (TraceError, TypeError, ...)
             failures.append(f"torch.fx: {type(error).__name__}: {_first_line(error)}")
         if view is None and inputs is not None:
+            log.info("%s: %s; capturing it with torch.export on the example inputs instead",
+                     type(model).__name__, failures[-1])
             try:
                 slot_of_probe = {probe.slot_id: name for name, probe in probes.items()}
                 view = from_export(model, inputs, slot_of_probe, torch.ops.pathsurgeon.slot_probe.default)
@@ -126,6 +131,7 @@ def capture(model: nn.Module, inputs: ExampleInputs | None) -> Capture:
         raise CaptureError(
             f"could not capture a graph of {type(model).__name__} ({'; '.join(failures)}){hint}"
         )
+    log.debug("%s: captured with %s", type(model).__name__, method)
     return Capture(view=view, method=method)
 
 

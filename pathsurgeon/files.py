@@ -20,6 +20,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -44,6 +45,8 @@ __all__ = [
     "staged",
     "write_json_atomic",
 ]
+
+log = logging.getLogger(__name__)
 
 _STAGING = "pathsurgeon"
 # .NAME.pathsurgeon-PID-MACHINE-RANDOM: MACHINE (hash of host, boot, PID namespace) lets a directory whose
@@ -375,6 +378,8 @@ def remove_stale_staging(target: Path, inputs: PathInputs | None = None) -> list
         if _pid_alive(marker["pid"]):
             continue
         shutil.rmtree(entry, ignore_errors=True)
+        log.info("removed %s: a staging directory left by pathsurgeon pid %s, which no longer runs", entry,
+                 marker["pid"])
         removed.append(entry)
     return removed
 

@@ -23,6 +23,7 @@ import difflib
 import functools
 import inspect
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -90,6 +91,8 @@ from .verify import Observation, eval_outputs, max_abs_diff, observe, verificati
 from .wrappers import check_model, check_not_sharded
 
 __all__ = ["add", "find", "is_surgered", "preview", "set_rate", "strip"]
+
+log = logging.getLogger(__name__)  # progress and decisions; warnings stay for what the user must act on
 
 _UNSET: Any = object()
 _DEFAULTS = {"schedule": "auto", "mode": "sample", "verify": True}
@@ -198,12 +201,14 @@ def add(
         record.fallbacks = list(dict.fromkeys(
             Fallback(b.block, b.target, reasons[b.target]) for b in planned.branches if b.target in reasons
         ))
-    return Report(
+    report = Report(
         branches=record.branches, max_abs_diff=difference, method=captured.method, schedule=planned.schedule,
         formula=planned.formula, left_alone=planned.left_alone, mode=config.mode, fallbacks=record.fallbacks,
         rates_from=planned.rates_from, rates_note=planned.rates_note, timings=clock.seconds,
         parts=_part_reports(planned.part_plans, record.branches, selection),
     )
+    _log_added(model, report)
+    return report
 
 
 @serialised
@@ -313,6 +318,8 @@ def set_rate(
         # the whole schedule, every part's slice of a list (save writes it; load replays it over all parts)
         transaction.do(functools.partial(_set_record_rates, record, branches, rate, schedule),
                        functools.partial(_set_record_rates, record, *saved))
+    log.debug("set_rate: %d branches of %s re-rated (rate %s, schedule %s)", len(branches), type(model).__name__,
+              rate, schedule if isinstance(schedule, str) else f"a list of {len(schedule)}")
     return branches
 
 
@@ -324,6 +331,7 @@ def strip(model: nn.Module) -> nn.Module:
     module) is undone too, so that nothing of pathsurgeon is left anywhere in the tree.
     """
     check_model(model)
+    stripped = 0
     with Transaction() as transaction:
         for name in surgered_submodules(model, include_root=True):
             owner = model.get_submodule(name)
@@ -331,10 +339,14 @@ def strip(model: nn.Module) -> nn.Module:
             assert record is not None  # surgered_submodules lists only modules holding a record
             for change in reversed(record.changes):
                 transaction.do(change.undo, change.install)
+                stripped += 1
             transaction.do(functools.partial(vars(owner).pop, RECORD_ATTRIBUTE),
                            functools.partial(vars(owner).__setitem__, RECORD_ATTRIBUTE, record))
         for change in unrecorded_changes(model):  # their record stayed on a wrapper (PEFT's merge_and_unload)
             transaction.do(change.undo, change.install)
+            stripped += 1
+    if stripped:
+        log.info("stripped pathsurgeon's drop path from %s (%d changes undone)", type(model).__name__, stripped)
     return model
 
 
@@ -488,6 +500,8 @@ def _add_to_parts(
     it (images at the size the detector's transform makes, else the part's own made-up inputs); the
     rest is left alone. The model's own eval outputs are checked on ``inputs``; on any failure every
     part is stripped again. :func:`strip` on the model undoes it all (surgery on submodules included)."""
+    log.info("%s cannot be captured whole (%s); adding drop path to its parts %s alone",
+             type(model).__name__, _first_clause(error), ", ".join(held))
     reference = None
     if config.tolerance is not None and inputs is not None:
         with clock("observe"):
@@ -515,7 +529,9 @@ def _add_to_parts(
                     f"{type(model).__name__}'s eval outputs moved by {difference:.3g} after drop path went into "
                     f"{', '.join(held)}; nothing was changed; report the model to pathsurgeon"
                 )
-    return _parts_report(model, config, reports, held, error, difference, clock)
+    report = _parts_report(model, config, reports, held, error, difference, clock)
+    _log_added(model, report)
+    return report
 
 
 def _add_part(reports: list[tuple[str, Report]], path: str, part: nn.Module, config: DropPathConfig,
@@ -574,6 +590,18 @@ def _parts_report(
         fallbacks=fallbacks, rates_from=rates_from, rates_note="; ".join(notes), timings=clock.seconds,
         parts=part_reports,
     )
+
+
+def _log_added(model: nn.Module, report: Report) -> None:
+    """What ``add`` decided on its own, for the ``pathsurgeon`` logger: the outcome, each branch left
+    alone and each branch computing in full (the report holds them all; nothing here is a warning)."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    log.info("added drop path to %s: %s", type(model).__name__, report.summary())
+    for item in report.left_alone:
+        log.debug("left %s alone: %s", item.block, item.reason)
+    for fallback in report.fallbacks:
+        log.info("%s computes every sample in mode %r: %s", fallback.target, report.mode, fallback.reason)
 
 
 def _first_clause(error: CaptureError) -> str:

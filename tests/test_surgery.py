@@ -511,3 +511,22 @@ def test_add_leaves_the_global_rng_where_it_was(vit):
     pathsurgeon.set_rate(vit, 0.2)
     pathsurgeon.strip(vit)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_add_and_strip_tell_the_pathsurgeon_logger_and_print_nothing(vit, caplog, capsys):
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="pathsurgeon"):
+        report = pathsurgeon.add(vit, pathsurgeon.DropPathConfig(0.1, exclude=["blocks.0"]))
+        undone = len(changes.record_of(vit).changes)
+        pathsurgeon.strip(vit)
+    seen = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
+    assert ("pathsurgeon.surgery", logging.INFO, f"added drop path to VisionTransformer: {report.summary()}") in seen
+    assert ("pathsurgeon.surgery", logging.DEBUG,
+            "left blocks.0 alone: excluded by the config's include / exclude patterns") in seen
+    assert ("pathsurgeon.surgery", logging.INFO,
+            f"stripped pathsurgeon's drop path from VisionTransformer ({undone} changes undone)") in seen
+    assert ("pathsurgeon.capture", logging.DEBUG, "VisionTransformer: captured with torch.fx") in seen
+    assert capsys.readouterr() == ("", "")  # nothing printed: what is shown is the application's choice
+    package = logging.getLogger("pathsurgeon")  # a library configures no level and no handler that shows
+    assert package.level == logging.NOTSET and all(type(h) is logging.NullHandler for h in package.handlers)
