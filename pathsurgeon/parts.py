@@ -353,10 +353,10 @@ def select_by_part(
             return PartSelection(selection, towers, [part for part, _ in towers])
         group = [(parts[0], selection.chosen)] if selection.chosen else []
         return PartSelection(selection, group, parts)
-    # a language model is left alone unless an include pattern names one of its blocks
     def named(block: str) -> bool:  # by an include pattern: how a part left alone by default is brought in
         return selected(block, include, exclude, no_include_selects=False)
 
+    # a language model is left alone unless an include pattern names one of its blocks
     parts = [dataclasses.replace(p, default=True) if not p.default and any(
         named(a.block) for a in adds if part_of(a.block, parts) is p) else p for p in parts]
     by_part: dict[str, list[ResidualAdd]] = {}
