@@ -9,7 +9,7 @@ FLOORS_STAMP := $(FLOORS)/.installed
 # A wheel installed into a clean environment, made anew each run.
 WHEEL_VENV := .venv-wheel
 
-.PHONY: demo test lint typecheck dist check-wheel test-floors ci clean
+.PHONY: demo test lint typecheck docs docs-serve dist check-wheel test-floors ci clean
 
 $(STAMP): pyproject.toml setup.py pathsurgeon/_version.py
 	@echo "Creating $(VENV): torch, timm, transformers and the test tools (several GB; a few minutes the first time)..."
@@ -33,6 +33,14 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy pathsurgeon
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or reference fails it.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# The same, served at http://127.0.0.1:8000 and rebuilt on every change.
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 # The sdist and the wheel, built as pip builds them (an isolated environment from the package index).
 dist: $(STAMP)
@@ -64,7 +72,7 @@ test-floors: dist $(FLOORS_STAMP)
 	cd tests && ../$(FLOORS)/bin/python -m pytest -n 2 -rs -p no:cacheprovider --rootdir=.. -c ../pyproject.toml .
 
 # What CI runs (.ci/run).
-ci: lint typecheck test check-wheel test-floors
+ci: lint typecheck test docs check-wheel test-floors
 
 clean:
-	rm -rf $(VENV) $(FLOORS) $(WHEEL_VENV) dist build .pytest_cache .ruff_cache .mypy_cache out
+	rm -rf $(VENV) $(FLOORS) $(WHEEL_VENV) dist build site .pytest_cache .ruff_cache .mypy_cache out

@@ -73,14 +73,14 @@ def test_the_wheel_metadata_has_one_version_and_the_license(built):
     assert entry == ["torch>=2.4"]
 
 
-def test_the_sdist_carries_the_package_the_tests_and_the_examples(built):
+def test_the_sdist_carries_the_package_the_tests_the_examples_and_the_docs(built):
     with tarfile.open(built["sdist"]) as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
-    wanted = {str(p.relative_to(ROOT)) for folder in ("pathsurgeon", "recipes", "tests", "examples")
+    wanted = {str(p.relative_to(ROOT)) for folder in ("pathsurgeon", "recipes", "tests", "examples", "docs")
               for p in (ROOT / folder).rglob("*")
               if p.is_file() and not any(part == "__pycache__" or part.startswith(".")
                                          for part in p.relative_to(ROOT).parts)}
-    wanted |= {"pyproject.toml", "setup.py", "LICENSE", "CHANGELOG.md", "README.md", "Makefile"}
+    wanted |= {"pyproject.toml", "setup.py", "LICENSE", "CHANGELOG.md", "README.md", "Makefile", "mkdocs.yml"}
     missing = sorted(wanted - names)
     assert not missing, f"the sdist lacks {missing}: see MANIFEST.in"
 
