@@ -9,19 +9,22 @@ written).
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import errno
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from ._version import __version__
 from .choices import MODES, SCHEDULES
 
 if TYPE_CHECKING:
+    import re
+
     from .files import PathInputs
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
@@ -183,7 +186,7 @@ def _main(args: argparse.Namespace) -> int:
             for attribute, option in _PATH_OPTIONS.items():
                 check_path_text(option, getattr(args, attribute, None))
             if getattr(args, "weights", None) is not None:  # before minutes of loading the model
-                from .checkpoint import check_weights_file
+                from .weights import check_weights_file
 
                 check_weights_file(args.weights)
             return _COMMANDS[args.command](args)
@@ -208,14 +211,45 @@ def _main(args: argparse.Namespace) -> int:
 
             traceback.print_exc()
         if isinstance(error, VerificationError):
-            _say(f"error: {error}")
+            _say(f"error: {_in_option_words(str(error))}")
             return EXIT_VERIFY
         if isinstance(error, PathSurgeonError):
-            _say(f"error: {error}")
+            _say(f"error: {_in_option_words(str(error))}")
             return EXIT_USAGE
         _say(f"internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}; "
              "rerun with --debug and report it")
         return EXIT_INTERNAL
+
+
+# The library words a fix for a Python caller (a keyword argument, pathsurgeon.save); a command-line user
+# reads the same fix in the options' words. No module but this one names an option (tests/test_layout.py).
+_OPTION_WORDS: tuple[tuple[str, str | Callable[[re.Match[str]], str]], ...] = (
+    (r"\bweights=FILE\b", "--weights FILE"),
+    (r"\bweights=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")", lambda found: f"--weights {ast.literal_eval(found[1])}"),
+    (r"\bpass allow_missing_keys=True\b", "pass --allow-missing-keys"),
+    (r"\bpass require_pretrained=False\b", "drop --require-pretrained"),
+    (r"\b(written by|with) pathsurgeon\.save\b", r"\1 pathsurgeon add --out"),
+    (r"\bpass the architecture as the spec and the file as\b",
+     "give the architecture with --model NAME and the file with"),
+    (r"\b(weights file .*; check the path)$", r"\1 given to --weights"),
+    (r"\bcheck that the model is the checkpoint's\b", "check that --model names the checkpoint's"),
+    (r"\bcheck that the model \(and its num_classes\) match\b", "check that --model (and num_classes) match"),
+    (r"\bpass an opset between\b", "pass --opset between"),
+    (r"^input size (?=['\"])", "--input-size "),
+    (r"\binput_size=\((\d+), (\d+), (\d+)\)", r"--input-size \1,\2,\3"),
+    (r"^input_size sets\b", "--input-size sets"),
+    (r"\bdynamic_batch=False\b", "--static"),
+    (r"\bbatch_size=(N|\d+)\b", r"--batch \1"),
+)
+
+
+def _in_option_words(message: str) -> str:
+    """An error message of the library with each fix it names in the command line's options."""
+    import re
+
+    for pattern, words in _OPTION_WORDS:
+        message = re.sub(pattern, words, message)
+    return message
 
 
 def _what_was_written() -> str:
@@ -345,7 +379,7 @@ class _Progress:
 
 
 def _load_spec(args, progress):
-    from .checkpoint import load_model
+    from .specs import load_model
 
     loaded = load_model(
         args.model, weights=getattr(args, "weights", None),
@@ -376,7 +410,7 @@ def _saved_surgery_note(args, surgery: dict) -> str:
 def _model_inputs(args) -> PathInputs:
     """The paths a command reads, which no output may overwrite: for a hub id or timm name, the files in
     the Hugging Face (or torch hub) cache that loading it reads."""
-    from .checkpoint import spec_reads
+    from .hub import spec_reads
 
     return {
         "--model": spec_reads(getattr(args, "model", None)),

@@ -27,6 +27,7 @@ __all__ = [
     "UnsupportedVersionError",
     "VerificationError",
     "WrappedModelError",
+    "first_line",
     "warn_user",
 ]
 
@@ -115,6 +116,13 @@ class ScriptingError(PathSurgeonError, AttributeError):
     An AttributeError too: TorchScript raises it where it reads the hook's ``__name__``, and code that
     probes with ``getattr(hook, "__name__", default)`` must keep getting its default.
     """
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (at most 200 characters), or its type's name: what a one-line
+    message quotes of an exception raised by torch, timm or transformers."""
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
 
 
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:

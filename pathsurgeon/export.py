@@ -132,7 +132,7 @@ def export_onnx(
         written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
         if opset is not None and written != opset:
             raise PathSurgeonError(
-                f"the exporter wrote opset {written}, not the requested {opset}; pass --opset between "
+                f"the exporter wrote opset {written}, not the requested {opset}; pass an opset between "
                 f"{MIN_OPSET} and {supported_opsets()[-1]}"
             )
         op_types = collections.Counter(node.op_type for node in proto.graph.node)
@@ -167,10 +167,10 @@ def format_shape(shape: Sequence[int | str]) -> str:
 
 
 def parse_input_size(text: str) -> tuple[int, int, int]:
-    """``"3,224,224"`` as (C, H, W), or a one-line :class:`ExampleInputsError` (the CLI's ``--input-size``)."""
+    """``"3,224,224"`` as (C, H, W), or a one-line :class:`ExampleInputsError` (the command line's input size)."""
     parts = [p.strip() for p in str(text).split(",")]
     if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ExampleInputsError(f"--input-size {text!r} is not C,H,W; pass three positive integers, e.g. 3,224,224")
+        raise ExampleInputsError(f"input size {text!r} is not C,H,W; pass three positive integers, e.g. 3,224,224")
     channels, height, width = (int(p) for p in parts)
     return channels, height, width
 
@@ -243,7 +243,7 @@ def validate_opset(opset: object) -> int:
     versions = supported_opsets()
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in versions:
         raise PathSurgeonError(
-            f"ONNX opset {opset!r} is not supported; pass --opset between {versions[0]} and {versions[-1]}"
+            f"ONNX opset {opset!r} is not supported; pass an opset between {versions[0]} and {versions[-1]}"
         )
     return opset
 
@@ -280,11 +280,11 @@ def _inputs_to_trace(
         )
     if batch_size is not None and dynamic_batch:
         raise ExampleInputsError(
-            "batch_size fixes the batch of a static export; pass dynamic_batch=False (--static) with it, "
+            "batch_size fixes the batch of a static export; pass dynamic_batch=False with it, "
             "or leave it out: a dynamic-batch file takes every batch size"
         )
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ExampleInputsError(f"batch size {batch_size!r} is not a positive integer; pass e.g. --batch 1")
+        raise ExampleInputsError(f"batch size {batch_size!r} is not a positive integer; pass e.g. batch_size=1")
     inputs = make_inputs(model, given)
     if input_size is not None:
         inputs = _resized(model, inputs, input_size)
@@ -308,7 +308,7 @@ def _resized(model: nn.Module, inputs: ExampleInputs, input_size: Sequence[int])
     others = len([v for v in (*inputs.args, *inputs.kwargs.values()) if isinstance(v, torch.Tensor)]) - len(images)
     if len(images) != 1 or others:
         raise ExampleInputsError(
-            f"--input-size sets the one image batch (B, C, H, W) a model takes; {type(model).__name__} takes "
+            f"input_size sets the one image batch (B, C, H, W) a model takes; {type(model).__name__} takes "
             f"other inputs ({_describe(inputs)}); pass example_inputs= instead"
         )
     (key,) = images
@@ -357,7 +357,7 @@ def _eval_output(model: nn.Module, inputs: ExampleInputs, *, made_up: bool, inpu
             raise made_up_inputs_failed(model, inputs, error) from error
         lines = str(error).strip().splitlines()
         raise ExampleInputsError(
-            f"{type(model).__name__} does not run at --input-size {','.join(map(str, input_size))} "
+            f"{type(model).__name__} does not run at input_size={tuple(input_size)} "
             f"({type(error).__name__}: {lines[0][:160] if lines else ''}); pass a size it takes"
         ) from error
 
@@ -378,7 +378,7 @@ def _batch_dynamic_shapes(model: nn.Module, inputs: ExampleInputs) -> Any:
         if inputs.kwargs:
             raise ExampleInputsError(
                 f"cannot read the forward signature of {type(model).__name__} to mark the batch axis of its "
-                "keyword inputs; pass dynamic_batch=False (--static)"
+                "keyword inputs; pass dynamic_batch=False"
             ) from None
         return tuple(_pytree.tree_map(spec, value) for value in inputs.args)
     return {name: _pytree.tree_map(spec, value) for name, value in bound.items()}
@@ -391,7 +391,7 @@ def _require_dynamic_batch(model: nn.Module, graph: Any, batch: int | None) -> N
     if fixed:
         raise PathSurgeonError(
             f"{type(model).__name__}'s code fixes the batch size of {', '.join(fixed)} at {batch}, so the batch "
-            "axis cannot be dynamic; pass --static (dynamic_batch=False) and --batch N (batch_size=N)"
+            "axis cannot be dynamic; pass dynamic_batch=False and batch_size=N"
         )
 
 
@@ -509,7 +509,7 @@ def _check_with_onnxruntime(
             first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise PathSurgeonError(
                 f"the exported file fails in onnxruntime at batch {batch} ({first}): the model's code fixes its "
-                "batch size; pass --static (dynamic_batch=False) and --batch N (batch_size=N)"
+                "batch size; pass dynamic_batch=False and batch_size=N"
             ) from error
         want = eval_outputs(model, at_batch)
         if len(got) < 1 or len(want) < 1:
@@ -521,7 +521,7 @@ def _check_with_onnxruntime(
             if tuple(ort_output.shape) != tuple(reference.shape):
                 raise PathSurgeonError(
                     f"onnxruntime's {node.name} has shape {list(ort_output.shape)} at batch {batch}, PyTorch's "
-                    f"{list(reference.shape)}; pass --static (dynamic_batch=False), and report this model"
+                    f"{list(reference.shape)}; pass dynamic_batch=False, and report this model"
                 )
             worst = max(worst, float((torch.from_numpy(ort_output).float() - reference).abs().max()))
     return worst

@@ -127,6 +127,37 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, argv, w
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_the_library_names_its_keyword_arguments_and_the_command_line_its_options(tmp_path, capsys):
+    """A Python caller is told the keyword argument, a command-line user the option, for the same fix."""
+    from pathsurgeon.specs import load_model
+    from pathsurgeon.weights import load_weights
+
+    state = timm.create_model(MODEL).state_dict()
+    headless = str(tmp_path / "headless.safetensors")
+    save_file({k: v for k, v in state.items() if not k.startswith("fc.")}, headless)
+    (tmp_path / "empty").mkdir()
+    cases = [  # the Python call, the command, what each of them says
+        (lambda: load_model(MODEL, require_pretrained=True),
+         ["add", "--model", MODEL, "--rate", "0.1", "--require-pretrained"],
+         ["pass weights=FILE", "or pass require_pretrained=False"],
+         ["pass --weights FILE", "or drop --require-pretrained"]),
+        (lambda: load_model(headless), ["inspect", "--model", headless],  # the weights file given as the model
+         [f"the file as weights={headless!r}"], [f"--model NAME and the file with --weights {headless}"]),
+        (lambda: load_weights(timm.create_model(MODEL), headless), ["inspect", "--model", MODEL, "--weights", headless],
+         ["check that the model is the checkpoint's"], ["check that --model names the checkpoint's"]),
+        (lambda: pathsurgeon.load(tmp_path / "empty"), ["strip", "--in", tmp_path / "empty", "--out", tmp_path / "o"],
+         ["written by pathsurgeon.save"], ["written by pathsurgeon add --out"]),
+    ]
+    for call, argv, python_words, cli_words in cases:
+        with pytest.raises(pathsurgeon.PathSurgeonError) as caught:
+            call()
+        assert all(words in str(caught.value) for words in python_words), caught.value
+        assert " --" not in str(caught.value)
+        code, _, err = run(capsys, *map(str, argv))
+        assert code == 2 and all(words in err for words in cli_words), err
+        assert not any(words in err for words in python_words), err
+
+
 def test_existing_output_is_not_overwritten(tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")

@@ -202,7 +202,7 @@ class BatchOfTwo(torch.nn.Module):
 
 @ONNX_EXPORT
 def test_a_model_that_fixes_its_batch_is_refused_with_the_fix(tmp_path):
-    with pytest.raises(pathsurgeon.PathSurgeonError, match=r"at batch 1 .*pass --static \(dynamic_batch=False\)"):
+    with pytest.raises(pathsurgeon.PathSurgeonError, match=r"at batch 1 .*pass dynamic_batch=False and batch_size=N"):
         export_onnx(BatchOfTwo(), tmp_path / "m.onnx", example_inputs=torch.randn(2, 3))
     assert list(tmp_path.iterdir()) == []
     report = export_onnx(BatchOfTwo(), tmp_path / "m.onnx", example_inputs=torch.randn(2, 3), dynamic_batch=False)

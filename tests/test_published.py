@@ -76,9 +76,9 @@ def run(capsys, *argv):
 
 
 def test_cli_add_published_refuses_before_loading_where_none_is_recorded(capsys, monkeypatch):
-    from pathsurgeon import checkpoint
+    from pathsurgeon import specs
 
-    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(specs, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     code, out, err = run(capsys, "add", "--model", "resnet18", "--rate", "published")
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "no published fine-tuning rate" in err

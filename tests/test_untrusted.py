@@ -24,7 +24,8 @@ from conftest import export_works, supported_from, timm_model
 from safetensors.torch import load_file, save_file
 
 import pathsurgeon
-from pathsurgeon import checkpoint, cli
+from pathsurgeon import checkpoint, cli, specs
+from pathsurgeon.weights import load_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -277,7 +278,7 @@ def test_weights_that_do_not_fit_leave_the_model_untouched(tmp_path):
     state["head.weight"] = torch.zeros(7, state["head.weight"].shape[1])  # the last key in load order is wrong
     save_file(state, str(tmp_path / "w.safetensors"))
     with pytest.raises(pathsurgeon.CheckpointError, match="head.weight"):
-        checkpoint.load_weights(model, tmp_path / "w.safetensors")
+        load_weights(model, tmp_path / "w.safetensors")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
@@ -311,7 +312,7 @@ def no_loading(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was loaded before the output paths were checked")
 
-    monkeypatch.setattr(checkpoint, "load_model", forbidden)
+    monkeypatch.setattr(specs, "load_model", forbidden)
     monkeypatch.setattr(checkpoint, "load", forbidden)
 
 
@@ -739,12 +740,12 @@ def test_weights_of_the_wrong_kind_are_refused_before_the_first_copy(tmp_path):
         crafted[last] = bad
         torch.save(crafted, tmp_path / f"{name}.pth")
         with pytest.raises(pathsurgeon.CheckpointError, match=last) as caught:
-            checkpoint.load_weights(model, tmp_path / f"{name}.pth")
+            load_weights(model, tmp_path / f"{name}.pth")
         assert "\n" not in str(caught.value)
         assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items()), name
     state16 = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     torch.save(state16, tmp_path / "half.pth")
-    checkpoint.load_weights(model, tmp_path / "half.pth")  # a float16 copy of float32 weights is fine
+    load_weights(model, tmp_path / "half.pth")  # a float16 copy of float32 weights is fine
 
 
 @pytest.mark.parametrize("kind", ["pickle", "truncated", "keys"])
@@ -847,7 +848,7 @@ def test_a_surgered_model_pickles_saves_and_deep_copies(tmp_path):
 def test_an_empty_weights_file_is_noticed_before_the_model_is_built(tmp_path, builds):
     (tmp_path / "empty.safetensors").write_bytes(b"")
     with pytest.raises(pathsurgeon.CheckpointError, match="empty"):
-        checkpoint.load_model(MODEL, weights=tmp_path / "empty.safetensors")
+        specs.load_model(MODEL, weights=tmp_path / "empty.safetensors")
     assert builds == []
 
 
@@ -914,7 +915,7 @@ def test_a_zip_declaring_more_than_the_model_could_need_is_refused_before_loadin
     before = {k: v.clone() for k, v in model.state_dict().items()}
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load ran on the crafted zip"))
     with pytest.raises(pathsurgeon.CheckpointError, match="what VisionTransformer's .* values could need") as caught:
-        checkpoint.load_weights(model, bomb)
+        load_weights(model, bomb)
     assert "\n" not in str(caught.value)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
@@ -982,7 +983,7 @@ def test_sparse_or_quantized_weights_are_refused_in_one_line_without_torch_warni
     with warnings.catch_warnings(record=True) as caught:  # the Python API: the refusal, and no warning around it
         warnings.simplefilter("always")
         with pytest.raises(pathsurgeon.CheckpointError, match="head.weight"):
-            checkpoint.load_weights(model, tmp_path / "w.pth")
+            load_weights(model, tmp_path / "w.pth")
     assert [str(w.message) for w in caught] == []
 
 
