@@ -224,7 +224,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     try:
         info = path.stat()
         if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read forever
-            raise ManifestError(f"{path} is not a regular file; rewrite it with pathsurgeon add --out")
+            raise ManifestError(f"{path} is not a regular file; rewrite it with pathsurgeon.save")
         if info.st_size > MAX_BYTES:
             raise ManifestError(f"{path} is larger than {MAX_BYTES // 2**20} MiB; it is not a pathsurgeon manifest")
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -232,7 +232,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         if isinstance(error, ManifestError):
             raise
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ManifestError(f"cannot read {path} ({reason}); rewrite it with pathsurgeon add --out") from error
+        raise ManifestError(f"cannot read {path} ({reason}); rewrite it with pathsurgeon.save") from error
     validate_manifest(data, path)
     return data
 
@@ -256,7 +256,7 @@ def validate_manifest(data: Any, where: Path | str = MANIFEST) -> None:
         raise ManifestError(
             f"{where} has manifest format {version!r}; this pathsurgeon reads formats "
             f"{', '.join(map(str, READABLE_FORMATS))} (upgrade pathsurgeon, or rewrite the directory with "
-            "pathsurgeon add --out)"
+            "pathsurgeon.save)"
         )
     validator = STRICT_VALIDATOR(SCHEMAS[version])
     error = jsonschema.exceptions.best_match(validator.iter_errors(data))
@@ -270,7 +270,7 @@ def validate_manifest(data: Any, where: Path | str = MANIFEST) -> None:
     if len(message) > 200:
         message = message[:200] + "..."
     raise ManifestError(f"{where} is not a valid pathsurgeon manifest: {field}: {message}; "
-                        "rewrite it with pathsurgeon add --out")
+                        "rewrite it with pathsurgeon.save")
 
 
 def _json_type(value: Any) -> str:

@@ -11,10 +11,7 @@ from pathsurgeon import cli
 
 PACKAGE = Path(cli.__file__).parent
 # Modules whose messages still name an option, each with the change that removes it from this list.
-NOT_YET = {
-    "manifest.py": "its four 'rewrite it with pathsurgeon add --out' fixes become 'with pathsurgeon.save' "
-                   "(cli._OPTION_WORDS words them back)",
-}
+NOT_YET: dict[str, str] = {}  # module -> why it may still name an option
 # The loading room, lowest first: a module imports only from the ones before it (in any function too).
 LOADING_ROOM = ("untrusted", "weights", "hub", "hf_models", "rebuild", "specs", "checkpoint")
 

@@ -81,7 +81,7 @@ def test_a_manifest_off_the_schema_is_refused_naming_the_field(saved, tmp_path, 
         read_manifest(tmp_path / "run")
     message = str(caught.value)
     assert f"is not a valid pathsurgeon manifest: {field}" in message
-    assert message.endswith("rewrite it with pathsurgeon add --out") and "\n" not in message
+    assert message.endswith("rewrite it with pathsurgeon.save") and "\n" not in message
 
 
 def test_unreadable_manifests_are_refused_before_parsing(tmp_path):
