@@ -31,28 +31,13 @@ from .masks import (
     keep_mask,
     mask_shape,
     scaled,
+    traced_drop_path,
 )
 
 # the mask functions too: their import path until pathsurgeon 0.3.0
 __all__ = ["DRAWS", "MODES", "BranchHook", "DropPath", "Gather", "KeptRows", "draw_rows", "drop_path",
            "drop_path_mask", "fixed_count", "fixed_count_mask", "fixed_count_rows", "keep_mask", "mask_shape",
            "traced_drop_path"]
-
-torch.fx.wrap("fixed_count_mask")  # one leaf call in a torch.fx graph: its count is Python arithmetic on B
-
-
-def traced_drop_path(drop: DropPath, x: fx.Proxy, training: bool) -> fx.Proxy:
-    """``drop`` written into a torch.fx graph being traced (a hook's DropPath, outside the traced tree):
-    the eager draws, every sample computed; the rate and training flag fixed in the graph, as timm's."""
-    if not training or drop.rate == 0.0:
-        return x
-    t = cast(torch.Tensor, x)  # a Proxy records the Tensor code below; each result is a Proxy again
-    if drop.mode == "batch":
-        return cast(fx.Proxy, t * (batch_kept(t, 1.0 - drop.rate).double() * drop.scale()))
-    if drop.mode == "fixed_count":
-        return cast(fx.Proxy, t * fixed_count_mask(t, drop.rate, drop.batch_axis))
-    return cast(fx.Proxy, drop_path(t, drop.rate, True, drop.scale_by_keep, drop.batch_axis, drop.draw))
-
 
 # DropPaths pickled by pathsurgeon <= 0.3.0 whose branch cannot run on an empty batch (see Gather.empty_ok)
 _REFUSED_EMPTY: weakref.WeakSet[nn.Module] = weakref.WeakSet()

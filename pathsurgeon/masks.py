@@ -18,9 +18,11 @@ import inspect
 from typing import Any, NamedTuple, Protocol, cast
 
 import torch
+from torch import fx
 
 __all__ = ["DRAWS", "Handover", "KeptRows", "batch_kept", "draw_rows", "drop_path", "drop_path_mask", "fixed_count",
-           "fixed_count_mask", "fixed_count_rows", "keep_mask", "mask_shape", "scaled"]
+           "fixed_count_mask", "fixed_count_rows", "keep_mask", "mask_shape", "scaled",
+           "traced_drop_path"]
 
 # "bernoulli": timm's and torchvision's draw; "uniform_floor": Hugging Face's (one copy in every HF model file)
 DRAWS = ("bernoulli", "uniform_floor")
@@ -181,3 +183,31 @@ def draw_rows(
     if mode == "batch":
         return batch_kept(x, 1.0 - rate)
     return keep_mask(x, [x.shape[batch_axis]], 1.0 - rate, draw)
+
+
+class DropSettings(Protocol):
+    """What :func:`traced_drop_path` reads of a :class:`~pathsurgeon.droppath.DropPath`."""
+
+    rate: float
+    mode: str
+    batch_axis: int
+    scale_by_keep: bool
+    draw: str
+
+    def scale(self) -> float: ...
+
+
+torch.fx.wrap("fixed_count_mask")  # one leaf call in a torch.fx graph: its count is Python arithmetic on B
+
+
+def traced_drop_path(drop: DropSettings, x: fx.Proxy, training: bool) -> fx.Proxy:
+    """``drop`` written into a torch.fx graph being traced (a hook's DropPath, outside the traced tree):
+    the eager draws, every sample computed; the rate and training flag fixed in the graph, as timm's."""
+    if not training or drop.rate == 0.0:
+        return x
+    t = cast(torch.Tensor, x)  # a Proxy records the Tensor code below; each result is a Proxy again
+    if drop.mode == "batch":
+        return cast(fx.Proxy, t * (batch_kept(t, 1.0 - drop.rate).double() * drop.scale()))
+    if drop.mode == "fixed_count":
+        return cast(fx.Proxy, t * fixed_count_mask(t, drop.rate, drop.batch_axis))
+    return cast(fx.Proxy, drop_path(t, drop.rate, True, drop.scale_by_keep, drop.batch_axis, drop.draw))
