@@ -1,7 +1,7 @@
 """The changes pathsurgeon makes to a model, the one record of them, and the transaction around them.
 
-A :class:`Change` is one slot filled or one forward hook registered (plus, in modes 'skip' and 'batch',
-the :class:`~pathsurgeon.skipping.Gather` pre-hooks feeding it); it knows how to put itself in and take
+A :class:`Change` is one slot filled or one forward hook registered (plus, in modes 'skip', 'batch' and
+'fixed_count', the :class:`~pathsurgeon.droppath.Gather` pre-hooks feeding it); it knows how to put itself in and take
 itself out. Every change of one ``add`` is listed in a :class:`Record` kept on the model itself
 (``model._pathsurgeon``), which is what ``set_rate`` re-rates and ``strip`` undoes. Changes are made
 inside a :class:`Transaction`, which undoes them, newest first, if anything goes wrong — an
@@ -26,14 +26,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import fx, nn
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from . import slots as slot_lib
-from .droppath import DropPath, traced_drop_path
-from .errors import AlreadySurgeredError, PathSurgeonError, ScriptingError
+from .droppath import BranchHook, DropPath, Gather  # BranchHook: its import path until pathsurgeon 0.3.0
+from .errors import AlreadySurgeredError, PathSurgeonError
 from .report import Branch, Fallback, LeftAlone
-from .skipping import Gather
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import DropPathConfig
@@ -56,42 +55,13 @@ __all__ = [
 RECORD_ATTRIBUTE = "_pathsurgeon"
 
 
-class BranchHook:
-    """Forward hook applying drop path to a module's output, with the module's training flag.
-
-    A module returning a tuple (Hugging Face attention: output, weights) has its first element dropped.
-    """
-
-    def __init__(self, drop: DropPath) -> None:
-        self.drop = drop
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
-        if isinstance(output, torch.Tensor):
-            return self.drop.apply_to(output, module.training)
-        if isinstance(output, fx.Proxy):  # torch.fx traces through the hooked module: the drop goes in the graph
-            return traced_drop_path(self.drop, output, module.training)
-        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor | fx.Proxy):
-            first = output[0]
-            dropped = (traced_drop_path(self.drop, first, module.training) if isinstance(first, fx.Proxy)
-                       else self.drop.apply_to(first, module.training))
-            return (dropped, *output[1:])
-        return output
-
-    @property
-    def __name__(self) -> str:
-        # torch.jit.script compiles a module's forward hooks from their source, by name; this one holds a
-        # Python object (its DropPath) that TorchScript cannot reach, so say so instead of failing obscurely
-        raise ScriptingError(
-            "torch.jit.script cannot compile pathsurgeon's drop-path forward hooks (they hold a Python "
-            "DropPath): script the model after pathsurgeon.strip(model)"
-        )
-
-
 @dataclass(eq=False)
 class Change:
     """One change to the model: :meth:`install` makes it, :meth:`undo` restores exactly what was there.
 
-    Both are safe to call when the other did not finish, so a transaction can always undo.
+    Both are safe to call when the other did not finish, so a transaction can always undo. Hooks go in
+    through torch's ``register_forward_hook`` / ``register_forward_pre_hook``, and out through the
+    handles they return, kept here (a handle pickles and deep-copies along with the module's hooks).
     """
 
     block: str
@@ -100,23 +70,45 @@ class Change:
     parent: nn.Module | None = None
     attr: str | None = None
     original: slot_lib.SlotContent | None = None
-    hook_id: int | None = None
     hooked: nn.Module | None = None
-    # modes 'skip' / 'batch': (module, pre-hook id) of each Gather feeding this drop path; several
-    # when one slot serves several branches (timm MLP-Mixer, CaiT)
-    gathers: list[tuple[nn.Module, int]] = field(default_factory=list)
+    handle: RemovableHandle | None = None  # the BranchHook's on ``hooked``, while installed
+    # modes 'skip' / 'batch' / 'fixed_count': each Gather feeding this drop path and the module it hooks
+    # (several when one slot serves several branches: timm MLP-Mixer, CaiT), and their handles while installed
+    gathers: list[tuple[nn.Module, Gather]] = field(default_factory=list)
+    gather_handles: list[RemovableHandle] = field(default_factory=list)
     silenced: bool = False  # a library drop path held at rate 0 (see silencing_changes); not a branch
-    norms: tuple[nn.Module, ...] = ()  # the BatchNorms on a gathered branch (see skipping.Gather)
+    norms: tuple[nn.Module, ...] = ()  # the BatchNorms on a gathered branch (see droppath.Gather)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # pickled by pathsurgeon <= 0.3.0: its hooks named by their ids in the modules' hook dicts
+        hook_id = state.pop("hook_id", None)
+        if hook_id is not None and state.get("hooked") is not None:
+            state["handle"] = _handle(state["hooked"]._forward_hooks, hook_id)
+        if "gather_handles" not in state:
+            ids = [(module, hook_id) for module, hook_id in state.get("gathers", ())
+                   if hook_id in module._forward_pre_hooks]
+            state["gathers"] = [(module, module._forward_pre_hooks[hook_id]) for module, hook_id in ids]
+            state["gather_handles"] = [_handle(module._forward_pre_hooks, hook_id) for module, hook_id in ids]
+        self.__dict__.update(state)
+
+    @property
+    def empty_ok(self) -> bool:
+        """Whether the branch runs on an empty batch when no sample keeps it (see :class:`Gather`)."""
+        return all(gather.empty_ok for _, gather in self.gathers)
+
+    @empty_ok.setter
+    def empty_ok(self, value: bool) -> None:
+        for _, gather in self.gathers:
+            gather.empty_ok = value
 
     def install(self) -> None:
         if self.parent is not None:
-            # what the slot held, kept on the DropPath too: a tree that outlives its record (PEFT's
+            # what the slot held, known by its DropPath too: a tree that outlives its record (PEFT's
             # merge_and_unload returns the model inside the PeftModel that held it) can still be stripped
-            # setattr: nn.Module.__setattr__ types its value as Tensor | Module, and a SlotContent is neither
-            setattr(self.drop, "replaced", self.original)  # noqa: B010
+            _SLOT_HELD[self.drop] = self.original
         if self.hooked is not None:
-            assert self.hook_id is not None  # a hook change always records its hook's id
-            self.hooked._forward_hooks[self.hook_id] = BranchHook(self.drop)
+            if self.handle is None or self.handle.id not in self.hooked._forward_hooks:
+                self.handle = self.hooked.register_forward_hook(BranchHook(self.drop))
         else:
             assert self.parent is not None and self.attr is not None  # a slot change records its slot
             slot_lib.write_slot(self.parent, self.attr, self.drop)
@@ -125,21 +117,35 @@ class Change:
     def undo(self) -> None:
         self.remove_gathers()
         if self.hooked is not None:
-            assert self.hook_id is not None  # a hook change always records its hook's id
-            self.hooked._forward_hooks.pop(self.hook_id, None)
+            if self.handle is not None:
+                self.handle.remove()
         else:
             # a slot change records its slot and what it held
             assert self.parent is not None and self.attr is not None and self.original is not None
             slot_lib.restore_slot(self.parent, self.attr, self.original)
 
     def install_gathers(self) -> None:
-        for module, hook_id in self.gathers:
-            module._forward_pre_hooks[hook_id] = Gather(self.drop, self.norms)
+        self.remove_gathers()
+        for module, gather in self.gathers:
+            self.gather_handles.append(module.register_forward_pre_hook(gather))
 
     def remove_gathers(self) -> None:
-        for module, hook_id in self.gathers:
-            module._forward_pre_hooks.pop(hook_id, None)
+        while self.gather_handles:
+            self.gather_handles.pop().remove()
         self.drop.kept_rows = None
+
+
+# what each inserted DropPath's slot held (see Change.install); a tree copied or unpickled without its
+# record is stripped to an empty slot, as are those of pathsurgeon versions that did not keep it
+_SLOT_HELD: weakref.WeakKeyDictionary[DropPath, slot_lib.SlotContent | None] = weakref.WeakKeyDictionary()
+
+
+def _handle(hooks: dict[int, Any], hook_id: int) -> RemovableHandle:
+    """A handle on the hook registered as ``hook_id`` in ``hooks``, as torch unpickles one (so that the
+    ids torch hands out next never collide with it)."""
+    handle = RemovableHandle.__new__(RemovableHandle)
+    handle.__setstate__((hooks, hook_id))
+    return handle
 
 
 @dataclass
@@ -331,19 +337,21 @@ def unrecorded_changes(model: nn.Module) -> list[Change]:
     for name, module in model.named_modules():
         for attr, child in list(module._modules.items()):
             if isinstance(child, DropPath) and child.inserted and id(child) not in recorded:
-                original = getattr(child, "replaced", None)
-                if original is None:  # inserted by a version that did not keep it: an empty slot is what it was
+                original = _SLOT_HELD.get(child)
+                if original is None:  # not known here (see _SLOT_HELD): an empty slot is what it was
                     original = slot_lib.SlotContent(nn.Identity(), True)
                 found.append(Change(name, f"{name}.{attr}".lstrip("."), child, parent=module, attr=attr,
                                     original=original))
         for hook_id, hook in list(module._forward_hooks.items()):
             if isinstance(hook, BranchHook) and id(hook.drop) not in recorded:
-                found.append(Change(name, name, hook.drop, hook_id=hook_id, hooked=module))
+                handle = _handle(module._forward_hooks, hook_id)
+                found.append(Change(name, name, hook.drop, hooked=module, handle=handle))
     by_drop = {id(change.drop): change for change in found}
     for module in model.modules():  # a Gather belongs to the change of the DropPath it feeds
         for hook_id, hook in list(module._forward_pre_hooks.items()):
             if isinstance(hook, Gather) and id(hook.drop) in by_drop:
-                by_drop[id(hook.drop)].gathers.append((module, hook_id))
+                by_drop[id(hook.drop)].gathers.append((module, hook))
+                by_drop[id(hook.drop)].gather_handles.append(_handle(module._forward_pre_hooks, hook_id))
     return found
 
 
@@ -382,16 +390,10 @@ def _change(model: nn.Module, branch: Branch, entries: list[str], norms: tuple[n
     else:
         hooked = model.get_submodule(branch.target)
         drop = _inserted(DropPath(branch.rate, batch_axis=branch.batch_axis, mode=branch.mode), hooked)
-        handle = hooked.register_forward_hook(BranchHook(drop))
-        hooked._forward_hooks.pop(handle.id)  # installed by Change.install, like every other change
-        change = Change(branch.block, branch.target, drop, hook_id=handle.id, hooked=hooked)
+        change = Change(branch.block, branch.target, drop, hooked=hooked)  # hooks go in with Change.install
     if entries:
         change.norms = norms
-    for entry in entries:
-        gathered = model.get_submodule(entry)
-        handle = gathered.register_forward_pre_hook(Gather(drop, change.norms))
-        gathered._forward_pre_hooks.pop(handle.id)  # installed by Change.install
-        change.gathers.append((gathered, handle.id))
+    change.gathers = [(model.get_submodule(entry), Gather(drop, change.norms)) for entry in entries]
     return change
 
 

@@ -1,267 +1,57 @@
-"""Stochastic depth: the function that does the math, and the module that holds its settings.
+"""What a surgered model carries and runs while it trains: :class:`DropPath` and its hooks, nothing else.
 
-The mask is drawn exactly as ``timm.layers.drop_path`` draws it (same shape for batch axis 0, same
-``bernoulli_`` call, same in-place rescale), so a model surgered by pathsurgeon consumes the random
-number generator in the same order as the model timm would have built with ``drop_path_rate=r``, and
-gives the same training-mode outputs under the same seed. In a Hugging Face model's slots the mask is
-drawn as Hugging Face draws it (``draw="uniform_floor"``), for the same reason.
-
-Modes of :class:`DropPath` (how a dropped branch is handled while training; all are the identity in
-eval): ``"sample"``, timm's semantics (every sample computed, dropped ones multiplied by zero), and
-``"skip"`` / ``"batch"``, where the branch only runs on the samples that keep it — the machinery for
-those lives in :mod:`pathsurgeon.skipping` — and ``"fixed_count"``, DINOv2's efficient stochastic depth
-(``drop_add_residual_stochastic_depth``): exactly ``k = max(int(B * (1 - rate)), 1)`` samples keep the
-branch, drawn by ``randperm(B)[:k]``, and are scaled by ``B / k`` (:func:`fixed_count_rows`). The count is
-fixed per batch rather than Bernoulli-distributed, which is what makes its shapes independent of the
-draw: no host synchronisation, and under ``torch.compile`` one graph for every step and every rate.
-
-Rates change during training (:class:`~pathsurgeon.RateScheduler`), so no compiled graph may depend on
-a rate's value: under ``torch.compile`` the mask comes from the custom op ``pathsurgeon::drop_path_mask``,
-which reads the rate from a tensor at run time and draws it with the library's very call. A new rate is
-then a new input value, never a recompilation.
+Modes (the identity in eval): 'sample', timm's; 'skip' / 'batch' / 'fixed_count' (DINOv2's), where a
+:class:`Gather` pre-hook on the branch's first module draws the kept rows (per sample, once per batch as
+torchvision's ``StochasticDepth(mode="batch")``, or exactly ``max(int(B * (1 - rate)), 1)`` of them),
+passes on only those, and the DropPath scatters them back. Every mask is drawn by
+:func:`pathsurgeon.masks.keep_mask`; which branches may gather is decided at add time (:mod:`.skipping`).
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, NamedTuple, cast
+import weakref
+from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .config import MODES, validate_mode, validate_rate
-
-__all__ = [
-    "DRAWS",
-    "MODES",
-    "DropPath",
-    "KeptRows",
-    "drop_path",
-    "drop_path_mask",
-    "fixed_count",
-    "fixed_count_mask",
-    "fixed_count_rows",
-    "mask_shape",
-    "traced_drop_path",
-]
-
-# How the per-sample keep mask is drawn. "bernoulli": timm's and torchvision's ``bernoulli_(keep)``.
-# "uniform_floor": Hugging Face's ``floor(rand + keep)`` (one copy in every HF model file), used for the
-# slots of HF models so that their training outputs stay the library's under one seed.
-DRAWS = ("bernoulli", "uniform_floor")
-
-
-def drop_path(
-    x: torch.Tensor,
-    rate: float = 0.0,
-    training: bool = False,
-    scale_by_keep: bool = True,
-    batch_axis: int = 0,
-    draw: str = "bernoulli",
-) -> torch.Tensor:
-    """Zero the whole of ``x`` for a random subset of samples; scale the kept ones by ``1 / (1 - rate)``.
-
-    One Bernoulli draw per sample along ``batch_axis``; every other axis is broadcast. Identity (the
-    very same tensor) when ``rate == 0`` or when not training. ``draw``: see :data:`DRAWS` (with
-    "uniform_floor", Hugging Face's code: kept samples are always rescaled).
-
-    >>> x = torch.ones(4, 3)
-    >>> drop_path(x, 0.5, training=False) is x
-    True
-    """
-    if rate == 0.0 or not training:
-        return x
-    keep = 1.0 - rate
-    if draw == "uniform_floor":
-        mask = torch.floor(torch.rand(mask_shape(x, batch_axis), dtype=x.dtype, device=x.device) + keep)
-        return x.div(keep) * mask
-    mask = x.new_empty(mask_shape(x, batch_axis)).bernoulli_(keep)
-    if keep > 0.0 and scale_by_keep:
-        mask.div_(keep)
-    return x * mask
-
-
-# A random op: the tag keeps compilers from recomputing it in backward (which would redraw the mask).
-# torch.library.custom_op takes tags= in recent torch; without it the op is still off the partitioner's
-# list of ops it may recompute, as every custom op is. Each op states its schema: torch < 2.7 cannot
-# infer one from the string annotations this module's ``from __future__ import annotations`` leaves.
-_RANDOM_OP: dict[str, Any] = (
-    {"tags": (torch.Tag.nondeterministic_seeded,)}
-    if "tags" in inspect.signature(torch.library.custom_op).parameters
-    else {}
+from .errors import ScriptingError
+from .masks import (
+    DRAWS,
+    Handover,
+    KeptRows,
+    batch_kept,
+    draw_rows,
+    drop_path,
+    drop_path_mask,
+    fixed_count,
+    fixed_count_mask,
+    fixed_count_rows,
+    keep_mask,
+    mask_shape,
+    scaled,
+    traced_drop_path,
 )
 
+# the mask functions too: their import path until pathsurgeon 0.3.0
+__all__ = ["DRAWS", "MODES", "BranchHook", "DropPath", "Gather", "KeptRows", "draw_rows", "drop_path",
+           "drop_path_mask", "fixed_count", "fixed_count_mask", "fixed_count_rows", "keep_mask", "mask_shape",
+           "traced_drop_path"]
 
-@torch.library.custom_op(
-    "pathsurgeon::drop_path_mask",
-    mutates_args=(),
-    schema='(Tensor rate, SymInt[] shape, ScalarType dtype, Device device, bool scale_by_keep, str draw="bernoulli")'
-    " -> Tensor",
-    **_RANDOM_OP,
-)
-def drop_path_mask(
-    rate: torch.Tensor,
-    shape: list[int],
-    dtype: torch.dtype,
-    device: torch.device,
-    scale_by_keep: bool,
-    draw: str = "bernoulli",
-) -> torch.Tensor:
-    """The mask :func:`drop_path` multiplies by, with the rate read from a 0-d CPU tensor when it runs.
-
-    What a compiled :class:`DropPath` calls. Opaque to torch.compile, so the graph does not depend on
-    the rate (no recompilation when it changes) and the draw is the library's own (``draw``, see
-    :data:`DRAWS`) on the default generator, compiled or not. Rate 0 gives ones and draws nothing, as
-    the libraries' drop paths skip their draw.
-    """
-    value = float(rate)
-    if value == 0.0:
-        return torch.ones(shape, dtype=dtype, device=device)
-    keep = 1.0 - value
-    if draw == "uniform_floor":  # Hugging Face: always rescaled
-        return torch.floor(torch.rand(shape, dtype=dtype, device=device) + keep).div_(keep)
-    mask = torch.empty(shape, dtype=dtype, device=device).bernoulli_(keep)
-    if keep > 0.0 and scale_by_keep:
-        mask.div_(keep)
-    return mask
-
-
-@drop_path_mask.register_fake
-def _(rate, shape, dtype, device, scale_by_keep, draw="bernoulli"):
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def fixed_count(batch: int, rate: float) -> int:
-    """How many of ``batch`` samples keep the branch in mode 'fixed_count': DINOv2's
-    ``max(int(b * (1 - sample_drop_ratio)), 1)``."""
-    return max(int(batch * (1.0 - rate)), 1)
-
-
-@torch.library.custom_op(
-    "pathsurgeon::fixed_count_rows",
-    mutates_args=(),
-    schema="(Tensor rate, SymInt batch, Device device) -> (Tensor, Tensor)",
-    **_RANDOM_OP,
-)
-def fixed_count_rows(rate: torch.Tensor, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows that keep the branch in mode 'fixed_count', and their scale ``B / k`` (a 0-d float64 CPU
-    tensor), with the rate read from a 0-d CPU tensor when it runs.
-
-    DINOv2's draw: ``torch.randperm(b, device=x.device)[:k]`` on the default generator. The row count is
-    a size torch.compile treats as unknown (an unbacked size between 1 and ``batch``), so neither a
-    new draw nor a new rate recompiles; it is known on the host as soon as the op returns (computed
-    from the rate), so nothing waits for the device. Rate 0 keeps every row in order and draws nothing.
-    """
-    value = float(rate)
-    if value == 0.0:
-        return torch.arange(batch, device=device), torch.ones((), dtype=torch.float64)
-    count = fixed_count(batch, value)
-    rows = torch.randperm(batch, device=device)[:count]
-    return rows, torch.tensor(batch / count, dtype=torch.float64)
-
-
-@fixed_count_rows.register_fake
-def _(rate, batch, device):
-    count = torch.library.get_ctx().new_dynamic_size(min=1, max=max(batch, 1))
-    return torch.empty(count, dtype=torch.long, device=device), torch.empty((), dtype=torch.float64)
-
-
-def fixed_count_mask(x: torch.Tensor, rate: float, batch_axis: int) -> torch.Tensor:
-    """Mode 'fixed_count' as a mask on a branch computed in full, for TorchScript and torch.fx graphs:
-    ``B / k`` at DINOv2's ``k`` rows (``randperm(B)[:k]``, the same draw as eager), 0 elsewhere."""
-    batch = x.size(batch_axis)
-    count = max(int(batch * (1.0 - rate)), 1)
-    rows = torch.randperm(batch, device=x.device)[:count]
-    mask = torch.zeros([batch], dtype=x.dtype, device=x.device).index_fill(0, rows, 1.0) * (batch / count)
-    shape = [1] * x.dim()
-    shape[batch_axis] = batch
-    return mask.view(shape)
-
-
-# traced as one call: its count is plain Python arithmetic on the batch size
-torch.fx.wrap("fixed_count_mask")
-
-
-def mask_shape(x: torch.Tensor, batch_axis: int) -> tuple[int, ...]:
-    """``(1, ..., B, ..., 1)``: one value per sample along ``batch_axis``, broadcast over the rest.
-
-    Built by tuple arithmetic, as timm builds its ``(B,) + (1,) * (ndim - 1)``, never by item assignment:
-    under torch.fx ``x.ndim`` is a Proxy, and the arithmetic is then recorded in the graph.
-    """
-    return (1,) * batch_axis + (x.shape[batch_axis],) + (1,) * (x.ndim - batch_axis - 1)
-
-
-def traced_drop_path(drop: DropPath, x: torch.fx.Proxy, training: bool) -> torch.fx.Proxy:
-    """``drop``'s drop path written into a torch.fx graph being traced (for a DropPath the traced module
-    cannot call, a hook's): the same draws as eager. Modes 'sample' and 'skip': the per-sample mask
-    (every sample computed); mode 'batch': one draw for the batch on the CPU generator, as eager draws
-    it. Like timm's, the rate and the training flag at tracing time are fixed in the graph."""
-    if not training or drop.rate == 0.0:
-        return x
-    # torch.fx attaches a Proxy's tensor operators at import time, and its stubs declare none of them:
-    # the body is typed as the Tensor code it records, each result is a Proxy again.
-    t = cast(torch.Tensor, x)
-    keep = 1.0 - drop.rate
-    if drop.mode == "batch":
-        kept = t.new_empty((1,), dtype=torch.float32, device=torch.device("cpu")).bernoulli_(keep)
-        return cast(torch.fx.Proxy, t * (kept.reshape(()).double() * drop.scale()))
-    if drop.mode == "fixed_count":  # a leaf of the graph: the count depends on the batch size
-        return cast(torch.fx.Proxy, t * fixed_count_mask(t, drop.rate, drop.batch_axis))
-    # drop_path's draws, written so that every result is used: torchvision's feature extraction removes
-    # nodes whose result nobody reads, an in-place ``mask.div_(keep)`` among them (timm's own drop_path
-    # loses its rescale that way); ``torch.rand(shape, ...)`` is ``empty(shape).uniform_()``
-    if drop.draw == "uniform_floor":
-        mask = torch.floor(t.new_empty(mask_shape(t, drop.batch_axis)).uniform_() + keep)
-        return cast(torch.fx.Proxy, t.div(keep) * mask)
-    mask = t.new_empty(mask_shape(t, drop.batch_axis)).bernoulli_(keep)
-    if keep > 0.0 and drop.scale_by_keep:
-        mask = mask.div(keep)
-    return cast(torch.fx.Proxy, t * mask)
-
-
-class KeptRows(NamedTuple):
-    """The drop decision for one call of a branch (modes 'skip' and 'batch'): kept rows (None: all of
-    them), scale, full batch size. Drawn by :func:`pathsurgeon.skipping.draw_rows`.
-
-    ``scale`` is a 0-d tensor, not a float, so that a compiled graph does not specialise on it.
-    """
-
-    index: torch.Tensor | None  # type: ignore[assignment]  # a field named as tuple.index, which it hides
-    scale: torch.Tensor
-    batch: int
-    # BatchNorms of a branch that ran on no row in training: their count of batches seen is taken back
-    # after the call, so that a dropped branch leaves every BatchNorm buffer as it was (mode 'batch')
-    uncounted: tuple = ()
-
-
-def _take_back_batch_count(norms: tuple) -> None:
-    """Undo the ``num_batches_tracked += 1`` a BatchNorm makes even on an empty batch (its running mean
-    and variance already stay as they were: torch computes nothing for an empty input)."""
-    with torch.no_grad():
-        for norm in norms:
-            norm.num_batches_tracked.sub_(1)
+# DropPaths pickled by pathsurgeon <= 0.3.0 whose branch cannot run on an empty batch (see Gather.empty_ok)
+_REFUSED_EMPTY: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 class DropPath(nn.Module):
-    """Stochastic depth on a residual branch (the module pathsurgeon inserts).
+    """Stochastic depth on a residual branch (the module pathsurgeon inserts). No parameters, no buffers:
+    inserting it never changes a ``state_dict``. ``drop_prob`` aliases ``rate``, as in timm's DropPath."""
 
-    It has no parameters and no buffers, so inserting it never changes a model's ``state_dict``.
-    ``drop_prob`` is an alias of ``rate`` so that code written for ``timm.layers.DropPath`` keeps working.
-    ``mode``: 'sample', 'skip' or 'batch' (see the module docstring); ``draw``: see :data:`DRAWS`.
-    """
-
-    def __init__(
-        self,
-        rate: float = 0.0,
-        scale_by_keep: bool = True,
-        batch_axis: int = 0,
-        mode: str = "sample",
-        draw: str = "bernoulli",
-    ) -> None:
+    def __init__(self, rate: float = 0.0, scale_by_keep: bool = True, batch_axis: int = 0, mode: str = "sample",
+                 draw: str = "bernoulli") -> None:
         super().__init__()
-        # The rate twice: a float for eager code (timm's drop_path takes one) and a 0-d float64 CPU tensor
-        # that compiled code reads at run time. Not a buffer: it must stay out of state_dict, off the
-        # device (reading it never waits for an accelerator) and out of DDP's buffer broadcast.
+        # the rate twice: a float for eager code, a 0-d float64 CPU tensor compiled code reads at run time
+        # (no buffer: out of state_dict, off the device, out of DDP's broadcast)
         self._rate_tensor = torch.zeros((), dtype=torch.float64)
         self.rate = rate
         self.scale_by_keep = bool(scale_by_keep)
@@ -270,16 +60,19 @@ class DropPath(nn.Module):
         if draw not in DRAWS:
             raise ValueError(f"draw must be one of {', '.join(DRAWS)}, got {draw!r}")
         self.draw = draw
-        # True for the modules pathsurgeon.add puts into a model (a user's own DropPath layers are False):
-        # one found outside any surgery record is a leftover copy, and adding again would drop twice
-        self.inserted = False
-        # Modes 'skip' and 'batch' (state that pathsurgeon.skipping reads and writes): the rows a Gather
-        # kept for the coming call; a fixed 0/1 keep mask forced on for add's checks (active in eval too);
-        # whether the branch runs on an empty batch when no sample is kept (False: a reshape with -1 in
-        # it, so it runs on one sample multiplied by zero).
-        self.kept_rows: KeptRows | None = None
-        self.forced_keep: torch.Tensor | None = None
-        self.empty_ok = True
+        self.inserted = False  # put in by pathsurgeon.add (a user's own DropPath layers are False)
+        self.kept_rows: Handover | None = None  # left by its Gather for the coming call only; never pickled
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "kept_rows": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # pickled by pathsurgeon <= 0.3.0: the state its add-time checks kept here is dropped
+        if state.pop("empty_ok", True) is False:
+            _REFUSED_EMPTY.add(self)
+        for old in ("forced_keep", "replaced"):
+            state.pop(old, None)
+        super().__setstate__({**state, "kept_rows": None})
 
     @property
     def rate(self) -> float:
@@ -298,100 +91,55 @@ class DropPath(nn.Module):
     def drop_prob(self, value: float) -> None:
         self.rate = value
 
-    # TorchScript compiles forward and what it calls (see _scripted_forward), never these properties: their
-    # setters validate in plain Python, and a property that fails to compile stays half-defined on the class
-    # ("Can't redefine method: __drop_prob_getter") for every later torch.jit.script in the process.
+    # TorchScript compiles forward and what it calls, never these properties (a property that fails to
+    # compile stays half-defined on the class for every later torch.jit.script in the process)
     __jit_unused_properties__ = ["rate", "drop_prob"]
-    __jit_ignored_attributes__ = ["rate", "drop_prob"]
+    __jit_ignored_attributes__ = ["rate", "drop_prob", "kept_rows"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._scripted_forward(x)
-        else:
-            return self._python_forward(x)
+        return self._scripted_forward(x) if torch.jit.is_scripting() else self._python_forward(x)
 
     @torch.jit.unused
     def _python_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, torch.fx.Proxy):
-            return self._traced_call(x)
+        if isinstance(x, fx.Proxy):
+            # one call_module node whatever the tracer's leaf rules, so the traced module calls this very
+            # DropPath (training and eval alike, set_rate followed); outside the traced tree: written in
+            tracer = cast(fx.Tracer, x.tracer)
+            try:
+                return tracer.create_proxy("call_module", tracer.path_of_module(self), (x,), {})
+            except NameError:
+                return traced_drop_path(self, x, self.training)
         return self.apply_to(x, self.training)
 
-    def _traced_call(self, x: torch.fx.Proxy) -> torch.fx.Proxy:
-        """Under torch.fx symbolic tracing: one ``call_module`` node for this module, whatever the tracer's
-        leaf rules, so the traced module calls this very DropPath at run time. It then drops in training
-        and not in eval (a graph traced in eval mode keeps the drop for training), follows ``set_rate``,
-        scatters the rows its Gather kept in modes 'skip' and 'batch', and draws its masks exactly as the
-        untouched model does. A DropPath outside the traced tree (a hook's) is written into the graph."""
-        tracer = cast(torch.fx.Tracer, x.tracer)  # typed as TracerBase; symbolic tracing's is a Tracer
-        try:
-            path = tracer.path_of_module(self)
-        except NameError:
-            return traced_drop_path(self, x, self.training)
-        return tracer.create_proxy("call_module", path, (x,), {})
-
     def _scripted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Under TorchScript: the eager semantics without Gather hooks (a TorchScript module runs none;
-        pathsurgeon refuses to script a model that has them): mode 'skip' computes every sample and masks
-        it with the same draw, mode 'batch' draws once for the batch on the CPU generator."""
+        """TorchScript runs no Python hooks (nor scripts a model with Gathers): every row computed, the eager draws."""
         if not self.training or self._rate == 0.0:
             return x
         keep = 1.0 - self._rate
         if self.mode == "batch":
-            kept = torch.empty(1).bernoulli_(keep).reshape(()).double()
-            scale = 1.0 / keep if self.scale_by_keep else 1.0
-            return x * (kept * scale)
+            return x * (batch_kept(x, keep).double() * (1.0 / keep if self.scale_by_keep else 1.0))
         if self.mode == "fixed_count":
             return x * fixed_count_mask(x, self._rate, self.batch_axis)
         shape = [1] * x.dim()
         shape[self.batch_axis] = x.size(self.batch_axis)
-        if self.draw == "uniform_floor":
-            mask = torch.floor(torch.rand(shape, dtype=x.dtype, device=x.device) + keep)
-            return x.div(keep) * mask
-        mask = x.new_empty(shape).bernoulli_(keep)
-        if keep > 0.0 and self.scale_by_keep:
-            mask.div_(keep)
-        return x * mask
+        return scaled(x, keep_mask(x, shape, keep, self.draw), keep, self.scale_by_keep, self.draw)
 
     def apply_to(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         """Drop path on the branch output ``x``; ``training`` is the flag of the module it belongs to."""
-        if self.mode == "sample" and self.forced_keep is None:  # the hot path: timm's code, nothing else
-            return self.sample(x, training)
-        # modes 'skip' and 'batch': the branch ran on the rows a Gather kept; scatter them back
-        rows, self.kept_rows = self.kept_rows, None
-        if rows is not None:
-            if rows.index is None:
-                return x * rows.scale
-            full = list(x.shape)
-            full[self.batch_axis] = rows.batch
-            if rows.uncounted:
-                _take_back_batch_count(rows.uncounted)
-            # in place on fresh zeros: no copy of the full-size tensor; an empty index (no row kept) still
-            # connects the branch to the graph, so its parameters get zero gradients, as in mode 'sample'
-            return x.new_zeros(full).index_copy_(self.batch_axis, rows.index, x * rows.scale)
-        if self.forced_keep is not None:
-            keep = self.forced_keep.to(device=x.device, dtype=x.dtype)
-            return x * keep.view(mask_shape(x, self.batch_axis)) * self.scale()
-        if self.mode == "batch" and training:  # nothing gathered: the whole batch, computed, kept or zeroed
-            return x * self._batch_factor()
-        if self.mode == "fixed_count" and training:  # nothing gathered: every row computed, the same draw
-            return x * self.fixed_count_mask(x)
-        return self.sample(x, training)
-
-    def fixed_count_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """Mode 'fixed_count' on a branch computed in full: ``B / k`` at the kept rows, 0 elsewhere."""
-        batch = x.shape[self.batch_axis]
-        rows, scale = fixed_count_rows(self._rate_tensor, batch, x.device)
-        mask = x.new_zeros(batch).index_fill(0, rows, 1.0) * scale
-        return mask.view(mask_shape(x, self.batch_axis))
-
-    def sample(self, x: torch.Tensor, training: bool) -> torch.Tensor:
-        """Per-sample drop path on the whole branch output (mode 'sample', and the others' fallback)."""
+        if self.kept_rows is not None:  # a Gather ran the branch on the rows it kept: scatter them back
+            rows, self.kept_rows = self.kept_rows, None
+            return rows.apply(x, self.batch_axis)
+        if self.mode == "batch" and training:  # no Gather: the whole batch computed, kept or zeroed
+            return x * self._batch_factor(x)
+        if self.mode == "fixed_count" and training:  # no Gather: every row computed, the same draw
+            rows, scale = fixed_count_rows(self._rate_tensor, x.shape[self.batch_axis], x.device)
+            mask = x.new_zeros(x.shape[self.batch_axis]).index_fill(0, rows, 1.0) * scale
+            return x * mask.view(mask_shape(x, self.batch_axis))
         if not training:
             return x
         if torch.compiler.is_compiling():  # the same draw, but the graph must not depend on the rate
-            shape = mask_shape(x, self.batch_axis)
-            mask = drop_path_mask(self._rate_tensor, list(shape), x.dtype, x.device, self.scale_by_keep, self.draw)
-            return x * mask
+            shape = list(mask_shape(x, self.batch_axis))
+            return x * drop_path_mask(self._rate_tensor, shape, x.dtype, x.device, self.scale_by_keep, self.draw)
         return drop_path(x, self.rate, training, self.scale_by_keep, self.batch_axis, self.draw)
 
     def scale(self) -> float:
@@ -399,36 +147,99 @@ class DropPath(nn.Module):
         return 1.0 / (1.0 - self.rate) if self.scale_by_keep else 1.0
 
     def scale_tensor(self) -> torch.Tensor:
-        # a 0-d CPU tensor multiplies a tensor on any device, in that tensor's dtype
-        return torch.tensor(self.scale(), dtype=torch.float64)
-
-    def batch_kept(self) -> bool:
-        """One draw for the whole batch (mode 'batch'), as torchvision's ``StochasticDepth(mode="batch")``
-        makes it; on the CPU generator, whatever the model's device, so deciding needs no device sync."""
-        return bool(torch.empty(1).bernoulli_(1.0 - self.rate))
+        return torch.tensor(self.scale(), dtype=torch.float64)  # 0-d CPU: multiplies any device, any dtype
 
     @torch.compiler.disable  # a random decision on the host: under torch.compile, a graph break here
-    def _batch_factor(self) -> torch.Tensor:
-        """Mode 'batch' without a Gather: the factor for the whole batch, 0 (dropped) or the scale."""
-        if self.rate == 0.0:
-            return torch.ones((), dtype=torch.float64)
-        return self.scale_tensor() if self.batch_kept() else torch.zeros((), dtype=torch.float64)
-
-    def fixed_rows(self, batch: int, device: torch.device, training: bool) -> KeptRows | None:
-        """Mode 'fixed_count': the kept rows of the coming call (None: every row, nothing drawn)."""
-        if not training or (not torch.compiler.is_compiling() and self.rate == 0.0):  # no guard on the rate
-            return None
-        rows, scale = fixed_count_rows(self._rate_tensor, batch, device)
-        return KeptRows(rows, scale, batch)
+    def _batch_factor(self, x: torch.Tensor) -> torch.Tensor:
+        kept = self.rate == 0.0 or bool(batch_kept(x, 1.0 - self.rate))
+        return self.scale_tensor() if kept else torch.zeros((), dtype=torch.float64)
 
     def extra_repr(self) -> str:
         text = f"rate={self.rate:.4g}"
-        if self.mode != "sample":
-            text += f", mode={self.mode!r}"
-        if not self.scale_by_keep:
-            text += ", scale_by_keep=False"
-        if self.batch_axis != 0:
-            text += f", batch_axis={self.batch_axis}"
-        if self.draw != "bernoulli":
-            text += f", draw={self.draw!r}"
+        for name, default in (("mode", "sample"), ("scale_by_keep", True), ("batch_axis", 0), ("draw", "bernoulli")):
+            if getattr(self, name) != default:
+                text += f", {name}={getattr(self, name)!r}"
         return text
+
+
+class BranchHook:
+    """Forward hook applying drop path to a module's output, with the module's training flag; of a tuple
+    (Hugging Face attention: output, weights), to its first element."""
+
+    def __init__(self, drop: DropPath) -> None:
+        self.drop = drop
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        first = output[0] if isinstance(output, tuple) and output else output
+        dropped: Any
+        if isinstance(first, fx.Proxy):  # torch.fx traces through the hooked module: the drop goes in the graph
+            dropped = traced_drop_path(self.drop, first, module.training)
+        elif isinstance(first, torch.Tensor):
+            dropped = self.drop.apply_to(first, module.training)
+        else:
+            return output
+        return (dropped, *output[1:]) if first is not output else dropped
+
+    @property
+    def __name__(self) -> str:  # torch.jit.script compiles hooks from their source, by name: say why it cannot
+        raise ScriptingError("torch.jit.script cannot compile pathsurgeon's drop-path forward hooks (they hold a "
+                             "Python DropPath): script the model after pathsurgeon.strip(model)")
+
+
+class Gather:
+    """Forward pre-hook on a branch's first module (modes 'skip', 'batch', 'fixed_count'): draws its
+    DropPath's kept rows and passes on only those. The module's first positional argument is the branch's
+    only input with a batch axis (add checks that). ``norms``: the BatchNorms on the branch (see
+    :class:`KeptRows`); ``empty_ok``: whether the branch runs on an empty batch when no sample keeps it
+    (False, found by add's checks, e.g. a reshape with -1 in it: one sample runs, multiplied by zero)."""
+
+    def __init__(self, drop: DropPath, norms: tuple[nn.Module, ...] = (), empty_ok: bool = True) -> None:
+        self.drop = drop
+        self.norms = norms
+        self.empty_ok = empty_ok
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "empty_ok" not in state:  # pickled by pathsurgeon <= 0.3.0, which kept it on the DropPath
+            self.empty_ok = self.drop not in _REFUSED_EMPTY
+
+    @property
+    def __name__(self) -> str:  # see BranchHook.__name__
+        raise ScriptingError(f"torch.jit.script cannot compile the Python pre-hooks of mode {self.drop.mode!r}: "
+                             "add with mode='sample', or script the model after pathsurgeon.strip(model)")
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
+        rows = self.draw(args[0], module.training) if args and isinstance(args[0], torch.Tensor) else None
+        self.drop.kept_rows = rows
+        if rows is None or rows.index is None:
+            return None
+        return (args[0].index_select(self.drop.batch_axis, rows.index), *args[1:])
+
+    def draw(self, x: torch.Tensor, training: bool) -> KeptRows | None:
+        """The rows that keep the branch in the coming call (None: compute every row)."""
+        drop = self.drop
+        batch = x.shape[drop.batch_axis]
+        if drop.mode != "fixed_count":
+            return self.kept(draw_rows(x, drop.rate, training, drop.mode, drop.batch_axis, drop.draw), batch, x.device)
+        if not training or (not torch.compiler.is_compiling() and drop.rate == 0.0):  # no guard on the rate
+            return None
+        rows, scale = fixed_count_rows(drop._rate_tensor, batch, x.device)  # no graph break: see fixed_count_rows
+        return KeptRows(rows, scale, batch)
+
+    def kept(self, keep: torch.Tensor | None, batch: int, device: torch.device) -> KeptRows | None:
+        """The rows of a 0/1 ``keep``: one per sample, or 0-d for the whole batch (None: every row computed)."""
+        if keep is None:
+            return None
+        if keep.dim() == 0:  # mode 'batch': decided on the host, no device sync
+            index = None if bool(keep) else torch.empty(0, dtype=torch.long, device=device)
+        else:
+            index = keep.to(device).nonzero().flatten()
+        if index is None or 0 < index.numel() == batch:
+            return KeptRows(None, self.drop.scale_tensor(), batch)
+        if index.numel() > 0:
+            return KeptRows(index, self.drop.scale_tensor(), batch)
+        zero = torch.zeros((), dtype=torch.float64)
+        if not self.empty_ok:  # one sample runs, multiplied by zero
+            return KeptRows(torch.zeros(1, dtype=torch.long, device=device), zero, batch)
+        counting = [n for n in self.norms if n.training and n.track_running_stats]
+        return KeptRows(index, zero, batch, tuple(n for n in counting if n.num_batches_tracked is not None))

@@ -1,9 +1,10 @@
 """Modes ``"skip"`` and ``"batch"``: a branch computes only the samples that keep it.
 
-A :class:`Gather` forward pre-hook on the branch's way in (its first module, found on the graph by
-:func:`pathsurgeon.finder.branch_entries`) draws which rows keep the branch (:func:`draw_rows`) and
-passes on only those; the :class:`~pathsurgeon.droppath.DropPath` at the end of the branch scatters
-the scaled rows back into a full-size zero tensor, which the block's own code adds to its shortcut.
+A :class:`~pathsurgeon.droppath.Gather` forward pre-hook on the branch's way in (its first module, found
+on the graph by :func:`pathsurgeon.finder.branch_entries`) draws which rows keep the branch and passes on
+only those; the :class:`~pathsurgeon.droppath.DropPath` at the end of the branch scatters the scaled rows
+back into a full-size zero tensor, which the block's own code adds to its shortcut. Both are training-time
+code (:mod:`pathsurgeon.droppath`); this module is the add-time part: which branches may gather.
 In mode ``"skip"`` the draw is per sample, the very draw of mode ``"sample"`` (so under one seed the
 same samples are kept); in mode ``"batch"`` it is one draw for the whole batch, as torchvision's
 ``StochasticDepth(mode="batch")`` makes it.
@@ -11,7 +12,9 @@ same samples are kept); in mode ``"batch"`` it is one draw for the whole batch, 
 Before a branch is handed a Gather, :func:`assign_entries` rules out branches that mix samples
 (BatchNorm) or have no single way in, and :func:`check_gathers` runs each gathered branch's block with
 fixed masks, on the kept rows and in full, on inputs recorded from the example forward: a branch whose
-outputs differ computes every sample instead. Every such branch is reported with the reason.
+outputs differ computes every sample instead. Every such branch is reported with the reason. The fixed
+masks come from check-only hooks (:func:`_forced`), put in for the run and taken out after it: a DropPath
+carries no state for these checks.
 """
 
 from __future__ import annotations
@@ -25,8 +28,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree
 
-from .droppath import DropPath, KeptRows
-from .errors import ScriptingError
+from .droppath import DropPath, Gather, KeptRows, draw_rows, mask_shape
 from .finder import ResidualAdd, branch_entries
 from .runstate import private_rng, training_flags_kept
 from .verify import eval_outputs, max_abs_diff, observe, tensor_leaves
@@ -36,91 +38,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .inputs import ExampleInputs
     from .report import Branch
 
+# Gather and draw_rows: their import path until pathsurgeon 0.3.0 (a model pickled then names skipping.Gather)
 __all__ = ["Gather", "assign_entries", "check_gathers", "check_whole_model", "draw_rows"]
-
-
-# --- at training time ---------------------------------------------------------------------------------
-
-
-class Gather:
-    """Forward pre-hook on a branch's first module: draws its DropPath's kept rows, passes on only those.
-
-    The hooked module's first positional argument must be the branch's only input with a batch axis;
-    :func:`pathsurgeon.add` checks that on the model before it hands out a Gather. ``norms``: the
-    BatchNorms on the branch; when the branch runs on no row in training, its DropPath takes back the
-    batch each of them counts (:attr:`KeptRows.uncounted`), so a dropped branch leaves them as they were.
-    """
-
-    def __init__(self, drop: DropPath, norms: tuple[nn.Module, ...] = ()) -> None:
-        self.drop = drop
-        self.norms = norms
-
-    @property
-    def __name__(self) -> str:
-        # torch.jit.script compiles forward pre-hooks from their source, by name; a Gather draws rows in
-        # Python and cannot be compiled (under torch.fx it passes a Proxy on untouched: see __call__)
-        raise ScriptingError(
-            f"torch.jit.script cannot compile the Python pre-hooks of mode {self.drop.mode!r}: add with "
-            "mode='sample', or script the model after pathsurgeon.strip(model)"
-        )
-
-    def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
-        drop = self.drop
-        if not args or not isinstance(args[0], torch.Tensor):
-            drop.kept_rows = None
-            return None
-        x = args[0]
-        if drop.mode == "fixed_count" and drop.forced_keep is None:  # no graph break: see fixed_count_rows
-            rows = drop.fixed_rows(x.shape[drop.batch_axis], x.device, module.training)
-        else:
-            rows = draw_rows(drop, x.shape[drop.batch_axis], x.device, module.training, x.dtype)
-            if self.norms and rows is not None and rows.index is not None and rows.index.numel() == 0:
-                rows = rows._replace(uncounted=_counting(self.norms))
-        drop.kept_rows = rows
-        if rows is None or rows.index is None:
-            return None
-        return (x.index_select(drop.batch_axis, rows.index), *args[1:])
-
-
-@torch.compiler.disable  # a data-dependent decision: under torch.compile, a graph break here
-def draw_rows(
-    drop: DropPath, batch: int, device: torch.device, training: bool, dtype: torch.dtype = torch.float32
-) -> KeptRows | None:
-    """Draw the kept rows for the next call of ``drop``'s branch (None: inactive, compute every row)."""
-    if drop.forced_keep is not None:
-        keep_mask = drop.forced_keep.to(device=device, dtype=torch.bool)
-    elif not training or drop.rate == 0.0 or drop.mode == "sample":
-        return None
-    elif drop.mode == "batch":
-        if drop.batch_kept():
-            return KeptRows(None, drop.scale_tensor(), batch)
-        return _none_kept(drop, batch, device)
-    else:
-        # the draw the library's drop path makes (same count, dtype and generator), so that under one
-        # seed the kept samples are those mode 'sample' keeps when the branch itself draws no numbers
-        keep = 1.0 - drop.rate
-        if drop.draw == "uniform_floor":
-            keep_mask = torch.floor(torch.rand(batch, device=device, dtype=dtype) + keep).bool()
-        else:
-            keep_mask = torch.empty(batch, device=device, dtype=dtype).bernoulli_(keep).bool()
-    index = keep_mask.nonzero().flatten()
-    if index.numel() == 0:
-        return _none_kept(drop, batch, device)
-    return KeptRows(None if index.numel() == batch else index, drop.scale_tensor(), batch)
-
-
-def _counting(norms: tuple[nn.Module, ...]) -> tuple[nn.Module, ...]:
-    """The BatchNorms that add one to ``num_batches_tracked`` when they run now (training, tracking)."""
-    return tuple(
-        n for n in norms if n.training and n.track_running_stats and n.num_batches_tracked is not None
-    )
-
-
-def _none_kept(drop: DropPath, batch: int, device: torch.device) -> KeptRows:
-    zero = torch.zeros((), dtype=torch.float64)
-    if drop.empty_ok:
-        return KeptRows(torch.empty(0, dtype=torch.long, device=device), zero, batch)
-    return KeptRows(torch.zeros(1, dtype=torch.long, device=device), zero, batch)
 
 
 # --- at add time: which branches may skip ----------------------------------------------------------------
@@ -195,10 +114,44 @@ class GatheredChange(Protocol):
     block: str
     drop: DropPath
     norms: tuple[nn.Module, ...]
+    gathers: list[tuple[nn.Module, Gather]]
+    empty_ok: bool
 
     def install_gathers(self) -> None: ...
 
     def remove_gathers(self) -> None: ...
+
+
+class _ForcedGather(Gather):
+    """A Gather that keeps the rows of a fixed 0/1 ``keep`` (in eval too), for the checks only."""
+
+    def __init__(self, drop: DropPath, norms: tuple[nn.Module, ...], empty_ok: bool, keep: torch.Tensor) -> None:
+        super().__init__(drop, norms, empty_ok)
+        self.keep = keep
+
+    def draw(self, x: torch.Tensor, training: bool) -> KeptRows | None:
+        return self.kept(self.keep, x.shape[self.drop.batch_axis], x.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Masked:
+    """The reference a kept-rows run must give: the branch computed on every row, masked with ``keep``."""
+
+    keep: torch.Tensor
+    scale: float
+
+    def apply(self, x: torch.Tensor, batch_axis: int) -> torch.Tensor:
+        return x * self.keep.to(device=x.device, dtype=x.dtype).view(mask_shape(x, batch_axis)) * self.scale
+
+
+class _InFull:
+    """A pre-hook for the checks only: the branch computes every row, its DropPath masks them (:class:`_Masked`)."""
+
+    def __init__(self, drop: DropPath, keep: torch.Tensor) -> None:
+        self.drop, self.keep = drop, keep
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.drop.kept_rows = _Masked(self.keep, self.drop.scale())
 
 
 _CHECK_TOLERANCE = 1e-5
@@ -221,16 +174,13 @@ def check_whole_model(model: nn.Module, changes: list[GatheredChange], inputs: E
         return False
     first = torch.zeros(batch)
     first[0] = 1.0
-    saved = [change.drop.empty_ok for change in changes]
     passed = False
     try:
+        with _forced(changes, [first] * len(changes), in_full=True):
+            full = eval_outputs(model, inputs)  # the model's own code on every row, each branch masked
         with _forced(changes, [first] * len(changes)):
-            with _computed_in_full(changes):
-                full = eval_outputs(model, inputs)  # the model's own code on every row, each branch masked
             kept = eval_outputs(model, inputs)
-            for change in changes:
-                change.drop.forced_keep = torch.zeros(batch - 1)
-                change.drop.empty_ok = True
+        with _forced(changes, [torch.zeros(batch - 1)] * len(changes), empty_ok=True):
             none_kept = eval_outputs(model, inputs.samples(1, batch))
         axes = _batch_axes(full, none_kept)
         passed = (
@@ -241,43 +191,35 @@ def check_whole_model(model: nn.Module, changes: list[GatheredChange], inputs: E
         )
     except Exception:  # noqa: BLE001 - checked block by block, which says why
         passed = False
-    finally:
-        for change, empty_ok in zip(changes, saved, strict=True):
-            change.drop.empty_ok = True if passed else empty_ok
+    if passed:
+        for change in changes:
+            change.empty_ok = True
     return passed
 
 
 @contextlib.contextmanager
-def _forced(changes: list[GatheredChange], keeps: list[torch.Tensor]) -> Iterator[None]:
-    """The drop of each change forced on with its ``keeps`` (which rows keep the branch); afterwards
-    every change is back in its own mode, with its Gathers installed and no kept rows left over."""
-    modes = [change.drop.mode for change in changes]
+def _forced(
+    changes: list[GatheredChange], keeps: list[torch.Tensor], in_full: bool = False, empty_ok: bool | None = None
+) -> Iterator[None]:
+    """Inside: the drop of each change forced on with its ``keeps`` (which rows keep the branch), by
+    check-only pre-hooks in place of its Gathers: on the kept rows (no sample kept: an empty batch if
+    ``empty_ok``, by default the change's own), or ``in_full``: every row computed, then masked (the
+    reference). Afterwards every change has its own Gathers back and no kept rows left over."""
+    handles = []
     try:
         for change, keep in zip(changes, keeps, strict=True):
-            change.drop.forced_keep = keep
-        yield
-    finally:
-        for change, mode in zip(changes, modes, strict=True):
-            change.drop.forced_keep = None
-            change.drop.kept_rows = None
-            change.drop.mode = mode
-            change.install_gathers()
-
-
-@contextlib.contextmanager
-def _computed_in_full(changes: list[GatheredChange]) -> Iterator[None]:
-    """Inside: each branch computed on every row and then masked (mode sample, no Gathers: the model's
-    own code), the reference its kept-rows run must reproduce; gathered again afterwards."""
-    modes = [change.drop.mode for change in changes]
-    try:
-        for change in changes:
             change.remove_gathers()
-            change.drop.mode = "sample"
+            ok = change.empty_ok if empty_ok is None else empty_ok
+            for module, gather in change.gathers:
+                hook = _InFull(change.drop, keep) if in_full else _ForcedGather(change.drop, gather.norms, ok, keep)
+                handles.append(module.register_forward_pre_hook(hook))
         yield
     finally:
-        for change, mode in zip(changes, modes, strict=True):
+        for handle in handles:
+            handle.remove()
+        for change in changes:
+            change.drop.kept_rows = None
             change.install_gathers()
-            change.drop.mode = mode
 
 
 def _batch_axes(outputs: list[torch.Tensor], fewer: list[torch.Tensor]) -> list[int] | None:
@@ -359,19 +301,17 @@ def _check_norms_left_alone(model, block, change: GatheredChange, args: tuple, k
     its BatchNorms as it was (nothing computed, nothing counted) and, where one sample can be kept
     (modes 'skip', 'fixed_count'), the BatchNorms train on it; else why not. The block's buffers (the
     shortcut's BatchNorms update in training too) and train/eval flags are restored afterwards."""
-    if not change.drop.empty_ok:
+    if not change.empty_ok:
         return (f"{_name_in(model, change.norms[0])} is a BatchNorm and the branch cannot run on an empty batch: "
                 "a dropped branch would still update it")
     saved = [(buffer, buffer.clone()) for buffer in block.buffers()]
     before = [[b.clone() for b in norm.buffers()] for norm in change.norms]
-    mode = change.drop.mode
     try:
         for keep, what in ((torch.zeros(batch), "no sample kept"), (torch.eye(batch)[0], "one sample kept")):
-            if what == "one sample kept" and mode == "batch":  # a kept branch sees the whole batch there
+            if what == "one sample kept" and change.drop.mode == "batch":  # a kept branch sees the whole batch
                 break
-            change.drop.forced_keep = keep
             try:
-                with training_flags_kept(block, training=True), private_rng(model):
+                with _forced([change], [keep]), training_flags_kept(block, training=True), private_rng(model):
                     block(*_cloned(args), **_cloned(kwargs))
             except Exception as error:  # noqa: BLE001 - any failure means: compute this branch in full
                 message = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -383,9 +323,6 @@ def _check_norms_left_alone(model, block, change: GatheredChange, args: tuple, k
                         return f"{_name_in(model, norm)} is a BatchNorm that a dropped branch still updates"
         return None
     finally:
-        change.drop.forced_keep = None
-        change.drop.mode = mode
-        change.drop.kept_rows = None
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
@@ -402,7 +339,7 @@ def _together(model, block, group: list[GatheredChange], args: tuple, kwargs: di
         if _compare_kept(model, block, group, args, kwargs, some) is not None:
             return False
         for change in group:
-            change.drop.empty_ok = True
+            change.empty_ok = True
         return _compare_kept(model, block, group, args, kwargs, [torch.zeros(batch)] * len(group)) is None
     except Exception:  # noqa: BLE001 - checked branch by branch, which says why
         return False
@@ -428,13 +365,13 @@ def _alternate(batch: int, offset: int) -> torch.Tensor:
 def _check_none_kept(model, block, change: GatheredChange, args: tuple, kwargs: dict, batch: int):
     """No sample kept: an empty batch if the branch takes one, else one sample multiplied by zero."""
     none = [torch.zeros(batch)]
-    change.drop.empty_ok = True
+    change.empty_ok = True
     try:
         if _compare_kept(model, block, [change], args, kwargs, none) is None:
             return None
     except Exception:  # noqa: BLE001 - e.g. a reshape with -1 cannot infer a size from 0 elements
         pass
-    change.drop.empty_ok = False
+    change.empty_ok = False
     return _compare_kept(model, block, [change], args, kwargs, none)
 
 
@@ -443,11 +380,10 @@ def _compare_kept(
 ) -> str | None:
     """Run ``block`` with ``keeps`` forced on ``changes``, in full and on kept rows; None if the outputs
     agree, else why. Every change is back in its own mode with its Gathers installed when it returns."""
-    with _forced(changes, keeps):
-        with _computed_in_full(changes), private_rng(model):
-            full = tensor_leaves(block(*_cloned(args), **_cloned(kwargs)))
-        with private_rng(model):
-            kept = tensor_leaves(block(*_cloned(args), **_cloned(kwargs)))
+    with _forced(changes, keeps, in_full=True), private_rng(model):
+        full = tensor_leaves(block(*_cloned(args), **_cloned(kwargs)))
+    with _forced(changes, keeps), private_rng(model):
+        kept = tensor_leaves(block(*_cloned(args), **_cloned(kwargs)))
     if max_abs_diff(full, kept) <= _tolerance(full):
         return None
     kind = "some samples" if any(bool(keep.any()) for keep in keeps) else "no sample"
