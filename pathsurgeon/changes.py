@@ -154,7 +154,8 @@ class Record:
 
     ``config``: the settings ``add`` was given; ``rate`` / ``schedule``: the ones in effect now (moved
     by ``set_rate``). ``blocks``: the blocks in execution order, as planned (the depth units the
-    schedule counts). ``library``: the library's rates for ``schedule="auto"``, asked at most once.
+    schedule counts). ``parts``: one ``parts.PartState`` per planned part, each holding its library's
+    rates for ``schedule="auto"``, asked at most once.
     """
 
     config: DropPathConfig
@@ -166,8 +167,6 @@ class Record:
     schedule: str | list[float]
     fallbacks: list[Fallback] = field(default_factory=list)
     rates_from: str = "linear over found units"
-    library: LibraryRates | None = None
-    library_asked: bool = False
     parts: list[Any] = field(default_factory=list)  # parts.PartState, one per planned part: set_rate re-rates each
     inputs_given: bool = False  # add ran on the caller's example_inputs (save records it; load asks for them)
     # a weak reference to the module the record is kept on: copy.copy(model) shares the record (and every
@@ -180,6 +179,21 @@ class Record:
 
     def bind(self, model: nn.Module) -> None:
         self.owner = weakref.ref(model)
+
+    @property
+    def library(self) -> LibraryRates | None:
+        """The library's rates of a model that is one part, itself; None for a model of several parts.
+
+        Read from the part, never copied (a record pickled by 0.3.0 may still carry a copy, unused).
+        """
+        return self.parts[0].library if self._one_part() else None
+
+    @property
+    def library_asked(self) -> bool:
+        return bool(self._one_part() and self.parts[0].library_asked)
+
+    def _one_part(self) -> bool:
+        return [state.part.path for state in self.parts] == [""]
 
     @property
     def mode(self) -> str:

@@ -20,6 +20,8 @@ from typing import Any, NamedTuple, Protocol, cast
 import torch
 from torch import fx
 
+from .choices import Mode
+
 __all__ = ["DRAWS", "Handover", "KeptRows", "batch_kept", "draw_rows", "drop_path", "drop_path_mask", "fixed_count",
            "fixed_count_mask", "fixed_count_rows", "keep_mask", "mask_shape", "scaled",
            "traced_drop_path"]
@@ -189,7 +191,7 @@ class DropSettings(Protocol):
     """What :func:`traced_drop_path` reads of a :class:`~pathsurgeon.droppath.DropPath`."""
 
     rate: float
-    mode: str
+    mode: Mode
     batch_axis: int
     scale_by_keep: bool
     draw: str

@@ -159,7 +159,6 @@ def add(
     record = Record(config, [], planned.branches, selection.blocks, captured.method, config.rate,
                     planned.schedule, rates_from=planned.rates_from,
                     parts=[PartState.of(p) for p in planned.part_plans], inputs_given=example_inputs is not None)
-    _mirror_library(record)
     record.bind(model)  # a copy.copy of the model shares the record, and is refused where it would use it
     difference = None
     with Transaction() as transaction:
@@ -307,7 +306,6 @@ def set_rate(
             by_slot = state.library_rates(model, rate, [c.target for c in mine])
         for change in mine:
             rate_of[change.target] = by_slot[change.target] if by_slot is not None else plan.rate_of(change.block)
-    _mirror_library(record)
     new_rates = [0.0 if change.silenced else rate_of[change.target] for change in record.changes]
     branches = [dataclasses.replace(b, rate=rate_of[b.target]) for b in record.branches]
     with Transaction() as transaction:
@@ -626,12 +624,6 @@ def _outside(model: nn.Module, held: list[str]) -> list[str]:
 
     walk(model, "")
     return names
-
-
-def _mirror_library(record: Record) -> None:
-    """A model that is one part, itself, keeps its library's rates on the record, as before parts."""
-    if [state.part.path for state in record.parts] == [""]:
-        record.library, record.library_asked = record.parts[0].library, record.parts[0].library_asked
 
 
 def _rates_summary(part_plans: list[PartPlan]) -> tuple[str, str]:
