@@ -418,13 +418,13 @@ def _inserted(drop: DropPath, owner: nn.Module) -> DropPath:
 
 
 def silencing_changes(
-    model: nn.Module, slot_calls: list[str], branches: list[Branch], left_alone: list[LeftAlone]
+    model: nn.Module, slot_calls: list[str], branches: list[Branch]
 ) -> list[Change]:
     """With hooked branches, the model's own drop paths that run get rate 0, so nothing drops twice.
 
     Only where a model has drop-path slots but none can be filled (HF CvT; see
     :func:`pathsurgeon.finder.select`). ``slot_calls``: the slots the model calls. ``strip`` puts the
-    library's module back, ``set_rate`` keeps it at 0; each one is listed in ``left_alone``.
+    library's module back, ``set_rate`` keeps it at 0; :func:`silenced_left_alone` says why, for the report.
     """
     if not any(b.mechanism == "hook" for b in branches):
         return []
@@ -438,6 +438,14 @@ def silencing_changes(
             continue
         drop = _inserted(DropPath(0.0), parent)
         changes.append(Change(parent_name, slot, drop, parent=parent, attr=attr, original=original, silenced=True))
-        left_alone.append(LeftAlone(parent_name, f"slot {slot} (rate {rate:.4g}) is also called off the residual "
-                                                 "branch: held at rate 0 while the branches are hooked"))
     return changes
+
+
+def silenced_left_alone(changes: list[Change]) -> list[LeftAlone]:
+    """What the report lists for each of :func:`silencing_changes`' slots: held at 0, and why."""
+    return [
+        LeftAlone(change.block, f"slot {change.target} (rate {slot_lib.existing_rate(change.original.value):.4g}) "
+                                "is also called off the residual branch: held at rate 0 while the branches are "
+                                "hooked")
+        for change in changes if change.silenced and change.original is not None
+    ]

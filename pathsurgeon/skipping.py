@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -45,24 +45,34 @@ __all__ = ["Gather", "assign_entries", "check_gathers", "check_whole_model", "dr
 # --- at add time: which branches may skip ----------------------------------------------------------------
 
 
+class Assigned(NamedTuple):
+    """What :func:`assign_entries` decided: the branches with their entries, why the others compute every
+    sample, and the BatchNorms of each gathered branch (target → BatchNorm names)."""
+
+    branches: list[Branch]
+    reasons: dict[str, str]
+    norms: dict[str, tuple[str, ...]]
+
+
 def assign_entries(
     model: nn.Module,
     branches: list[Branch],
     selected: list[ResidualAdd],
     view: GraphView,
     mode: str,
-    reasons: dict[str, str],
     batch_norm: str = "fallback",
-    norms: dict[str, tuple[str, ...]] | None = None,
-) -> list[Branch]:
-    """The branches in ``mode``, each with the module a Gather goes on; ``reasons`` gets the others.
+) -> Assigned:
+    """The branches in ``mode``, each with the module a Gather goes on, and why the others compute every
+    sample (``reasons``, by target).
 
     A branch holding a BatchNorm is gathered in mode 'batch' (a kept branch runs on the whole batch, a
     dropped one on no row: its BatchNorms neither compute nor update, as in Huang et al. 2016 and
     Composer's block-wise stochastic depth) and, with ``batch_norm="kept_rows"``, in modes 'skip' and
     'fixed_count' (its BatchNorms see the kept rows only); otherwise it computes every sample.
-    ``norms`` (target → BatchNorm names) gets the BatchNorms of every gathered branch.
+    ``norms`` (target → BatchNorm names): the BatchNorms of every gathered branch.
     """
+    reasons: dict[str, str] = {}
+    norms: dict[str, tuple[str, ...]] = {}
     entries = branch_entries(view, selected)
     for branch, residual in zip(branches, selected, strict=True):
         entry = entries[residual.node, residual.slot_call]
@@ -78,20 +88,20 @@ def assign_entries(
             # its statistics are gathered across ranks: an empty or short batch on one rank changes all
             reasons[branch.target] = f"{found[0]} is a SyncBatchNorm: every rank must compute the same rows"
         elif mode == "batch" or batch_norm == "kept_rows":
-            if norms is not None:
-                norms[branch.target] = tuple(dict.fromkeys((*norms.get(branch.target, ()), *found)))
+            norms[branch.target] = tuple(dict.fromkeys((*norms.get(branch.target, ()), *found)))
         else:
             reasons[branch.target] = (
                 f"{found[0]} is a BatchNorm: in training it would see the kept samples only "
                 "(pass DropPathConfig(..., batch_norm='kept_rows') to accept that)"
             )
-    return [
+    assigned = [
         dataclasses.replace(
             branch, mode=mode,
             entry=None if branch.target in reasons else entries[residual.node, residual.slot_call].module,
         )
         for branch, residual in zip(branches, selected, strict=True)
     ]
+    return Assigned(assigned, reasons, norms)
 
 
 def _batch_norms_in(model: nn.Module, names: Iterable[str]) -> list[str]:

@@ -43,6 +43,7 @@ from .changes import (
     build_changes,
     record_of,
     refuse_existing_surgery,
+    silenced_left_alone,
     silencing_changes,
     surgered_submodules,
     unrecorded_changes,
@@ -166,9 +167,9 @@ def add(
         transaction.do(functools.partial(vars(model).__setitem__, RECORD_ATTRIBUTE, record),
                        functools.partial(vars(model).pop, RECORD_ATTRIBUTE, None))
         with clock("apply"):
-            for change in build_changes(model, planned.branches, planned.norms) + silencing_changes(
-                model, _hooked_parts_slots(captured, planned), planned.branches, planned.left_alone
-            ):
+            silenced = silencing_changes(model, _hooked_parts_slots(captured, planned), planned.branches)
+            planned.left_alone.extend(silenced_left_alone(silenced))
+            for change in build_changes(model, planned.branches, planned.norms) + silenced:
                 record.changes.append(change)
                 transaction.do(change.install, change.undo)
         if observation is not None and config.tolerance is not None:
@@ -480,8 +481,8 @@ def _plan(
     reasons: dict[str, str] = {}
     norms: dict[str, tuple[str, ...]] = {}
     if config.mode != "sample":
-        branches = assign_entries(model, branches, chosen, captured.view, config.mode, reasons,
-                                  config.batch_norm, norms)
+        branches, reasons, norms = assign_entries(model, branches, chosen, captured.view, config.mode,
+                                                  config.batch_norm)
     formulas = {"library" if p.rates.library is not None else p.plan.formula for p in part_plans}
     formula = formulas.pop() if len(formulas) == 1 else "per part"
     rates_from, note = _rates_summary(part_plans)
