@@ -276,6 +276,7 @@ def test_failure_during_the_subset_check_leaves_the_model_as_it_was(monkeypatch)
     assert module_layout(model) == layout and list(model.state_dict()) == keys
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sample", "skip", "batch", pytest.param("fixed_count", marks=supported_from(
     "torch", "2.14", "dynamo refuses the fixed-count rows op (Dynamic shape operator; seen on 2.4 and 2.9)"))])
 def test_torch_compile_matches_eager(mode):

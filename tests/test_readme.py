@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import pathsurgeon
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -18,6 +20,7 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
+@pytest.mark.slow
 def test_quick_start_runs_offline_as_written(tmp_path):
     """The first two blocks (the quick start and DropPathConfig), run with no network in a fresh folder.
 
