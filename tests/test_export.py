@@ -11,7 +11,7 @@ import timm
 import torch
 
 pytest.importorskip("onnxruntime")
-from conftest import ONNX_EXPORT, pathsurgeon_leftovers  # noqa: E402
+from conftest import ONNX_EXPORT, pathsurgeon_leftovers, timm_model  # noqa: E402
 
 import pathsurgeon  # noqa: E402
 from pathsurgeon.export import export_onnx  # noqa: E402
@@ -114,7 +114,8 @@ def test_surgered_model_in_eval_exports_the_clean_graph(tmp_path):
 @ONNX_EXPORT
 def test_cli_export_strips_on_the_way(tmp_path):
     out, onnx_file = tmp_path / "dp", tmp_path / "model.onnx"
-    subprocess.run([sys.executable, "-m", "pathsurgeon.cli", "add", "--model", "resnet18", "--rate", "0.1",
+    name = timm_model("test_resnet")  # timm's tiny ResNet (batch norms, residual adds): resnet18 proves no more
+    subprocess.run([sys.executable, "-m", "pathsurgeon.cli", "add", "--model", name, "--rate", "0.1",
                     "--out", str(out)], check=True, capture_output=True)
     result = subprocess.run([sys.executable, "-m", "pathsurgeon.cli", "export", "--in", str(out), "--onnx",
                              str(onnx_file), "--opset", "18"], capture_output=True, text=True)
