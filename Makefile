@@ -9,7 +9,7 @@ FLOORS_STAMP := $(FLOORS)/.installed
 # A wheel installed into a clean environment, made anew each run.
 WHEEL_VENV := .venv-wheel
 
-.PHONY: demo test lint typecheck docs docs-serve dist check-wheel test-floors ci clean
+.PHONY: demo test test-fast lint typecheck docs docs-serve dist check-wheel test-floors ci clean
 
 $(STAMP): pyproject.toml setup.py pathsurgeon/_version.py
 	@echo "Creating $(VENV): torch, timm, transformers and the test tools (several GB; a few minutes the first time)..."
@@ -27,6 +27,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --durations=10
+
+# The fast tier, for the edit-test loop: the whole suite less the tests marked slow (pyproject.toml's markers).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -m "not slow" --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

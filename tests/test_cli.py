@@ -36,6 +36,7 @@ def test_help_answers_without_importing_torch():
         assert result.returncode == 0 and "usage: pathsurgeon" in result.stdout
 
 
+@pytest.mark.slow
 def test_add_end_to_end_in_a_subprocess(tmp_path):
     out, report = tmp_path / "surgered", tmp_path / "plan.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

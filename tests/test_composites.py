@@ -288,6 +288,7 @@ def test_clip_towers_each_get_their_own_schedule(hf_clip):
         pathsurgeon.strip(hf_clip)
 
 
+@pytest.mark.slow
 def test_a_list_schedule_over_two_towers_survives_save_and_load(hf_clip, tmp_path):
     """set_rate's list is split over the parts; the record keeps all of it, so load replays it whole."""
     model = copy.deepcopy(hf_clip)
@@ -308,6 +309,7 @@ def _outputs_equal(a, b) -> bool:
     return bool(tensors) and all(torch.equal(x, y) for x, y in tensors)
 
 
+@pytest.mark.slow
 @supported_from("transformers", "5.0", "LW-DETR and other configs it builds are missing from 4.50")
 def test_default_inputs_are_at_the_image_size_of_the_backbone_config():
     """LW-DETR states its image size on its backbone's config only; its windows do not fit 224 pixels."""
@@ -325,6 +327,7 @@ def test_default_inputs_are_at_the_image_size_of_the_backbone_config():
     assert [(p.path, p.source, p.branches) for p in found.parts][0] == ("model.backbone.backbone", "backbone_config", 8)
 
 
+@pytest.mark.slow
 @supported_from("transformers", "5.0", "Grounding DINO cannot be captured on 4.50 (a data-dependent guard)")
 def test_grounding_dino_default_inputs_run_its_text_backbone_too():
     """Grounding DINO takes an image and text, its image size on the backbone's config: both made up."""
@@ -377,6 +380,7 @@ def _sam_decoder_residuals(model) -> dict[str, str]:
     return expected
 
 
+@pytest.mark.slow
 @supported_from("transformers", "5.0", "Sam2HieraDetConfig is missing from 4.50")
 def test_sam2_default_inputs_are_at_its_prompt_encoders_image_size():
     """SAM 2 keeps its image size on the prompt encoder's config, not the vision config's."""
@@ -400,6 +404,7 @@ def test_sam2_default_inputs_are_at_its_prompt_encoders_image_size():
     assert mlps == {f"vision_encoder.backbone.blocks.{i}.mlp" for i in range(4)}
 
 
+@pytest.mark.slow
 @supported_from("transformers", "5.0", "SAM cannot be captured on 4.50 (a data-dependent guard)")
 def test_sam_mask_decoder_is_left_alone_by_default_and_include_brings_it_in_on_its_own_schedule(hf_sam):
     model, inputs = hf_sam
@@ -445,6 +450,7 @@ def test_sam_mask_decoder_is_left_alone_by_default_and_include_brings_it_in_on_i
     assert _outputs_equal(before, eval_outputs(model, inputs))
 
 
+@pytest.mark.slow
 @supported_from("transformers", "5.0", "on 4.50 DETR's backbone part is found at another path")
 def test_detr_encoder_is_left_alone_by_default_and_include_brings_it_in_on_its_own_schedule():
     torch.manual_seed(0)
@@ -675,6 +681,7 @@ def test_torchvision_feature_extractor_gets_its_builders_rates(last):
     assert pathsurgeon_leftovers(extractor) == []
 
 
+@pytest.mark.slow
 def test_timm_fx_feature_net_and_traced_vit_get_timms_rates():
     import timm
 
@@ -724,6 +731,7 @@ def _swin_bert_captioner():
                                 vocab_size=100))
 
 
+@pytest.mark.slow
 def test_the_text_decoder_of_a_captioner_is_left_alone_and_include_brings_it_in(captioner):
     """On made-up inputs (at the encoder's 32 pixels, with decoder ids): the ViT is a part, GPT-2 is not."""
     model = copy.deepcopy(captioner)
@@ -763,6 +771,7 @@ def test_a_swin_bert_captioner_keeps_hf_swin_rates_and_leaves_bert_alone():
         pathsurgeon.strip(model)
 
 
+@pytest.mark.slow
 def test_a_captioner_given_inputs_without_use_cache_is_captured_without_its_cache(captioner):
     """torch.export cannot hold the EncoderDecoderCache GPT-2 returns: add passes use_cache=False itself."""
     model = copy.deepcopy(captioner)
@@ -794,6 +803,7 @@ def llava():
     return model, {"pixel_values": torch.randn(2, 3, 32, 32), "input_ids": ids}
 
 
+@pytest.mark.slow
 def test_the_language_model_of_a_llava_is_left_alone_and_include_brings_it_in(llava):
     model, inputs = llava
     model = copy.deepcopy(model)
@@ -814,6 +824,7 @@ def test_the_language_model_of_a_llava_is_left_alone_and_include_brings_it_in(ll
         pathsurgeon.strip(model)
 
 
+@pytest.mark.slow
 def test_a_model_added_on_example_inputs_saves_and_loads_with_them(llava, tmp_path):
     """The manifest records that add ran on the caller's inputs; load takes them and re-adds on them."""
     import json
@@ -829,6 +840,7 @@ def test_a_model_added_on_example_inputs_saves_and_loads_with_them(llava, tmp_pa
     assert {b.target: b.rate for b in pathsurgeon.find(loaded)} == {b.target: b.rate for b in report.branches}
 
 
+@pytest.mark.slow
 def test_the_inputs_hint_shows_the_keywords_a_dict_input_model_takes(llava):
     model, _ = llava
     with pytest.raises(pathsurgeon.ExampleInputsError,
@@ -860,6 +872,7 @@ def test_lora_first_then_add_on_an_hf_swin_gets_hfs_own_floats():
         pathsurgeon.strip(model)
 
 
+@pytest.mark.slow
 def test_upernet_names_no_include_hint_that_brings_in_nothing():
     torch.manual_seed(0)
     backbone = transformers.SwinConfig(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 1, 2, 2], window_size=4,
@@ -882,6 +895,7 @@ def _detections(model: torch.nn.Module, images: list[torch.Tensor]) -> list[torc
         return [t for output in model(images) for t in output.values()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("builder, alone", [
     ("fasterrcnn_mobilenet_v3_large_320_fpn", ["backbone.fpn", "rpn", "roi_heads", "transform"]),
     ("retinanet_resnet50_fpn", ["backbone.fpn", "anchor_generator", "head", "transform"]),

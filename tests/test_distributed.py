@@ -36,6 +36,7 @@ def torchrun(what: str, tmp_path: Path) -> list[dict]:
     return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
+@pytest.mark.slow
 def test_ddp_trains_every_mode_without_find_unused_parameters(tmp_path):
     ranks = torchrun("ddp", tmp_path)
     for rank in ranks:
@@ -49,6 +50,7 @@ def test_ddp_trains_every_mode_without_find_unused_parameters(tmp_path):
                 assert "\n" not in refusal
 
 
+@pytest.mark.slow
 @supported_from("torch", "2.6", "torch.distributed.fsdp.fully_shard is public from 2.6")
 def test_fsdp2_add_before_sharding_strip_after_training_full_state_dict_has_the_original_keys(tmp_path):
     ranks = torchrun("fsdp", tmp_path)
@@ -64,6 +66,7 @@ def test_fsdp2_add_before_sharding_strip_after_training_full_state_dict_has_the_
         assert "fully_shard" in rank["refusal"] and "pathsurgeon.add before" in rank["refusal"]
 
 
+@pytest.mark.slow
 def test_hf_trainer_on_two_processes(tmp_path):
     pytest.importorskip("transformers")
     ranks = torchrun("hf", tmp_path)

@@ -31,6 +31,7 @@ def test_plain_loop_example_trains_each_step_at_fn_of_the_step(caplog):
     assert sum("drop_path_rate" in record.getMessage() for record in caplog.records) == 4
 
 
+@pytest.mark.slow
 def test_finetune_digits_example_runs_all_variants_and_plots(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")

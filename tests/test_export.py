@@ -11,7 +11,7 @@ import timm
 import torch
 
 pytest.importorskip("onnxruntime")
-from conftest import ONNX_EXPORT, pathsurgeon_leftovers  # noqa: E402
+from conftest import ONNX_EXPORT, pathsurgeon_leftovers, timm_model  # noqa: E402
 
 import pathsurgeon  # noqa: E402
 from pathsurgeon.export import export_onnx  # noqa: E402
@@ -75,6 +75,7 @@ def aten_ops(model, x):
     return [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
 
 
+@pytest.mark.slow
 @ONNX_EXPORT
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_fine_tuned_and_stripped_model_exports_like_a_fresh_one(name, tmp_path):
@@ -96,6 +97,7 @@ def test_fine_tuned_and_stripped_model_exports_like_a_fresh_one(name, tmp_path):
     assert aten_ops(model, x) == aten_ops(fresh, x)
 
 
+@pytest.mark.slow
 @ONNX_EXPORT
 def test_surgered_model_in_eval_exports_the_clean_graph(tmp_path):
     torch.manual_seed(0)
@@ -108,10 +110,12 @@ def test_surgered_model_in_eval_exports_the_clean_graph(tmp_path):
     assert model.training and pathsurgeon.is_surgered(model)
 
 
+@pytest.mark.slow
 @ONNX_EXPORT
 def test_cli_export_strips_on_the_way(tmp_path):
     out, onnx_file = tmp_path / "dp", tmp_path / "model.onnx"
-    subprocess.run([sys.executable, "-m", "pathsurgeon.cli", "add", "--model", "resnet18", "--rate", "0.1",
+    name = timm_model("test_resnet")  # timm's tiny ResNet (batch norms, residual adds): resnet18 proves no more
+    subprocess.run([sys.executable, "-m", "pathsurgeon.cli", "add", "--model", name, "--rate", "0.1",
                     "--out", str(out)], check=True, capture_output=True)
     result = subprocess.run([sys.executable, "-m", "pathsurgeon.cli", "export", "--in", str(out), "--onnx",
                              str(onnx_file), "--opset", "18"], capture_output=True, text=True)
@@ -157,6 +161,7 @@ def io_shapes(file):
     return ({i.name: i.shape for i in session.get_inputs()}, {o.name: o.shape for o in session.get_outputs()})
 
 
+@pytest.mark.slow
 @ONNX_EXPORT
 @pytest.mark.parametrize("name", ["timm_vit", "hf_vit"])
 def test_python_export_takes_any_batch_under_sensible_names(name, tmp_path):
@@ -175,6 +180,7 @@ def test_python_export_takes_any_batch_under_sensible_names(name, tmp_path):
         assert torch.allclose(torch.from_numpy(got), want, atol=1e-4)
 
 
+@pytest.mark.slow
 @ONNX_EXPORT
 def test_a_batch_of_one_is_traced_as_two_and_static_fixes_the_batch(tmp_path):
     torch.manual_seed(0)
@@ -200,6 +206,7 @@ class BatchOfTwo(torch.nn.Module):
         return self.fc(x).reshape(2, -1)
 
 
+@pytest.mark.slow
 @ONNX_EXPORT
 def test_a_model_that_fixes_its_batch_is_refused_with_the_fix(tmp_path):
     with pytest.raises(pathsurgeon.PathSurgeonError, match=r"at batch 1 .*pass dynamic_batch=False and batch_size=N"):
@@ -209,6 +216,7 @@ def test_a_model_that_fixes_its_batch_is_refused_with_the_fix(tmp_path):
     assert report.checked_batches == (2,)
 
 
+@pytest.mark.slow
 @ONNX_EXPORT
 def test_cli_export_of_a_timm_and_an_hf_model_runs_at_batch_1_and_5(tmp_path, capsys):
     from pathsurgeon import cli
@@ -233,6 +241,7 @@ def test_cli_export_of_a_timm_and_an_hf_model_runs_at_batch_1_and_5(tmp_path, ca
                     assert torch.allclose(torch.from_numpy(got), call(model, x), atol=1e-4)
 
 
+@pytest.mark.slow
 @ONNX_EXPORT
 def test_cli_export_input_size_and_static(tmp_path, capsys):
     from pathsurgeon import cli
@@ -250,6 +259,7 @@ def test_cli_export_input_size_and_static(tmp_path, capsys):
     assert not (tmp_path / "x.onnx").exists()
 
 
+@pytest.mark.slow
 def test_export_is_reachable_from_the_package_without_importing_it_first():
     code = (
         "import sys, pathsurgeon\n"
@@ -273,6 +283,7 @@ class WithFlag(torch.nn.Module):
         return self.fc(x) * scale if flag else self.fc(x)
 
 
+@pytest.mark.slow
 @ONNX_EXPORT
 def test_the_batch_axis_is_called_batch_whatever_the_inputs(tmp_path):
     inputs = {"x": torch.randn(3, 4), "scale": torch.randn(3, 1), "flag": True}

@@ -68,6 +68,7 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_directory_another_run_wrote_at_a_file_output_is_never_deleted(tmp_path, capsys):
     """`add --json D` runs while another run writes its checkpoint directory at D: the first refuses."""
     work = tmp_path / "work"
@@ -83,6 +84,7 @@ def test_a_directory_another_run_wrote_at_a_file_output_is_never_deleted(tmp_pat
     assert sorted(p.name for p in work.iterdir()) == ["D"]  # and no staging left over
 
 
+@pytest.mark.slow
 def test_a_file_another_run_wrote_at_an_output_is_not_replaced(tmp_path, capsys):
     """Two runs write the same --json path; the one that commits second refuses instead of replacing."""
     target = tmp_path / "plan.json"
@@ -106,6 +108,7 @@ def test_an_output_file_that_was_there_when_checked_is_replaced(tmp_path, capsys
 # --- ONNX over 2 GB -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @ONNX_EXPORT
 def test_an_export_with_external_data_is_carried_into_place_and_loads_there(tmp_path, monkeypatch):
     """torch writes NAME.onnx.data beside the .onnx for models over 2 GB; lowering its threshold makes a tiny
@@ -133,6 +136,7 @@ def test_an_export_with_external_data_is_carried_into_place_and_loads_there(tmp_
     onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.slow
 @ONNX_EXPORT
 def test_an_export_whose_weights_file_is_missing_in_place_is_put_back(tmp_path, monkeypatch):
     """The check runs on the file in place; when it fails, what was there before is back and nothing is left."""
@@ -173,6 +177,7 @@ def run_limited(tmp_path: Path, limit: str, size: int, *argv, **popen) -> subpro
                           capture_output="stdout" not in popen, timeout=300, **popen)
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_exits_2_and_removes_the_folders_it_made(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
@@ -197,6 +202,7 @@ def test_no_space_left_reported_by_a_library_exits_2(tmp_path, capsys, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_closed_stdout_is_not_an_internal_error_and_the_outputs_are_written_first(tmp_path):
     import os
 
@@ -229,6 +235,7 @@ def convnext_dir(folder: Path, image_size: int) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_an_image_size_no_weight_checks_is_bounded_before_any_input_is_made(tmp_path):
     """ConvNeXt's weights do not depend on image_size: 16384 asked for a 6 GB input and more in the forward.
     Under a memory cap below that, the run must refuse with one line, not die or exit 3."""
@@ -343,6 +350,7 @@ def wait_for(path: Path, process: subprocess.Popen, what: str) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, second, exit_code", [("SIGINT", "SIGINT", 130), ("SIGTERM", "SIGHUP", 143)])
 def test_a_second_signal_during_the_clean_up_is_held_until_it_is_done(tmp_path, first, second, exit_code):
     """Ctrl-C twice, or SIGTERM then SIGHUP, while a checkpoint is written: the second signal lands during

@@ -96,6 +96,7 @@ def test_fixed_count_is_dinov2_efficient_stochastic_depth(rate):
         assert torch.equal(model(x), reference(x))
 
 
+@pytest.mark.slow
 @supported_from("torch", "2.14", "dynamo refuses the fixed-count rows op (Dynamic shape operator; seen on 2.4 and 2.9)")
 def test_fixed_count_compiles_fullgraph_once_for_every_step_and_rate():
     """One graph, no break, no recompile while the rate moves (0 included); compiled equals eager."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from unittest import mock
 
+import pytest
 import torch
 from conftest import module_layout, pathsurgeon_leftovers
 from hypothesis import HealthCheck, given, settings
@@ -165,6 +166,7 @@ def inputs(seed: int = 1) -> torch.Tensor:
     return torch.randn(BATCH, TOKENS, DIM, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 @given(description=network, rate=st.sampled_from([0.25, 0.5, 0.9]))
 def test_surgery_keeps_its_invariants_and_draws_timms_masks(description, rate):
     native, model = pair(description, rate)

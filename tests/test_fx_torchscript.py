@@ -220,6 +220,7 @@ def test_scripted_drop_path_matches_timms_in_every_mode():
     assert torch.equal(torch.jit.script(pathsurgeon.DropPath(0.4).eval())(x), x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tv-resnet18", "tv-mobilenet_v3_small"])
 def test_torchscript_refuses_hooks_by_name_and_scripting_works_after_strip(name, x):
     untouched, model = _pair(name, "sample", x)
@@ -234,6 +235,7 @@ def test_torchscript_refuses_hooks_by_name_and_scripting_works_after_strip(name,
         assert torch.equal(torch.jit.script(model).eval()(x), untouched.eval()(x))
 
 
+@pytest.mark.slow
 def test_a_failed_script_leaves_later_scripting_working(x):
     """After a refusal, scripting a surgered slot model in the same process still works (no half-compiled
     DropPath properties: "Can't redefine method: __drop_prob_getter")."""
@@ -256,6 +258,7 @@ def test_scripting_error_is_an_attribute_error_for_probes():
         assert getattr(hook, "__name__", "default") == "default"
 
 
+@pytest.mark.slow
 def test_timm_torchscript_with_features_fx(x):
     """timm's test_model_forward_torchscript_with_features_fx, on a surgered features_only fx model."""
     with warnings.catch_warnings():

@@ -87,6 +87,7 @@ def hf_trainer(model, scheduler, out, **overrides):
     )
 
 
+@pytest.mark.slow
 def test_hf_callback_sets_each_steps_rate_and_logs_it(tmp_path):
     model = hf_vit()
     pathsurgeon.add(model, 0.1)
@@ -101,6 +102,7 @@ def test_hf_callback_sets_each_steps_rate_and_logs_it(tmp_path):
     assert logged == [(k + 1, scheduler.rate_at(k)) for k in range(STEPS)]  # step k+1's log: step k's rate
 
 
+@pytest.mark.slow
 def test_hf_resume_continues_the_schedule(tmp_path):
     model = hf_vit()
     pathsurgeon.add(model, 0.1)

@@ -95,6 +95,7 @@ def test_timm_rates_are_the_constructors_bitwise(name):
                                                                       for c in _record(model).changes}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "efficientnet_b0", "nextvit_small"])
 def test_set_rate_gives_what_add_gives_bitwise(name):
     """Rate laws (linspace in float32; r * i / N; NextViT's rates times its mix ratio) at any rate."""
@@ -120,6 +121,7 @@ def test_set_rate_gives_what_add_gives_bitwise(name):
     assert all(law is not None for law in record.library.laws.values())  # no rebuild per call
 
 
+@pytest.mark.slow
 def test_a_larger_n_that_mimics_a_fraction_on_the_probes_is_not_chosen():
     """NextViT-L: rates are linspace(0, r, 40)[k] times 1/4 or 3/4, and linspace(0, r, 157) holds every
     quarter step in real arithmetic; it agreed with timm on all six probe rates, not at 0.8765 (found
@@ -172,6 +174,7 @@ def zero_stochastic_depth(model: nn.Module) -> nn.Module:
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "builder, rate, size",
     [
@@ -255,6 +258,7 @@ def test_timm_constructor_arguments_take_no_channels_from_a_stem_convolution():
 
 # --- constructor arguments (what save/load will record) ---------------------------------------------
 
+@pytest.mark.slow
 def test_constructor_arguments_round_trip_through_the_library():
     model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=64)
     recipe = constructor_arguments(model)

@@ -52,6 +52,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
     return {"wheel": wheel, "sdist": sdist}
 
 
+@pytest.mark.slow
 def test_the_wheel_carries_every_module_and_data_file(built):
     with zipfile.ZipFile(built["wheel"]) as wheel:
         names = set(wheel.namelist())
@@ -61,6 +62,7 @@ def test_the_wheel_carries_every_module_and_data_file(built):
     assert not stray, f"the wheel installs files outside the package: {stray}"
 
 
+@pytest.mark.slow
 def test_the_wheel_metadata_has_one_version_and_the_license(built):
     with zipfile.ZipFile(built["wheel"]) as wheel:
         (metadata_name,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
@@ -73,6 +75,7 @@ def test_the_wheel_metadata_has_one_version_and_the_license(built):
     assert entry == ["torch>=2.4"]
 
 
+@pytest.mark.slow
 def test_the_sdist_carries_the_package_the_tests_the_examples_and_the_docs(built):
     with tarfile.open(built["sdist"]) as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}

@@ -67,6 +67,7 @@ def _run(code: str, cwd: Path) -> subprocess.CompletedProcess:
 PAGES_WITH_BLOCKS = [page for page in documented_pages()[1:] if any(reason is None for _, reason in blocks(page))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES_WITH_BLOCKS, ids=lambda page: str(page.relative_to(DOCS)))
 def test_documentation_blocks_run_offline(page, tmp_path):
     # a page's blocks that are README's quick start word for word (docs/index.md) run in the test below
@@ -92,6 +93,7 @@ def test_blocks_not_run_are_few_and_say_why():
     assert run >= 7  # the quick start, DropPathConfig, and at least one block on each guide page with code
 
 
+@pytest.mark.slow
 def test_quick_start_runs_offline_as_written(tmp_path):
     """The first two blocks (the quick start and DropPathConfig), run with no network in a fresh folder.
 

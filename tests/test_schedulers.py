@@ -212,6 +212,7 @@ def _step_grads(model: nn.Module, x: torch.Tensor, seed: int):
     return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
+@pytest.mark.slow
 def test_sample_mode_compiles_once_for_all_rates_and_matches_timm():
     """fullgraph: one graph for rates 0, 0.3, 0.05, ...; each compiled step equals timm's eager model at fn(k)."""
     import torch._dynamo
@@ -232,6 +233,7 @@ def test_sample_mode_compiles_once_for_all_rates_and_matches_timm():
     assert not any(torch._dynamo.utils.guard_failures.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["skip", "batch"])
 def test_skip_and_batch_modes_never_recompile_for_a_rate(mode):
     """Their graph breaks recompile for batch sizes (the kept count); never because a rate changed."""

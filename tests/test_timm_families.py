@@ -132,9 +132,20 @@ def _inputs(model, size: int | None = None) -> torch.Tensor:
 _FAMILY_RELEASES = {"coat": ("1.0.31", "timm 1.0.8's CoaT has no stochastic depth (asserts drop_path_rate == 0)")}
 
 
+# families whose model takes seconds to build and compare: `make test-fast` leaves them out (the rest keep
+# one model of each kind: ViTs, hierarchical transformers, convnets, MLP-mixers, hybrids)
+_SLOW_FAMILIES = {
+    "byobnet", "cait", "coat", "crossvit", "davit", "fastvit", "focalnet", "gcvit", "hgnet", "hiera", "inception_next",
+    "lowformer", "maxxvit", "metaformer", "mvitv2", "nest", "nextvit", "nfnet", "rexnet", "sequencer", "swiftformer",
+    "swin_transformer_v2", "tiny_vit", "twins", "volo",
+}
+
+
 @pytest.mark.parametrize("family", [
-    pytest.param(family, marks=supported_from("timm", *_FAMILY_RELEASES[family])) if family in _FAMILY_RELEASES
-    else family for family in sorted(FAMILIES)
+    pytest.param(family, marks=[
+        *([supported_from("timm", *_FAMILY_RELEASES[family])] if family in _FAMILY_RELEASES else []),
+        *([pytest.mark.slow] if family in _SLOW_FAMILIES else []),
+    ]) for family in sorted(FAMILIES)
 ])
 def test_matches_native_timm(family):
     name, overrides, size = FAMILIES[family]
@@ -152,9 +163,14 @@ _CASE_RELEASES = dict.fromkeys(  # cases an older timm builds otherwise (or whos
 )
 
 
+_SLOW_CASES = {"slot before a scale, res_scale on the shortcut", "pooled shortcut that splits and joins"}
+
+
 @pytest.mark.parametrize("case", [
-    pytest.param(case, marks=supported_from("timm", *_CASE_RELEASES[case])) if case in _CASE_RELEASES else case
-    for case in sorted(FINDER_CASES)
+    pytest.param(case, marks=[
+        *([supported_from("timm", *_CASE_RELEASES[case])] if case in _CASE_RELEASES else []),
+        *([pytest.mark.slow] if case in _SLOW_CASES else []),
+    ]) for case in sorted(FINDER_CASES)
 ])
 def test_finder_fix_matches_native_timm(case):
     assert_matches_native(*FINDER_CASES[case])
@@ -279,6 +295,7 @@ def test_default_rate_is_re_rated_not_stacked(name, overrides):
     assert parent_rates(called_drop_paths(default, x)) != set()
 
 
+@pytest.mark.slow
 def test_vit_base_has_24_branches_with_linear_rates():
     model = timm.create_model("vit_base_patch16_224", pretrained=False)
     report = pathsurgeon.add(model, 0.1)

@@ -211,6 +211,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(name):
         torch.testing.assert_close(checkpointed_grads[key], grad, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_trainer_fine_tunes_a_surgered_model(tmp_path):
     model = build("vit")
     pathsurgeon.add(model, 0.2)
@@ -309,6 +310,7 @@ def test_hooked_branches_are_really_dropped(name):
         assert bool((out.flatten(1) == 0).all(1).any()), target  # at rate 0.9, 8 samples: some are dropped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [
     pytest.param(name, marks=LAYERS_OF_5) if name in ("vit", "deit") else name
     for name in sorted(set(MODELS) - {"vit_mae"})
@@ -429,6 +431,7 @@ def test_slots_on_windows_of_a_sample_mask_rows_as_hugging_face_does():
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_a_drop_path_also_called_off_the_branch_is_held_at_zero_not_stacked():
     """HF CvT calls one DropPath on the attention branch and on the layer output (shortcut included)."""
     config = T.CvtConfig(embed_dim=[16, 32, 64], num_heads=[1, 2, 2], depth=[1, 2, 3],
@@ -448,6 +451,7 @@ def test_a_drop_path_also_called_off_the_branch_is_held_at_zero_not_stacked():
     assert module_layout(model) == layout and pathsurgeon_leftovers(model) == []
 
 
+@pytest.mark.slow
 @supported_from("transformers", "5.0", "SigLIP2 cannot be captured on 4.50 (a data-dependent guard)")
 def test_default_inputs_for_token_id_and_pre_patchified_models():
     imagegpt = T.ImageGPTForImageClassification(T.ImageGPTConfig(n_layer=2, n_embd=32, n_head=2)).eval()

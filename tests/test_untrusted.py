@@ -137,6 +137,7 @@ def test_directory_with_its_own_code_is_refused_everywhere(hf_dir, tmp_path, cap
     assert digest(tmp_path) == before  # nothing written, nothing changed
 
 
+@pytest.mark.slow
 def test_remote_code_is_refused_even_when_stdin_says_yes(hf_dir, tmp_path):
     """transformers prompts "Do you wish to run the custom code? [y/N]"; a yes on stdin must change nothing."""
     marker = tmp_path / "marker"
@@ -427,6 +428,7 @@ def _start_blocked_add(tmp_path: Path, out: Path) -> tuple[subprocess.Popen, Pat
     return process, ready
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
 def test_signal_during_write_leaves_nothing_behind(tmp_path, how, exit_code):
     work = tmp_path / "work"
@@ -440,6 +442,7 @@ def test_signal_during_write_leaves_nothing_behind(tmp_path, how, exit_code):
     assert list(work.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_staging_left_by_a_killed_run_is_removed_by_the_next(tmp_path, capsys):
     work = tmp_path / "work"
     work.mkdir()
@@ -565,6 +568,7 @@ def sharded_hf_dir(hf_dir: Path, folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_shards_must_be_regular_files_inside_the_directory(hf_dir, tmp_path, capsys):
     folder = sharded_hf_dir(hf_dir, tmp_path / "sharded")
     code, _, err = run(capsys, "inspect", "--model", folder)
@@ -893,6 +897,7 @@ sys.exit(cli.main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 def test_a_zip_declaring_gigabytes_is_refused_before_torch_allocates_them(tmp_path):
     """A 1.5 MB .pth whose deflated record declares 3 GB: refused from the zip's headers, under a memory cap
     that makes a regression fail at once (torch's allocation) instead of eating the machine."""
@@ -963,6 +968,7 @@ def test_a_shallow_copy_cannot_strip_or_re_rate_the_original_it_shares_its_modul
     assert not pathsurgeon.is_surgered(model) and not pathsurgeon.is_surgered(shallow)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sparse", "quantized"])
 def test_sparse_or_quantized_weights_are_refused_in_one_line_without_torch_warnings(tmp_path, kind):
     import warnings
