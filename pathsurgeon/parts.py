@@ -62,6 +62,7 @@ __all__ = [
     "relative",
     "select_by_part",
     "split_units",
+    "surgered_part_by_part",
     "under",
     "unreached_modules",
 ]
@@ -262,6 +263,13 @@ def capturable_parts(model: nn.Module) -> list[str]:
         if part.path and part.default and not any(under(part.path, held) for held in found):
             found.append(part.path)
     return found
+
+
+def surgered_part_by_part(model: nn.Module, surgered: list[str]) -> bool:
+    """Whether the surgery records in ``model``'s tree (at the ``surgered`` module paths) are those
+    :func:`pathsurgeon.add` leaves on a model it could not capture whole: one on each of its
+    :func:`capturable_parts`, none on the model."""
+    return bool(surgered) and "" not in surgered and set(surgered) == set(capturable_parts(model))
 
 
 # --- selecting the residual adds part by part ---------------------------------------------------------

@@ -52,6 +52,7 @@ from .config import DropPathConfig, config_from_arguments, validate_rate, valida
 from .errors import (
     CaptureError,
     ExampleInputsError,
+    InvalidScheduleError,
     NoBranchesError,
     PathSurgeonError,
     VerificationError,
@@ -73,6 +74,7 @@ from .parts import (
     relative,
     select_by_part,
     split_units,
+    surgered_part_by_part,
     unreached_modules,
 )
 from .plan import make_branch, make_plan
@@ -207,7 +209,16 @@ def find(model: nn.Module, example_inputs: Any = None) -> list[Branch]:
     record = record_of(model)
     if record is not None:
         return list(record.branches)
-    captured, selection, inputs = _discover(model, example_inputs)
+    try:
+        captured, selection, inputs = _discover(model, example_inputs)
+    except CaptureError:
+        held = capturable_parts(model)
+        if not held:
+            raise
+        # a detector: its parts, as add treats them (surgered: their records)
+        side = detection_image_size(model, padded=True)
+        return [b for path in held for b in _inside(path, find(model.get_submodule(path),
+                                                              _part_inputs(model.get_submodule(path), side)))]
     if not selection.chosen:
         return []
     shapes = _hook_shapes(model, inputs, selection, made_up=example_inputs is None)
@@ -235,7 +246,13 @@ def preview(
     if rate is not None:
         rate = validate_rate(rate)
     schedule = validate_schedule(schedule, rate)
-    captured, selection, inputs = _discover(model, example_inputs)
+    try:
+        captured, selection, inputs = _discover(model, example_inputs)
+    except CaptureError:
+        held = capturable_parts(model)
+        if not held:
+            raise
+        return _preview_parts(model, rate, schedule, held)
     if not selection.chosen:
         raise _no_branches(model, selection.left_alone)
     part_plans = plan_parts(model, selection, list(captured.view.slot_calls.values()), rate, schedule)
@@ -263,6 +280,14 @@ def set_rate(model: nn.Module, rate: float | None, *, schedule: str | Sequence[f
     record = record_of(model)
     if record is None:
         inner = surgered_submodules(model)
+        if surgered_part_by_part(model, inner):  # a detector: add surgered its parts, each on its own
+            if not isinstance(schedule, str) and len(inner) > 1:
+                raise InvalidScheduleError(
+                    f"a list schedule cannot be split over the parts {', '.join(inner)} add surgered one by one; "
+                    "call set_rate on each part (model.<part>) with its own list"
+                )
+            return [b for path in inner for b in _inside(path, set_rate(model.get_submodule(path), rate,
+                                                                           schedule=schedule))]
         if not inner and (unrecorded := unrecorded_changes(model)):
             # a tree taken out of the model add was given: the rates are planned from the record there
             raise PathSurgeonError(
@@ -484,11 +509,7 @@ def _add_to_parts(
     with Transaction() as transaction:
         for path in held:
             part = model.get_submodule(path)
-            part_inputs = None
-            if side is not None:
-                device, dtype = placement(part)
-                generator = torch.Generator().manual_seed(0)
-                part_inputs = torch.randn((EXAMPLE_BATCH, 3, side, side), generator=generator).to(device, dtype)
+            part_inputs = _part_inputs(part, side)
             with clock("parts"):
                 transaction.do(functools.partial(_add_part, reports, path, part, config, part_inputs),
                                functools.partial(_strip_part, part))
@@ -502,6 +523,59 @@ def _add_to_parts(
                     f"{', '.join(held)}; nothing was changed; report the model to pathsurgeon"
                 )
     return _parts_report(model, config, reports, held, error, difference, clock)
+
+
+def _part_inputs(part: nn.Module, side: int | None) -> torch.Tensor | None:
+    """Images at the size a detector's transform makes (``side``), for its backbone body; None: the
+    part's own made-up inputs."""
+    if side is None:
+        return None
+    device, dtype = placement(part)
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn((EXAMPLE_BATCH, 3, side, side), generator=generator).to(device, dtype)
+
+
+def _inside(path: str, branches: Sequence[Branch]) -> list[Branch]:
+    """A part's branches named from the model that holds the part at ``path``."""
+    def name(inner: str | None) -> str | None:
+        return f"{path}.{inner}" if inner else (path if inner == "" else None)
+
+    return [dataclasses.replace(b, block=cast(str, name(b.block)), target=cast(str, name(b.target)),
+                                unit=name(b.unit), entry=name(b.entry), part=path) for b in branches]
+
+
+def _preview_parts(model: nn.Module, rate: float | None, schedule: str | list[float], held: list[str]) -> Preview:
+    """:func:`preview` of a model :func:`add` surgers part by part (a detector): each part's preview,
+    named from the model."""
+    side = detection_image_size(model, padded=True)
+    branches: list[Branch] = []
+    part_reports: list[PartReport] = []
+    notes: list[str] = []
+    for path in held:
+        part = model.get_submodule(path)
+        preview_ = preview(part, rate, schedule=schedule, example_inputs=_part_inputs(part, side))
+        mine = _inside(path, preview_)
+        branches += mine
+        library, source, note = _part_origin(model, path, preview_.rates_from, preview_.rates_note,
+                                             preview_.parts)
+        if note:
+            notes.append(f"{path}: {note}")
+        part_reports.append(PartReport(path, library, source, preview_.rates_from, note,
+                                       len({b.block for b in mine}), len(mine)))
+    sources = {p.rates_from for p in part_reports}
+    return Preview(branches, sources.pop() if len(sources) == 1 else "per part", "; ".join(notes), part_reports)
+
+
+def _part_origin(model: nn.Module, path: str, rates_from: str, note: str,
+                 parts: Sequence[PartReport]) -> tuple[str | None, str, str]:
+    """(library, source, rates note) of a part surgered on its own: a detection backbone body is
+    torchvision's (which builds no drop path there)."""
+    if type(model.get_submodule(path)).__name__ == "IntermediateLayerGetter":
+        if rates_from == "linear over found units":
+            note = ("torchvision builds no drop path into a detector's backbone (a ResNet's or MobileNetV3's "
+                    "stages): linear over its found units")
+        return "torchvision", "detection backbone", note
+    return next((p.library for p in parts if p.library), None), "library part", note
 
 
 def _add_part(reports: list[tuple[str, Report]], path: str, part: nn.Module, config: DropPathConfig,
@@ -528,23 +602,16 @@ def _parts_report(
         return f"{path}.{name}" if name else (path if name == "" else None)
 
     for path, report in reports:
-        body = type(model.get_submodule(path)).__name__ == "IntermediateLayerGetter"
-        mine = [dataclasses.replace(b, block=cast(str, inside(path, b.block)), target=cast(str, inside(path, b.target)),
-                                    unit=inside(path, b.unit), entry=inside(path, b.entry), part=path)
-                for b in report.branches]
+        mine = _inside(path, report.branches)
         branches += mine
         left_alone += [LeftAlone(cast(str, inside(path, k.block)), k.reason) for k in report.left_alone]
         fallbacks += [Fallback(cast(str, inside(path, f.block)), cast(str, inside(path, f.target)), f.reason)
                       for f in report.fallbacks]
-        note = report.rates_note
-        if body and report.rates_from == "linear over found units":
-            note = ("torchvision builds no drop path into a detector's backbone (a ResNet's or MobileNetV3's "
-                    "stages): linear over its found units")
+        library, source, note = _part_origin(model, path, report.rates_from, report.rates_note, report.parts)
         if note:
             notes.append(f"{path}: {note}")
-        library = "torchvision" if body else next((p.library for p in report.parts if p.library), None)
-        part_reports.append(PartReport(path, library, "detection backbone" if body else "library part",
-                                       report.rates_from, note, len({b.block for b in mine}), len(mine)))
+        part_reports.append(PartReport(path, library, source, report.rates_from, note,
+                                       len({b.block for b in mine}), len(mine)))
     reason = (f"{type(model).__name__} cannot be captured whole ({_first_clause(error)}); drop path went into "
               f"its parts {', '.join(held)} alone")
     left_alone += [LeftAlone(name, reason) for name in _outside(model, held)]

@@ -684,6 +684,9 @@ def test_timm_fx_feature_net_and_traced_vit_get_timms_rates():
     try:
         expected = timm_called_rates("convnext_atto", RATE, "graph_module", 64)
         assert branch_rates(report.branches) == expected
+        # timm's own numbers, not a float32 line that happens to equal them: traced at a rate, timm's
+        # DropPath is inlined and leaves no slot, so the replay used to fail ("the rebuilt model has no slot")
+        assert report.rates_from == "timm constructor", report.rates_note
     finally:
         pathsurgeon.strip(features)
     traced = torch.fx.symbolic_trace(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=3)).eval()
@@ -921,3 +924,71 @@ def test_torchvision_detector_gets_drop_path_in_its_backbone_body(builder, alone
     stripped = _detections(model, images)
     assert all(torch.equal(a, b) for a, b in zip(before, stripped, strict=True))
     assert str(model) == str(pristine)
+
+
+def _small_detector(builder: str) -> torch.nn.Module:
+    detection = pytest.importorskip("torchvision.models.detection")
+    torch.manual_seed(0)
+    return getattr(detection, builder)(weights=None, weights_backbone=None, min_size=64, max_size=64).eval()
+
+
+def test_find_preview_and_set_rate_work_on_a_whole_detector():
+    """The calls after add take the detector as add did: part by part (its backbone.body)."""
+    model = _small_detector("fasterrcnn_mobilenet_v3_large_320_fpn")
+    before = pathsurgeon.find(model)  # was: CaptureError (the detector cannot be captured whole)
+    assert before and {b.rate for b in before} == {0.0} and all(b.block.startswith("backbone.body.") for b in before)
+    preview = pathsurgeon.preview(model, 0.1)  # was: CaptureError
+    assert [(p.path, p.library, p.source, p.rates_from) for p in preview.parts] == [
+        ("backbone.body", "torchvision", "detection backbone", "linear over found units")]
+    assert not pathsurgeon.is_surgered(model)
+
+    report = pathsurgeon.add(model, 0.1)
+    try:
+        assert [(b.target, b.rate) for b in report.branches] == [(b.target, b.rate) for b in preview]
+        assert [(b.target, b.rate) for b in pathsurgeon.find(model)] == [(b.target, b.rate) for b in preview]
+        units = list(dict.fromkeys(b.unit for b in report.branches))
+        rerated = pathsurgeon.set_rate(model, 0.2)  # was: "call set_rate on model.backbone.body"
+        body = pathsurgeon.preview(model.backbone.body, 0.2, example_inputs=torch.randn(2, 3, 64, 64))
+        assert [b.rate for b in rerated] == [b.rate for b in body]
+        assert rerated[-1].rate == pytest.approx(0.2) and rerated[0].block.startswith("backbone.body.")
+        schedule = [round(0.01 * i, 2) for i in range(len(units))]
+        rerated = pathsurgeon.set_rate(model, None, schedule=schedule)
+        assert [b.rate for b in rerated] == [schedule[units.index(b.unit)] for b in report.branches]
+        from pathsurgeon.changes import RECORD_ATTRIBUTE
+
+        live = {f"backbone.body.{c.target}": c.drop.rate for c in vars(model.backbone.body)[RECORD_ATTRIBUTE].changes}
+        assert live == {b.target: b.rate for b in rerated}
+    finally:
+        pathsurgeon.strip(model)
+    assert pathsurgeon_leftovers(model) == []
+
+
+def test_saving_a_detector_is_refused_in_one_line_and_its_state_dict_keys_are_unchanged(tmp_path):
+    """pathsurgeon.load cannot rebuild a detector (no torchvision classification builder makes it), so
+    save refuses before writing anything, and says what to save instead."""
+    model = _small_detector("fasterrcnn_mobilenet_v3_large_320_fpn")
+    keys = list(model.state_dict())
+    pathsurgeon.add(model, 0.1)
+    with pytest.raises(pathsurgeon.PathSurgeonError) as caught:
+        pathsurgeon.save(model, tmp_path / "detector")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("cannot save FasterRCNN: ")  # was: "save model.backbone.body"
+    assert "save model.state_dict()" in message and "add again after loading" in message
+    assert not (tmp_path / "detector").exists()
+    assert list(model.state_dict()) == keys
+    pathsurgeon.strip(model)
+
+
+def test_mask_rcnn_gets_drop_path_in_its_backbone_body_and_keeps_its_masks():
+    model = _small_detector("maskrcnn_resnet50_fpn")
+    images = [torch.rand(3, 64, 64)]
+    before = _detections(model, images)
+    report = pathsurgeon.add(model, 0.1)
+    try:
+        assert [p.path for p in report.parts] == ["backbone.body"] and report.max_abs_diff == 0.0
+        assert len({b.block for b in report.branches}) == 16  # ResNet-50's 3 + 4 + 6 + 3 bottlenecks
+        assert {"roi_heads", "rpn", "backbone.fpn"} <= {k.block for k in report.left_alone}
+        assert all(torch.equal(a, b) for a, b in zip(before, _detections(model, images), strict=True))
+    finally:
+        pathsurgeon.strip(model)
+    assert pathsurgeon_leftovers(model) == []
