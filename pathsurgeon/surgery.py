@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from . import slots as slot_lib
 from .capture import Capture, capture
@@ -146,6 +146,8 @@ def add(
         )
     with clock("plan"):
         planned = _plan(model, captured, selection, config, observation)
+        _refuse_zero_rates(model, config.rate, config.schedule_argument, planned.part_plans,
+                           [b.rate for b in planned.branches])
     _warn_unmatched_patterns(config, [*selection.blocks, *(k.block for k in selection.left_alone)])
 
     record = Record(config, [], planned.branches, selection.blocks, captured.method, config.rate,
@@ -262,6 +264,7 @@ def preview(
         dataclasses.replace(make_branch(a, planned.plan, r, shapes, batch), part=planned.part.path)
         for planned in part_plans for a, r in zip(planned.chosen, planned.rates.values, strict=True)
     ], selection)
+    _refuse_zero_rates(model, rate, schedule, part_plans, [b.rate for b in branches])
     rates_from, note = _rates_summary(part_plans)
     return Preview(branches, rates_from, note, _part_reports(part_plans, branches, selection))
 
@@ -421,6 +424,25 @@ class _Planned:
     rates_from: str
     rates_note: str
     norms: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # target -> its BatchNorms
+
+
+def _refuse_zero_rates(model: nn.Module, rate: float | None, schedule: str | list[float],
+                       part_plans: list[PartPlan], rates: list[float]) -> None:
+    """An fx GraphModule whose residual adds all land in one depth unit (a traced model whose blocks were
+    inlined, adds at the top of its graph) would get rate 0 on every branch from a linear schedule at a
+    non-zero rate, and its library's rates are not known: refused rather than reported as a success."""
+    if not rate or schedule not in ("auto", "linear") or not rates or any(rates):
+        return
+    if any(p.rates.library is not None or len(p.plan.units) > 1 for p in part_plans):
+        return  # the library's own numbers, zeros included; or zeros a recipe keeps
+    if not any(isinstance(m, fx.GraphModule) for m in model.modules()):
+        return
+    blocks = sorted({b or "(the model)" for p in part_plans for b in p.plan.unit_of_block})
+    raise PathSurgeonError(
+        f"all {len(rates)} residual branches of this fx GraphModule lie in one depth unit (blocks: "
+        f"{', '.join(blocks[:3])}), so linear rates over depth give each 0 at rate {rate}, and no library's rates "
+        "are known for it: add drop path before tracing, or pass schedule='uniform' or a list of rates"
+    )
 
 
 def _warn_unmatched_patterns(config: DropPathConfig, blocks: Sequence[str]) -> None:

@@ -699,6 +699,34 @@ def test_timm_fx_feature_net_and_traced_vit_get_timms_rates():
         pathsurgeon.strip(traced)
 
 
+class _FlatResiduals(torch.nn.Module):
+    """Residual adds written in the model's own forward: traced, every branch lies in the model itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.f1, self.f2, self.f3 = (torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        x = x + self.f1(x)
+        x = x + self.f2(x)
+        return x + self.f3(x)
+
+
+def test_a_traced_model_whose_branches_lie_in_one_depth_unit_is_refused_not_given_zeros():
+    """No library's rates are known and linear over one depth unit is 0 for every branch: refused in one
+    line (was: "3 branches ... eval check passed" with every rate 0 at rate 0.3)."""
+    traced = torch.fx.symbolic_trace(_FlatResiduals()).eval()
+    x = torch.randn(2, 8)
+    for call in (pathsurgeon.add, pathsurgeon.preview):
+        with pytest.raises(pathsurgeon.PathSurgeonError, match=r"^all 3 residual branches of this fx GraphModule "
+                                                               r"lie in one depth unit .*schedule='uniform'[^\n]*$"):
+            call(traced, RATE, example_inputs=x)
+    assert not pathsurgeon.is_surgered(traced) and pathsurgeon_leftovers(traced) == []
+    report = pathsurgeon.add(traced, RATE, schedule="uniform", example_inputs=x)  # a way out that works
+    assert [b.rate for b in report.branches] == [RATE] * 3
+    pathsurgeon.strip(traced)
+
+
 # --- captioning and vision-language models: the vision tower is a part, the language model is left alone --
 
 
