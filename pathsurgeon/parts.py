@@ -53,6 +53,7 @@ __all__ = [
     "PartState",
     "bring_in",
     "capturable_parts",
+    "detection_bodies",
     "library_parts",
     "part_module",
     "part_of",
@@ -234,20 +235,25 @@ def library_parts(model: nn.Module) -> list[Part]:
     return [Part("", "transformers" if root_config is not None else None, "the model")]
 
 
-def _detection_bodies() -> tuple[type, ...]:
+def detection_bodies() -> tuple[type, ...]:
+    """The classes torchvision builds a detector's backbone trunk from: the ``IntermediateLayerGetter``
+    over a ResNet's or MobileNetV3's stages (R-CNNs, RetinaNet, FCOS), SSD's VGG and SSDlite's
+    MobileNetV3 feature extractors."""
     try:
         from torchvision.models._utils import IntermediateLayerGetter
+        from torchvision.models.detection.ssd import SSDFeatureExtractorVGG
+        from torchvision.models.detection.ssdlite import SSDLiteFeatureExtractorMobileNet
     except ImportError:  # no torchvision: only library parts
         return ()
-    return (IntermediateLayerGetter,)
+    return (IntermediateLayerGetter, SSDFeatureExtractorVGG, SSDLiteFeatureExtractorMobileNet)
 
 
 def capturable_parts(model: nn.Module) -> list[str]:
     """Where a whole model cannot be captured (a torchvision detector: data-dependent box handling), the
-    outermost parts that can be surgered on their own: a torchvision detection backbone's body (an
-    ``IntermediateLayerGetter`` over a torchvision ResNet or MobileNetV3's stages), and every library
+    outermost parts that can be surgered on their own: a torchvision detection backbone's trunk
+    (:func:`detection_bodies`), and every library
     part :func:`library_parts` finds inside (a timm or Hugging Face backbone). The rest is left alone."""
-    bodies = _detection_bodies()
+    bodies = detection_bodies()
     found: list[str] = []
 
     def walk(module: nn.Module, path: str) -> None:

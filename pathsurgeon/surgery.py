@@ -65,6 +65,7 @@ from .parts import (
     PartSelection,
     PartState,
     capturable_parts,
+    detection_bodies,
     library_parts,
     part_module,
     part_of,
@@ -592,7 +593,7 @@ def _part_origin(model: nn.Module, path: str, rates_from: str, note: str,
                  parts: Sequence[PartReport]) -> tuple[str | None, str, str]:
     """(library, source, rates note) of a part surgered on its own: a detection backbone body is
     torchvision's (which builds no drop path there)."""
-    if type(model.get_submodule(path)).__name__ == "IntermediateLayerGetter":
+    if isinstance(model.get_submodule(path), detection_bodies()):
         if rates_from == "linear over found units":
             note = ("torchvision builds no drop path into a detector's backbone (a ResNet's or MobileNetV3's "
                     "stages): linear over its found units")

@@ -1020,3 +1020,22 @@ def test_mask_rcnn_gets_drop_path_in_its_backbone_body_and_keeps_its_masks():
     finally:
         pathsurgeon.strip(model)
     assert pathsurgeon_leftovers(model) == []
+
+
+def test_ssdlite_gets_drop_path_in_its_mobilenet_feature_extractor():
+    """SSDlite's backbone is no IntermediateLayerGetter but torchvision's own MobileNetV3 feature extractor:
+    surgered on its own at the 320 pixels SSDlite fixes (was: CaptureError on the whole detector)."""
+    detection = pytest.importorskip("torchvision.models.detection")
+    torch.manual_seed(0)
+    model = detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
+    images = [torch.rand(3, 64, 64)]
+    before = _detections(model, images)
+    report = pathsurgeon.add(model, 0.1)
+    try:
+        assert [(p.path, p.library, p.source) for p in report.parts] == [
+            ("backbone", "torchvision", "detection backbone")]
+        assert report.max_abs_diff == 0.0 and report.branches[-1].rate == pytest.approx(0.1)
+        assert all(torch.equal(a, b) for a, b in zip(before, _detections(model, images), strict=True))
+    finally:
+        pathsurgeon.strip(model)
+    assert pathsurgeon_leftovers(model) == []
