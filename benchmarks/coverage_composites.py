@@ -21,7 +21,7 @@ Three sources are built from small fixed lists rather than a library's registry,
 real tensors), each part compared the same way:
 
 - ``torchvision-detection``: every builder in ``torchvision.models.detection`` with ``weights=None,
-  weights_backbone=None`` and images of 64 pixels (``min_size=max_size=64``). A detector cannot be
+  weights_backbone=None`` and images of 64 pixels (``min_size=max_size=64``; SSD at its own 300 / 320). A detector cannot be
   captured whole; ``add`` surgers its backbone body (and any library backbone) on its own. torchvision
   builds no drop path into a detection backbone (its ResNet, MobileNetV3 and VGG classes take no
   ``stochastic_depth_prob``): linear over the body's own depth;
@@ -82,6 +82,12 @@ STATUS_NOTES = (
     "- **cannot build**: the composite's own library fails to build it (smp: mostly \"Unsupported model "
     "downsampling pattern\", a `tu-` encoder with no feature pyramid it can use; Hugging Face: a default "
     "config that does not build); pathsurgeon never sees a model.",
+    "- **differs**: some part's rates or sites are not its library's. The fx row `timm:resnet18` "
+    "(`FeatureGraphNet`): timm leaves a ResNet block's `drop_path` `None` at rate 0, so the traced graph keeps "
+    "no slot there; pathsurgeon hooks those blocks at linear rates over them (float32 `torch.linspace`), which "
+    "differ from timm's Python floats in the ninth digit (0.02857142873 against 0.02857142857); the sites agree.",
+    "- **left alone** (a part): a text decoder or language model (vision-language rows), a part no library "
+    "gives drop path by default; a vision-language row whose language model is not left alone differs.",
     "- A row whose note says *built on the cpu* ran on real tensors: on the meta device the model calls "
     "`.item()` or has data-dependent shapes that neither torch.fx nor torch.export gets through; *cut by "
     "... only*: the model does not build or run with both cuts (DPT's heads read fixed layer indices, "
@@ -185,8 +191,9 @@ def build_here(source: str, name: str):
     if source == "torchvision-detection":
         from torchvision.models import detection
 
-        return getattr(detection, name)(weights=None, weights_backbone=None, min_size=SMALL_DETECTION,
-                                        max_size=SMALL_DETECTION).eval(), None
+        # SSD fixes its own size (300, 320 pixels) and takes none
+        size = {} if name.startswith("ssd") else {"min_size": SMALL_DETECTION, "max_size": SMALL_DETECTION}
+        return getattr(detection, name)(weights=None, weights_backbone=None, **size).eval(), None
     image = torch.randn(2, 3, SMALL_DETECTION, SMALL_DETECTION)
     if source == "fx":
         library, model_name = name.split(":")
@@ -685,6 +692,16 @@ def write_doc(command: str) -> None:
         "built from their own sub-config with `drop_path_rate=R`; parts whose library has no drop path must be",
         "linear over their own depth. Blocks outside every library part are left alone by default (see the",
         "README, *Models inside models*).",
+        "",
+        "Three sources are small fixed lists built on the CPU (the docstring has the details):",
+        "*torchvision-detection* (every builder of `torchvision.models.detection`, `weights=None,",
+        "weights_backbone=None`, 64-pixel images; `preview` surgers the backbone body on its own, linear over its",
+        "depth: torchvision builds no drop path there), *fx* (torchvision's `create_feature_extractor` against the",
+        "builder at `stochastic_depth_prob=R` on the modules the extractor keeps; timm's `FeatureGraphNet` and a",
+        "`torch.fx.symbolic_trace`d timm ViT against timm's untraced model, block by block) and *vision-language*",
+        "(VisionEncoderDecoder ViT + GPT-2 and Swin + BERT, Llava CLIP + Llama, PaliGemma SigLIP + Gemma, from",
+        "small configs: the vision tower against its library, the text decoder / language model must be left",
+        "alone).",
         "",
         "Rows by the commit they ran at: " + ", ".join(
             f"{commit} {count}" for commit, count in Counter(r["commit"] for r in rows).most_common()) + ".",
