@@ -21,10 +21,10 @@ Three sources are built from small fixed lists rather than a library's registry,
 real tensors), each part compared the same way:
 
 - ``torchvision-detection``: every builder in ``torchvision.models.detection`` with ``weights=None,
-  weights_backbone=None`` and images of 64 pixels (``min_size=max_size=64``; SSD at its own 300 / 320). A detector cannot be
-  captured whole; ``add`` surgers its backbone body (and any library backbone) on its own. torchvision
-  builds no drop path into a detection backbone (its ResNet, MobileNetV3 and VGG classes take no
-  ``stochastic_depth_prob``): linear over the body's own depth;
+  weights_backbone=None`` and images of 64 pixels (``min_size=max_size=64``; SSD at its own 300 / 320).
+  A detector cannot be captured whole; ``add`` surgers its backbone body (and any library backbone)
+  on its own. torchvision builds no drop path into a detection backbone (its ResNet, MobileNetV3 and
+  VGG classes take no ``stochastic_depth_prob``): linear over the body's own depth;
 - ``fx``: fx feature extractors, which keep the traced model's module names: torchvision's
   ``create_feature_extractor`` on convnext_tiny, swin_t, efficientnet_b0 and resnet18 (reference: the
   builder at ``stochastic_depth_prob=R``, its ``StochasticDepth`` rates on the modules the extractor

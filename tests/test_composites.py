@@ -695,6 +695,9 @@ def test_timm_fx_feature_net_and_traced_vit_get_timms_rates():
         built = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=3, drop_path_rate=RATE)
         expected = {n: r for n, r in called_drop_paths(built, torch.randn(2, 3, 32, 32)).items() if r > 0}
         assert branch_rates(report.branches) == expected
+        # every residual, block 0's attention one included (its inlined LayerNorm was owned by the model,
+        # not by blocks.0, so that add looked like an input of the block: 5 branches, not 6)
+        assert [b.target for b in report.branches] == [f"blocks.{i}.drop_path{j}" for i in range(3) for j in (1, 2)]
     finally:
         pathsurgeon.strip(traced)
 
