@@ -1011,13 +1011,21 @@ def test_saving_a_detector_is_refused_in_one_line_and_its_state_dict_keys_are_un
 
 
 def test_mask_rcnn_gets_drop_path_in_its_backbone_body_and_keeps_its_masks():
-    model = _small_detector("maskrcnn_resnet50_fpn")
+    """A small Mask R-CNN (torchvision's MaskRCNN class on its MobileNetV3 FPN backbone)."""
+    detection = pytest.importorskip("torchvision.models.detection")
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import mobilenet_backbone
+
+    torch.manual_seed(0)
+    backbone = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True, trainable_layers=6)
+    anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
+    model = detection.MaskRCNN(backbone, num_classes=3, min_size=64, max_size=64, rpn_anchor_generator=anchors).eval()
     images = [torch.rand(3, 64, 64)]
     before = _detections(model, images)
     report = pathsurgeon.add(model, 0.1)
     try:
         assert [p.path for p in report.parts] == ["backbone.body"] and report.max_abs_diff == 0.0
-        assert len({b.block for b in report.branches}) == 16  # ResNet-50's 3 + 4 + 6 + 3 bottlenecks
+        assert len({b.block for b in report.branches}) == 10  # MobileNetV3-Large's residual blocks
         assert {"roi_heads", "rpn", "backbone.fpn"} <= {k.block for k in report.left_alone}
         assert all(torch.equal(a, b) for a, b in zip(before, _detections(model, images), strict=True))
     finally:
