@@ -17,6 +17,24 @@ rates with the part's library built directly at R:
 - a part whose library has no drop path: pathsurgeon's rates must be linear over the part's own
   depth units (``torch.linspace(0, R, n)``), starting again at 0 in every part.
 
+Three sources are built from small fixed lists rather than a library's registry, on the CPU (they need
+real tensors), each part compared the same way:
+
+- ``torchvision-detection``: every builder in ``torchvision.models.detection`` with ``weights=None,
+  weights_backbone=None`` and images of 64 pixels (``min_size=max_size=64``; SSD at its own 300 / 320).
+  A detector cannot be captured whole; ``add`` surgers its backbone body (and any library backbone)
+  on its own. torchvision builds no drop path into a detection backbone (its ResNet, MobileNetV3 and
+  VGG classes take no ``stochastic_depth_prob``): linear over the body's own depth;
+- ``fx``: fx feature extractors, which keep the traced model's module names: torchvision's
+  ``create_feature_extractor`` on convnext_tiny, swin_t, efficientnet_b0 and resnet18 (reference: the
+  builder at ``stochastic_depth_prob=R``, its ``StochasticDepth`` rates on the modules the extractor
+  keeps), timm's ``features_only=True, feature_cls='fx'`` (``FeatureGraphNet``) on a few timm models
+  (reference: as any timm part), and ``torch.fx.symbolic_trace`` of a timm ViT; inputs of 64 pixels;
+- ``vision-language``: VisionEncoderDecoder (ViT + GPT-2, Swin + BERT) and Llava (CLIP + Llama) and
+  PaliGemma (SigLIP + Gemma), from small configs, on inputs given as a user would (Llava's and
+  PaliGemma's text must hold one image token per image feature). The vision tower is compared as any
+  Hugging Face part; the text decoder / language model must be *left alone*.
+
 A row *agrees* when every part does, bitwise. Where the meta device cannot run a composite, it is built
 again on the CPU (and a Hugging Face config cut one way at a time, see :func:`check`). Rows are JSON lines in
 ``benchmarks/coverage_results/composites.jsonl``; ``--write-doc`` writes docs/coverage-composites.md.
@@ -64,6 +82,12 @@ STATUS_NOTES = (
     "- **cannot build**: the composite's own library fails to build it (smp: mostly \"Unsupported model "
     "downsampling pattern\", a `tu-` encoder with no feature pyramid it can use; Hugging Face: a default "
     "config that does not build); pathsurgeon never sees a model.",
+    "- **differs**: some part's rates or sites are not its library's. The fx row `timm:resnet18` "
+    "(`FeatureGraphNet`): timm leaves a ResNet block's `drop_path` `None` at rate 0, so the traced graph keeps "
+    "no slot there; pathsurgeon hooks those blocks at linear rates over them (float32 `torch.linspace`), which "
+    "differ from timm's Python floats in the ninth digit (0.02857142873 against 0.02857142857); the sites agree.",
+    "- **left alone** (a part): a text decoder or language model (vision-language rows), a part no library "
+    "gives drop path by default; a vision-language row whose language model is not left alone differs.",
     "- A row whose note says *built on the cpu* ran on real tensors: on the meta device the model calls "
     "`.item()` or has data-dependent shapes that neither torch.fx nor torch.export gets through; *cut by "
     "... only*: the model does not build or run with both cuts (DPT's heads read fixed layer indices, "
@@ -72,7 +96,13 @@ STATUS_NOTES = (
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "coverage_results" / "composites.jsonl"
 DOC = ROOT / "docs" / "coverage-composites.md"
-SOURCES = ("open_clip", "smp", "transformers")
+SOURCES = ("open_clip", "smp", "transformers", "torchvision-detection", "fx", "vision-language")
+BUILT_HERE = ("torchvision-detection", "fx", "vision-language")  # small fixed lists, built on the CPU
+FX_TORCHVISION = ("convnext_tiny", "swin_t", "efficientnet_b0", "resnet18")
+FX_TIMM = ("convnext_atto", "resnet18", "efficientnet_b0", "regnety_002")
+VISION_LANGUAGE = ("ved:vit-gpt2", "ved:swin-bert", "llava:clip-llama", "paligemma:siglip-gemma")
+LANGUAGE_MODELS = {"ved:vit-gpt2": "decoder", "ved:swin-bert": "decoder", "llava:clip-llama": "model.language_model",
+                   "paligemma:siglip-gemma": "model.language_model"}
 HF_MAPPINGS = (
     "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_BACKBONE_MAPPING_NAMES",
     "MODEL_FOR_IMAGE_SEGMENTATION_MAPPING_NAMES", "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES",
@@ -133,6 +163,94 @@ def transformers_names() -> list[str]:
             for cls in classes if isinstance(classes, tuple) else (classes,):
                 names.add(f"{key}:{cls}")
     return sorted(names)
+
+
+def detection_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models.detection))
+
+
+def fx_names() -> list[str]:
+    return ([f"torchvision:{n}" for n in FX_TORCHVISION] + [f"timm:{n}" for n in FX_TIMM]
+            + ["timm-traced:vit_tiny_patch16_224"])
+
+
+def vision_language_names() -> list[str]:
+    return list(VISION_LANGUAGE)
+
+
+SMALL_DETECTION = 64
+
+
+def build_here(source: str, name: str):
+    """(model, example_inputs or None) of the sources built from fixed lists."""
+    import torch
+
+    torch.manual_seed(0)
+    if source == "torchvision-detection":
+        from torchvision.models import detection
+
+        # SSD fixes its own size (300, 320 pixels) and takes none
+        size = {} if name.startswith("ssd") else {"min_size": SMALL_DETECTION, "max_size": SMALL_DETECTION}
+        return getattr(detection, name)(weights=None, weights_backbone=None, **size).eval(), None
+    image = torch.randn(2, 3, SMALL_DETECTION, SMALL_DETECTION)
+    if source == "fx":
+        library, model_name = name.split(":")
+        if library == "torchvision":
+            import torchvision
+            from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+            model = torchvision.models.get_model(model_name)
+            last = [n for n in get_graph_node_names(model)[1] if n.startswith("features.") or n.startswith("layer")]
+            outputs = {"features.3": "c3", "features.5": "c4"} if "features.5" in str(last) else {
+                "layer2": "c3", "layer4": "c5"}
+            return create_feature_extractor(model, outputs).eval(), image
+        import timm
+
+        if library == "timm":
+            return timm.create_model(model_name, features_only=True, feature_cls="fx").eval(), image
+        traced = timm.create_model(model_name, img_size=SMALL_DETECTION, depth=4)
+        return torch.fx.symbolic_trace(traced).eval(), image
+    return _vision_language(name)
+
+
+def _vision_language(name: str):
+    import torch
+    import transformers
+
+    images = torch.randn(2, 3, 32, 32)
+    if name.startswith("ved:"):
+        if name == "ved:vit-gpt2":
+            encoder = transformers.ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                             intermediate_size=64, image_size=32, patch_size=8)
+            decoder = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32)
+        else:
+            encoder = transformers.SwinConfig(embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=4,
+                                              image_size=32, patch_size=4)
+            decoder = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                              intermediate_size=64, vocab_size=100)
+        config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+        config.decoder_start_token_id, config.pad_token_id = 1, 0
+        return transformers.VisionEncoderDecoderModel(config).eval(), None  # made-up inputs run it
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                intermediate_size=64, vocab_size=100)
+    ids = torch.randint(2, 90, (2, 20))
+    ids[:, 1:17] = 99  # 16 patches of 8 pixels in a 32-pixel image: one image token each
+    if name == "llava:clip-llama":
+        vision = transformers.CLIPVisionConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                               intermediate_size=64, image_size=32, patch_size=8)
+        config = transformers.LlavaConfig(vision_config=vision, text_config=transformers.LlamaConfig(**text),
+                                          image_token_index=99, vision_feature_layer=-1)
+        model = transformers.LlavaForConditionalGeneration(config)
+    else:
+        vision = transformers.SiglipVisionConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                                 intermediate_size=64, image_size=32, patch_size=8,
+                                                 projection_dim=32)
+        config = transformers.PaliGemmaConfig(vision_config=vision, text_config=transformers.GemmaConfig(
+            **text, head_dim=16), image_token_index=99, projection_dim=32)
+        model = transformers.PaliGemmaForConditionalGeneration(config)
+    return model.eval(), {"pixel_values": images, "input_ids": ids}
 
 
 def build(source: str, name: str, device: str = "meta", cut: tuple[str, ...] = ("size", "layers")):
@@ -199,7 +317,7 @@ def drop_rates(model, prefix: str) -> dict[str, float]:
     }
 
 
-def library_reference(model, part) -> tuple[dict[str, float] | None, str, dict[str, str]]:
+def library_reference(model, part, builder: str | None = None) -> tuple[dict[str, float] | None, str, dict[str, str]]:
     """(rates the part's library builds at RATE, by slot name; how built; what each slot's output goes
     into, where known). None: its library has no drop path.
 
@@ -239,7 +357,67 @@ def library_reference(model, part) -> tuple[dict[str, float] | None, str, dict[s
             config.drop_path_rate = RATE
             built = type(module)(config)
             return drop_rates(built, part.path), f"{type(module).__name__}(config, drop_path_rate={RATE})", {}
+        if part.library == "torchvision":
+            return _torchvision_reference(module, part.path, builder)
     return None, "no library", {}
+
+
+def _torchvision_reference(module, prefix: str, builder: str | None) -> tuple[dict[str, float] | None, str,
+                                                                            dict[str, str]]:
+    """A torchvision part: an fx feature extractor's builder (the row's) at ``stochastic_depth_prob=RATE``,
+    the ``StochasticDepth`` rates on the modules the extractor keeps; None where the builder takes no
+    rate (resnet18) or the part is a detection backbone body (the ResNet, MobileNetV3 and VGG classes
+    torchvision builds them from take no rate)."""
+    import inspect
+
+    import torchvision
+    from torchvision.ops import StochasticDepth
+
+    if builder is None:
+        return None, ("torchvision builds no drop path into detection backbones (ResNet, MobileNetV3, VGG take "
+                      "no stochastic_depth_prob)"), {}
+    model_class = type(torchvision.models.get_model(builder, num_classes=10))
+    if "stochastic_depth_prob" not in inspect.signature(model_class).parameters:
+        return None, f"torchvision {builder} takes no stochastic_depth_prob", {}
+    kept = dict(module.named_modules())
+    built = _torchvision_at(builder, RATE)
+    rates = {(f"{prefix}.{n}" if prefix else n): m.p for n, m in built.named_modules()
+             if isinstance(m, StochasticDepth) and n in kept and m.p > 0}
+    return rates, f"torchvision {builder}(stochastic_depth_prob={RATE}), on the modules the extractor keeps", {}
+
+
+def _fx_timm_reference(name: str) -> tuple[dict[str, float], str, dict[str, str]]:
+    """A timm model traced by fx (``FeatureGraphNet``'s ``graph_module``, or ``torch.fx.symbolic_trace``)
+    against the model timm builds untraced at ``drop_path_rate=RATE``: the drop paths its training
+    forward calls, by block (the slot's parent; the extractor keeps the names, under ``graph_module.``
+    for a FeatureGraphNet). By block, because a slot timm leaves ``None`` at rate 0 (ResNet's
+    ``drop_path``) is not kept in the traced graph: pathsurgeon hooks that block's branch instead."""
+    import timm
+
+    library, model_name = name.split(":")
+    kwargs = {"img_size": SMALL_DETECTION, "depth": 4} if library == "timm-traced" else {}
+    built = timm.create_model(model_name, drop_path_rate=RATE, **kwargs)
+    called, kinds = _called_residual(built, "graph_module" if library == "timm" else "")
+
+    def block(slot: str) -> str:
+        return slot.rpartition(".")[0]
+
+    how = (f"timm.create_model({model_name!r}, drop_path_rate={RATE}{', img_size=64, depth=4' if kwargs else ''}), "
+           "untraced: the drop paths it calls, by block")
+    return {block(k): v for k, v in called.items()}, how, {block(k): v for k, v in kinds.items()}
+
+
+def _torchvision_at(name: str, rate: float):
+    """torchvision's ``name`` at ``stochastic_depth_prob=rate``; ``swin_t`` fixes the rate itself (0.2)
+    and refuses another, so its class is called with swin_t's own arguments."""
+    import torchvision
+
+    if name == "swin_t":
+        from torchvision.models.swin_transformer import SwinTransformer
+
+        return SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                               window_size=[7, 7], stochastic_depth_prob=rate)
+    return torchvision.models.get_model(name, stochastic_depth_prob=rate)
 
 
 def main_sweep():
@@ -286,6 +464,8 @@ def check(source: str, name: str) -> dict:
     then by image size only, then by layers only (Hugging Face; the others are not cut). The row keeps
     the error of the first CPU attempt and says which attempt ran."""
     started = time.perf_counter()
+    if source in BUILT_HERE:
+        return _check(source, name, "cpu", (), started)
     attempts = ATTEMPTS if source == "transformers" else ATTEMPTS[:2]
     errors: list[Exception] = []
     for index, (device, cut) in enumerate(attempts):
@@ -330,16 +510,25 @@ def _check(source: str, name: str, device: str, cut: tuple[str, ...], started: f
     import pathsurgeon
     from pathsurgeon.parts import library_parts
 
+    given = None
     try:
-        model = build(source, name, device, cut)
+        if source in BUILT_HERE:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model, given = build_here(source, name)
+        else:
+            model = build(source, name, device, cut)
     except Exception as error:
+        if source in BUILT_HERE:
+            return {"status": "cannot build", "error": f"{type(error).__name__}: {str(error)[:160]}", "parts": [],
+                    "seconds": round(time.perf_counter() - started, 2)}
         raise BuildFailed from error
     parameters = sum(p.numel() for p in model.parameters())
     parts = library_parts(model)
     row = {"parameters": parameters, "parts": [{"path": p.path, "library": p.library, "source": p.source,
                                                 "verdict": "no branches"} for p in parts]}
     try:
-        preview = pathsurgeon.preview(model, RATE)
+        preview = pathsurgeon.preview(model, RATE, example_inputs=given)
     except pathsurgeon.NoBranchesError as error:
         return {**row, "status": "no branches", "error": str(error)[:200],
                 "seconds": round(time.perf_counter() - started, 2)}
@@ -353,8 +542,12 @@ def _check(source: str, name: str, device: str, cut: tuple[str, ...], started: f
         part = next(p for p in parts + [report] if p.path == report.path)
         got = {b.target: b.rate for b in preview if b.part == report.path}
         library = getattr(part, "library", None)
-        reference, how, kinds = (library_reference(model, part) if library in ("timm", "transformers")
-                                 else (None, "", {}))
+        builder = name.split(":")[1] if source == "fx" and name.startswith("torchvision:") else None
+        reference, how, kinds = (library_reference(model, part, builder)
+                                 if library in ("timm", "transformers", "torchvision") else (None, "", {}))
+        if source == "fx" and not name.startswith("torchvision:"):  # timm traced: timm's model, by block
+            reference, how, kinds = _fx_timm_reference(name)
+            got = {b.block: b.rate for b in preview if b.part == report.path}
         if reference is not None:  # judged as the main sweep judges it (coverage.py's _compare)
             positive = {k: v for k, v in got.items() if v > 0}
             missing = sorted(set(reference) - set(positive))
@@ -393,6 +586,17 @@ def _check(source: str, name: str, device: str, cut: tuple[str, ...], started: f
                              "rates_from": report.rates_from, "rates_note": report.rates_note[:200],
                              "branches": report.branches, "verdict": verdict,
                              "reference": how, **({"detail": detail} if not verdict.startswith("agrees") else {})})
+    language = LANGUAGE_MODELS.get(name) if source == "vision-language" else None
+    if language is not None:  # the text decoder / language model must be left alone
+        alone = [p for p in row["parts"] if p["path"] == language]
+        if not alone or alone[0]["verdict"] != "left alone":
+            verdicts.append("differs")
+            row["parts"].append({"path": language, "library": "transformers", "source": "language model",
+                                 "verdict": "differs", "rates_from": "", "branches": 0,
+                                 "detail": {"language model not left alone":
+                                            alone[0]["verdict"] if alone else "absent"}})
+    if given is not None:
+        row["inputs"] = "given"
     if not verdicts:
         row["status"] = "no branches"
     else:  # the worst part's verdict
@@ -405,7 +609,9 @@ def _check(source: str, name: str, device: str, cut: tuple[str, ...], started: f
 
 
 def names_of(source: str) -> list[str]:
-    return {"open_clip": open_clip_names, "smp": smp_names, "transformers": transformers_names}[source]()
+    return {"open_clip": open_clip_names, "smp": smp_names, "transformers": transformers_names,
+            "torchvision-detection": detection_names, "fx": fx_names,
+            "vision-language": vision_language_names}[source]()
 
 
 def done_rows() -> set[tuple[str, str]]:
@@ -487,6 +693,16 @@ def write_doc(command: str) -> None:
         "linear over their own depth. Blocks outside every library part are left alone by default (see the",
         "README, *Models inside models*).",
         "",
+        "Three sources are small fixed lists built on the CPU (the docstring has the details):",
+        "*torchvision-detection* (every builder of `torchvision.models.detection`, `weights=None,",
+        "weights_backbone=None`, 64-pixel images; `preview` surgers the backbone body on its own, linear over its",
+        "depth: torchvision builds no drop path there), *fx* (torchvision's `create_feature_extractor` against the",
+        "builder at `stochastic_depth_prob=R` on the modules the extractor keeps; timm's `FeatureGraphNet` and a",
+        "`torch.fx.symbolic_trace`d timm ViT against timm's untraced model, block by block) and *vision-language*",
+        "(VisionEncoderDecoder ViT + GPT-2 and Swin + BERT, Llava CLIP + Llama, PaliGemma SigLIP + Gemma, from",
+        "small configs: the vision tower against its library, the text decoder / language model must be left",
+        "alone).",
+        "",
         "Rows by the commit they ran at: " + ", ".join(
             f"{commit} {count}" for commit, count in Counter(r["commit"] for r in rows).most_common()) + ".",
         "",
@@ -503,7 +719,7 @@ def write_doc(command: str) -> None:
         lines.append(f"| {source} | {len(names_of(source))} | {len(mine)} | "
                      + " | ".join(str(counts[s]) for s in STATUSES) + " |")
     lines += ["", *STATUS_NOTES]
-    lines += ["", "Models listed but not run: the run's time budget was spent first (round robin over the three "
+    lines += ["", "Models listed but not run: the run's time budget was spent first (round robin over the "
               "sources, so each is covered in part); rerunning the command resumes where it stopped."]
     lines += ["", "| source | model | status | parts (path: library, rates from, branches, verdict) | note | commit |",
               "| --- | --- | --- | --- | --- | --- |"]
@@ -532,7 +748,7 @@ def write_doc(command: str) -> None:
 def main() -> None:
     global RESULTS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", action="append", choices=SOURCES, help="default: all three")
+    parser.add_argument("--source", action="append", choices=SOURCES, help="default: all")
     parser.add_argument("--budget", type=float, default=1800.0, help="seconds for the whole run (default 1800)")
     parser.add_argument("--row-timeout", type=int, default=120, help="seconds per model (default 120)")
     parser.add_argument("--limit", type=int, help="only the first N models of each source (a trial run)")

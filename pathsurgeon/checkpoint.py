@@ -78,9 +78,11 @@ def describe(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any] | None]:
     from .changes import record_of, surgered_submodules
     from .libraries import RebuildError, identify_constructor
     from .manifest import CONSTRUCTOR_ARGUMENTS
+    from .parts import surgered_part_by_part
 
     inner = surgered_submodules(model)
-    if inner:
+    by_parts = surgered_part_by_part(model, inner)  # a detector add could not capture whole
+    if inner and not by_parts:
         raise PathSurgeonError(
             f"the surgery is on the submodule {inner[0]!r}, not on the model given; save model.{inner[0]}, or "
             "strip and add on the whole model"
@@ -88,10 +90,16 @@ def describe(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any] | None]:
     try:
         constructor = identify_constructor(model)
     except RebuildError as error:
+        again = "; rebuild it and call pathsurgeon.add again after loading" if by_parts else ""
         raise RebuildError(
             f"cannot save {type(model).__name__}: {error}; pathsurgeon.save keeps models that timm, torchvision "
-            "or transformers can rebuild (for another model, save model.state_dict(): its keys are unchanged)"
+            f"or transformers can rebuild (for another model, save model.state_dict(): its keys are unchanged{again})"
         ) from error
+    if by_parts:
+        raise PathSurgeonError(
+            f"cannot save {type(model).__name__}: add surgered its parts {', '.join(inner)} one by one, which a "
+            "manifest cannot describe; save model.state_dict() (its keys are unchanged) and add again after loading"
+        )
     if constructor.library == "transformers":
         source: dict[str, Any] = {"library": "transformers", "class": constructor.name}
     else:

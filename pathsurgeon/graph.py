@@ -256,7 +256,10 @@ def _owner_between(
             if found in leaves:  # the add takes one leaf's output: it runs in that leaf's parent
                 found = found.rpartition(".")[0]
     if found is None:
-        found = _common(_anchor(i, owner, top) for i in inputs if i.op != "placeholder")
+        # an op on a module's own weights is that module's inlined code (timm's LayerNorm traced into
+        # F.layer_norm(x, blocks.0.norm1.weight, ...)), wherever its data input came from
+        weights = [i for i in inputs if i.op == "get_attr"]
+        found = _common(_anchor(i, owner, top) for i in (weights or inputs) if i.op != "placeholder")
     return found if found is not None and _within(found, top) else top
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "PartState",
     "bring_in",
     "capturable_parts",
+    "detection_bodies",
     "library_parts",
     "part_module",
     "part_of",
@@ -62,6 +63,7 @@ __all__ = [
     "relative",
     "select_by_part",
     "split_units",
+    "surgered_part_by_part",
     "under",
     "unreached_modules",
 ]
@@ -233,20 +235,25 @@ def library_parts(model: nn.Module) -> list[Part]:
     return [Part("", "transformers" if root_config is not None else None, "the model")]
 
 
-def _detection_bodies() -> tuple[type, ...]:
+def detection_bodies() -> tuple[type, ...]:
+    """The classes torchvision builds a detector's backbone trunk from: the ``IntermediateLayerGetter``
+    over a ResNet's or MobileNetV3's stages (R-CNNs, RetinaNet, FCOS), SSD's VGG and SSDlite's
+    MobileNetV3 feature extractors."""
     try:
         from torchvision.models._utils import IntermediateLayerGetter
+        from torchvision.models.detection.ssd import SSDFeatureExtractorVGG
+        from torchvision.models.detection.ssdlite import SSDLiteFeatureExtractorMobileNet
     except ImportError:  # no torchvision: only library parts
         return ()
-    return (IntermediateLayerGetter,)
+    return (IntermediateLayerGetter, SSDFeatureExtractorVGG, SSDLiteFeatureExtractorMobileNet)
 
 
 def capturable_parts(model: nn.Module) -> list[str]:
     """Where a whole model cannot be captured (a torchvision detector: data-dependent box handling), the
-    outermost parts that can be surgered on their own: a torchvision detection backbone's body (an
-    ``IntermediateLayerGetter`` over a torchvision ResNet or MobileNetV3's stages), and every library
+    outermost parts that can be surgered on their own: a torchvision detection backbone's trunk
+    (:func:`detection_bodies`), and every library
     part :func:`library_parts` finds inside (a timm or Hugging Face backbone). The rest is left alone."""
-    bodies = _detection_bodies()
+    bodies = detection_bodies()
     found: list[str] = []
 
     def walk(module: nn.Module, path: str) -> None:
@@ -262,6 +269,13 @@ def capturable_parts(model: nn.Module) -> list[str]:
         if part.path and part.default and not any(under(part.path, held) for held in found):
             found.append(part.path)
     return found
+
+
+def surgered_part_by_part(model: nn.Module, surgered: list[str]) -> bool:
+    """Whether the surgery records in ``model``'s tree (at the ``surgered`` module paths) are those
+    :func:`pathsurgeon.add` leaves on a model it could not capture whole: one on each of its
+    :func:`capturable_parts`, none on the model."""
+    return bool(surgered) and "" not in surgered and set(surgered) == set(capturable_parts(model))
 
 
 # --- selecting the residual adds part by part ---------------------------------------------------------

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from . import slots as slot_lib
 from .capture import Capture, capture
@@ -61,6 +61,7 @@ from .config import (
 from .errors import (
     CaptureError,
     ExampleInputsError,
+    InvalidScheduleError,
     NoBranchesError,
     PathSurgeonError,
     VerificationError,
@@ -73,6 +74,7 @@ from .parts import (
     PartSelection,
     PartState,
     capturable_parts,
+    detection_bodies,
     library_parts,
     part_module,
     part_of,
@@ -82,6 +84,7 @@ from .parts import (
     relative,
     select_by_part,
     split_units,
+    surgered_part_by_part,
     unreached_modules,
 )
 from .plan import make_branch, make_plan
@@ -155,6 +158,8 @@ def add(
         )
     with clock("plan"):
         planned = _plan(model, captured, selection, config, observation)
+        _refuse_zero_rates(model, config.rate, config.schedule_argument, planned.part_plans,
+                           [b.rate for b in planned.branches])
     _warn_unmatched_patterns(config, [*selection.blocks, *(k.block for k in selection.left_alone)])
 
     record = Record(config, [], planned.branches, selection.blocks, captured.method, config.rate,
@@ -222,7 +227,16 @@ def find(model: nn.Module, example_inputs: Any = None) -> list[Branch]:
     record = record_of(model)
     if record is not None:
         return list(record.branches)
-    captured, selection, inputs = _discover(model, example_inputs)
+    try:
+        captured, selection, inputs = _discover(model, example_inputs)
+    except CaptureError:
+        held = capturable_parts(model)
+        if not held:
+            raise
+        # a detector: its parts, as add treats them (surgered: their records)
+        side = detection_image_size(model, padded=True)
+        return [b for path in held for b in _inside(path, find(model.get_submodule(path),
+                                                              _part_inputs(model.get_submodule(path), side)))]
     if not selection.chosen:
         return []
     shapes = _hook_shapes(model, inputs, selection, made_up=example_inputs is None)
@@ -251,7 +265,13 @@ def preview(
     if rate is not None:
         rate = validate_rate(rate)
     schedule = validate_schedule(schedule, rate)
-    captured, selection, inputs = _discover(model, example_inputs)
+    try:
+        captured, selection, inputs = _discover(model, example_inputs)
+    except CaptureError:
+        held = capturable_parts(model)
+        if not held:
+            raise
+        return _preview_parts(model, rate, schedule, held)
     if not selection.chosen:
         raise _no_branches(model, selection.left_alone)
     part_plans = plan_parts(model, selection, list(captured.view.slot_calls.values()), rate, schedule)
@@ -261,6 +281,7 @@ def preview(
         dataclasses.replace(make_branch(a, planned.plan, r, shapes, batch), part=planned.part.path)
         for planned in part_plans for a, r in zip(planned.chosen, planned.rates.values, strict=True)
     ], selection)
+    _refuse_zero_rates(model, rate, schedule, part_plans, [b.rate for b in branches])
     rates_from, note = _rates_summary(part_plans)
     return Preview(branches, rates_from=rates_from, rates_note=note,
                    parts=_part_reports(part_plans, branches, selection))
@@ -282,6 +303,14 @@ def set_rate(
     record = record_of(model)
     if record is None:
         inner = surgered_submodules(model)
+        if surgered_part_by_part(model, inner):  # a detector: add surgered its parts, each on its own
+            if not isinstance(schedule, str) and len(inner) > 1:
+                raise InvalidScheduleError(
+                    f"a list schedule cannot be split over the parts {', '.join(inner)} add surgered one by one; "
+                    "call set_rate on each part (model.<part>) with its own list"
+                )
+            return [b for path in inner for b in _inside(path, set_rate(model.get_submodule(path), rate,
+                                                                           schedule=schedule))]
         if not inner and (unrecorded := unrecorded_changes(model)):
             # a tree taken out of the model add was given: the rates are planned from the record there
             raise PathSurgeonError(
@@ -423,6 +452,25 @@ class _Planned:
     norms: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # target -> its BatchNorms
 
 
+def _refuse_zero_rates(model: nn.Module, rate: float | None, schedule: str | list[float],
+                       part_plans: list[PartPlan], rates: list[float]) -> None:
+    """An fx GraphModule whose residual adds all land in one depth unit (a traced model whose blocks were
+    inlined, adds at the top of its graph) would get rate 0 on every branch from a linear schedule at a
+    non-zero rate, and its library's rates are not known: refused rather than reported as a success."""
+    if not rate or schedule not in ("auto", "linear") or not rates or any(rates):
+        return
+    if any(p.rates.library is not None or len(p.plan.units) > 1 for p in part_plans):
+        return  # the library's own numbers, zeros included; or zeros a recipe keeps
+    if not any(isinstance(m, fx.GraphModule) for m in model.modules()):
+        return
+    blocks = sorted({b or "(the model)" for p in part_plans for b in p.plan.unit_of_block})
+    raise PathSurgeonError(
+        f"all {len(rates)} residual branches of this fx GraphModule lie in one depth unit (blocks: "
+        f"{', '.join(blocks[:3])}), so linear rates over depth give each 0 at rate {rate}, and no library's rates "
+        "are known for it: add drop path before tracing, or pass schedule='uniform' or a list of rates"
+    )
+
+
 def _warn_unmatched_patterns(config: DropPathConfig, blocks: Sequence[str]) -> None:
     """Warn, naming the closest block names, about each include / exclude pattern that matches no block
     with a residual branch: a typo (``exclude=["block.0"]``) would otherwise silently change nothing."""
@@ -511,11 +559,7 @@ def _add_to_parts(
     with Transaction() as transaction:
         for path in held:
             part = model.get_submodule(path)
-            part_inputs = None
-            if side is not None:
-                device, dtype = placement(part)
-                generator = torch.Generator().manual_seed(0)
-                part_inputs = torch.randn((EXAMPLE_BATCH, 3, side, side), generator=generator).to(device, dtype)
+            part_inputs = _part_inputs(part, side)
             with clock("parts"):
                 transaction.do(functools.partial(_add_part, reports, path, part, config, part_inputs),
                                functools.partial(_strip_part, part))
@@ -531,6 +575,62 @@ def _add_to_parts(
     report = _parts_report(model, config, reports, held, error, difference, clock)
     _log_added(model, report)
     return report
+
+
+def _part_inputs(part: nn.Module, side: int | None) -> torch.Tensor | None:
+    """Images at the size a detector's transform makes (``side``), for its backbone body; None: the
+    part's own made-up inputs."""
+    if side is None:
+        return None
+    device, dtype = placement(part)
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn((EXAMPLE_BATCH, 3, side, side), generator=generator).to(device, dtype)
+
+
+def _inside(path: str, branches: Sequence[Branch]) -> list[Branch]:
+    """A part's branches named from the model that holds the part at ``path``."""
+    def name(inner: str | None) -> str | None:
+        return f"{path}.{inner}" if inner else (path if inner == "" else None)
+
+    return [dataclasses.replace(b, block=cast(str, name(b.block)), target=cast(str, name(b.target)),
+                                unit=name(b.unit), entry=name(b.entry), part=path) for b in branches]
+
+
+def _preview_parts(model: nn.Module, rate: float | None, schedule: ScheduleName | Sequence[float], held: list[str]) -> Preview:
+    """:func:`preview` of a model :func:`add` surgers part by part (a detector): each part's preview,
+    named from the model."""
+    side = detection_image_size(model, padded=True)
+    branches: list[Branch] = []
+    part_reports: list[PartReport] = []
+    notes: list[str] = []
+    for path in held:
+        part = model.get_submodule(path)
+        preview_ = preview(part, rate, schedule=schedule, example_inputs=_part_inputs(part, side))
+        mine = _inside(path, preview_)
+        branches += mine
+        library, source, note = _part_origin(model, path, preview_.rates_from, preview_.rates_note,
+                                             preview_.parts)
+        if note:
+            notes.append(f"{path}: {note}")
+        part_reports.append(PartReport(
+            path=path, library=library, source=source, rates_from=preview_.rates_from, rates_note=note,
+            blocks=len({b.block for b in mine}), branches=len(mine),
+        ))
+    sources = {p.rates_from for p in part_reports}
+    return Preview(branches, rates_from=sources.pop() if len(sources) == 1 else "per part",
+                   rates_note="; ".join(notes), parts=part_reports)
+
+
+def _part_origin(model: nn.Module, path: str, rates_from: str, note: str,
+                 parts: Sequence[PartReport]) -> tuple[str | None, str, str]:
+    """(library, source, rates note) of a part surgered on its own: a detection backbone body is
+    torchvision's (which builds no drop path there)."""
+    if isinstance(model.get_submodule(path), detection_bodies()):
+        if rates_from == "linear over found units":
+            note = ("torchvision builds no drop path into a detector's backbone (a ResNet's or MobileNetV3's "
+                    "stages): linear over its found units")
+        return "torchvision", "detection backbone", note
+    return next((p.library for p in parts if p.library), None), "library part", note
 
 
 def _add_part(reports: list[tuple[str, Report]], path: str, part: nn.Module, config: DropPathConfig,
@@ -557,24 +657,17 @@ def _parts_report(
         return f"{path}.{name}" if name else (path if name == "" else None)
 
     for path, report in reports:
-        body = type(model.get_submodule(path)).__name__ == "IntermediateLayerGetter"
-        mine = [dataclasses.replace(b, block=cast(str, inside(path, b.block)), target=cast(str, inside(path, b.target)),
-                                    unit=inside(path, b.unit), entry=inside(path, b.entry), part=path)
-                for b in report.branches]
+        mine = _inside(path, report.branches)
         branches += mine
         left_alone += [LeftAlone(cast(str, inside(path, k.block)), k.reason) for k in report.left_alone]
         fallbacks += [Fallback(cast(str, inside(path, f.block)), cast(str, inside(path, f.target)), f.reason)
                       for f in report.fallbacks]
-        note = report.rates_note
-        if body and report.rates_from == "linear over found units":
-            note = ("torchvision builds no drop path into a detector's backbone (a ResNet's or MobileNetV3's "
-                    "stages): linear over its found units")
+        library, source, note = _part_origin(model, path, report.rates_from, report.rates_note, report.parts)
         if note:
             notes.append(f"{path}: {note}")
-        library = "torchvision" if body else next((p.library for p in report.parts if p.library), None)
         part_reports.append(PartReport(
-            path=path, library=library, source="detection backbone" if body else "library part",
-            rates_from=report.rates_from, rates_note=note, blocks=len({b.block for b in mine}), branches=len(mine),
+            path=path, library=library, source=source, rates_from=report.rates_from, rates_note=note,
+            blocks=len({b.block for b in mine}), branches=len(mine),
         ))
     reason = (f"{type(model).__name__} cannot be captured whole ({_first_clause(error)}); drop path went into "
               f"its parts {', '.join(held)} alone")

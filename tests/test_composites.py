@@ -691,6 +691,9 @@ def test_timm_fx_feature_net_and_traced_vit_get_timms_rates():
     try:
         expected = timm_called_rates("convnext_atto", RATE, "graph_module", 64)
         assert branch_rates(report.branches) == expected
+        # timm's own numbers, not a float32 line that happens to equal them: traced at a rate, timm's
+        # DropPath is inlined and leaves no slot, so the replay used to fail ("the rebuilt model has no slot")
+        assert report.rates_from == "timm constructor", report.rates_note
     finally:
         pathsurgeon.strip(features)
     traced = torch.fx.symbolic_trace(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=3)).eval()
@@ -699,8 +702,39 @@ def test_timm_fx_feature_net_and_traced_vit_get_timms_rates():
         built = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=3, drop_path_rate=RATE)
         expected = {n: r for n, r in called_drop_paths(built, torch.randn(2, 3, 32, 32)).items() if r > 0}
         assert branch_rates(report.branches) == expected
+        # every residual, block 0's attention one included (its inlined LayerNorm was owned by the model,
+        # not by blocks.0, so that add looked like an input of the block: 5 branches, not 6)
+        assert [b.target for b in report.branches] == [f"blocks.{i}.drop_path{j}" for i in range(3) for j in (1, 2)]
     finally:
         pathsurgeon.strip(traced)
+
+
+class _FlatResiduals(torch.nn.Module):
+    """Residual adds written in the model's own forward: traced, every branch lies in the model itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.f1, self.f2, self.f3 = (torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        x = x + self.f1(x)
+        x = x + self.f2(x)
+        return x + self.f3(x)
+
+
+def test_a_traced_model_whose_branches_lie_in_one_depth_unit_is_refused_not_given_zeros():
+    """No library's rates are known and linear over one depth unit is 0 for every branch: refused in one
+    line (was: "3 branches ... eval check passed" with every rate 0 at rate 0.3)."""
+    traced = torch.fx.symbolic_trace(_FlatResiduals()).eval()
+    x = torch.randn(2, 8)
+    for call in (pathsurgeon.add, pathsurgeon.preview):
+        with pytest.raises(pathsurgeon.PathSurgeonError, match=r"^all 3 residual branches of this fx GraphModule "
+                                                               r"lie in one depth unit .*schedule='uniform'[^\n]*$"):
+            call(traced, RATE, example_inputs=x)
+    assert not pathsurgeon.is_surgered(traced) and pathsurgeon_leftovers(traced) == []
+    report = pathsurgeon.add(traced, RATE, schedule="uniform", example_inputs=x)  # a way out that works
+    assert [b.rate for b in report.branches] == [RATE] * 3
+    pathsurgeon.strip(traced)
 
 
 # --- captioning and vision-language models: the vision tower is a part, the language model is left alone --
@@ -935,3 +969,98 @@ def test_torchvision_detector_gets_drop_path_in_its_backbone_body(builder, alone
     stripped = _detections(model, images)
     assert all(torch.equal(a, b) for a, b in zip(before, stripped, strict=True))
     assert str(model) == str(pristine)
+
+
+def _small_detector(builder: str) -> torch.nn.Module:
+    detection = pytest.importorskip("torchvision.models.detection")
+    torch.manual_seed(0)
+    return getattr(detection, builder)(weights=None, weights_backbone=None, min_size=64, max_size=64).eval()
+
+
+def test_find_preview_and_set_rate_work_on_a_whole_detector():
+    """The calls after add take the detector as add did: part by part (its backbone.body)."""
+    model = _small_detector("fasterrcnn_mobilenet_v3_large_320_fpn")
+    before = pathsurgeon.find(model)  # was: CaptureError (the detector cannot be captured whole)
+    assert before and {b.rate for b in before} == {0.0} and all(b.block.startswith("backbone.body.") for b in before)
+    preview = pathsurgeon.preview(model, 0.1)  # was: CaptureError
+    assert [(p.path, p.library, p.source, p.rates_from) for p in preview.parts] == [
+        ("backbone.body", "torchvision", "detection backbone", "linear over found units")]
+    assert not pathsurgeon.is_surgered(model)
+
+    report = pathsurgeon.add(model, 0.1)
+    try:
+        assert [(b.target, b.rate) for b in report.branches] == [(b.target, b.rate) for b in preview]
+        assert [(b.target, b.rate) for b in pathsurgeon.find(model)] == [(b.target, b.rate) for b in preview]
+        units = list(dict.fromkeys(b.unit for b in report.branches))
+        rerated = pathsurgeon.set_rate(model, 0.2)  # was: "call set_rate on model.backbone.body"
+        body = pathsurgeon.preview(model.backbone.body, 0.2, example_inputs=torch.randn(2, 3, 64, 64))
+        assert [b.rate for b in rerated] == [b.rate for b in body]
+        assert rerated[-1].rate == pytest.approx(0.2) and rerated[0].block.startswith("backbone.body.")
+        schedule = [round(0.01 * i, 2) for i in range(len(units))]
+        rerated = pathsurgeon.set_rate(model, None, schedule=schedule)
+        assert [b.rate for b in rerated] == [schedule[units.index(b.unit)] for b in report.branches]
+        from pathsurgeon.changes import RECORD_ATTRIBUTE
+
+        live = {f"backbone.body.{c.target}": c.drop.rate for c in vars(model.backbone.body)[RECORD_ATTRIBUTE].changes}
+        assert live == {b.target: b.rate for b in rerated}
+    finally:
+        pathsurgeon.strip(model)
+    assert pathsurgeon_leftovers(model) == []
+
+
+def test_saving_a_detector_is_refused_in_one_line_and_its_state_dict_keys_are_unchanged(tmp_path):
+    """pathsurgeon.load cannot rebuild a detector (no torchvision classification builder makes it), so
+    save refuses before writing anything, and says what to save instead."""
+    model = _small_detector("fasterrcnn_mobilenet_v3_large_320_fpn")
+    keys = list(model.state_dict())
+    pathsurgeon.add(model, 0.1)
+    with pytest.raises(pathsurgeon.PathSurgeonError) as caught:
+        pathsurgeon.save(model, tmp_path / "detector")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("cannot save FasterRCNN: ")  # was: "save model.backbone.body"
+    assert "save model.state_dict()" in message and "add again after loading" in message
+    assert not (tmp_path / "detector").exists()
+    assert list(model.state_dict()) == keys
+    pathsurgeon.strip(model)
+
+
+def test_mask_rcnn_gets_drop_path_in_its_backbone_body_and_keeps_its_masks():
+    """A small Mask R-CNN (torchvision's MaskRCNN class on its MobileNetV3 FPN backbone)."""
+    detection = pytest.importorskip("torchvision.models.detection")
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import mobilenet_backbone
+
+    torch.manual_seed(0)
+    backbone = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True, trainable_layers=6)
+    anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
+    model = detection.MaskRCNN(backbone, num_classes=3, min_size=64, max_size=64, rpn_anchor_generator=anchors).eval()
+    images = [torch.rand(3, 64, 64)]
+    before = _detections(model, images)
+    report = pathsurgeon.add(model, 0.1)
+    try:
+        assert [p.path for p in report.parts] == ["backbone.body"] and report.max_abs_diff == 0.0
+        assert len({b.block for b in report.branches}) == 10  # MobileNetV3-Large's residual blocks
+        assert {"roi_heads", "rpn", "backbone.fpn"} <= {k.block for k in report.left_alone}
+        assert all(torch.equal(a, b) for a, b in zip(before, _detections(model, images), strict=True))
+    finally:
+        pathsurgeon.strip(model)
+    assert pathsurgeon_leftovers(model) == []
+
+
+def test_ssdlite_gets_drop_path_in_its_mobilenet_feature_extractor():
+    """SSDlite's backbone is no IntermediateLayerGetter but torchvision's own MobileNetV3 feature extractor:
+    surgered on its own at the 320 pixels SSDlite fixes (was: CaptureError on the whole detector)."""
+    detection = pytest.importorskip("torchvision.models.detection")
+    torch.manual_seed(0)
+    model = detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
+    images = [torch.rand(3, 64, 64)]
+    before = _detections(model, images)
+    report = pathsurgeon.add(model, 0.1)
+    try:
+        assert [(p.path, p.library, p.source) for p in report.parts] == [
+            ("backbone", "torchvision", "detection backbone")]
+        assert report.max_abs_diff == 0.0 and report.branches[-1].rate == pytest.approx(0.1)
+        assert all(torch.equal(a, b) for a, b in zip(before, _detections(model, images), strict=True))
+    finally:
+        pathsurgeon.strip(model)
+    assert pathsurgeon_leftovers(model) == []

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from .. import slots as slot_lib
 from . import Constructor, RebuildError
 
 RATE_ARGUMENT = "drop_path_rate"
@@ -115,9 +116,39 @@ def _create(name: str, arguments: dict[str, Any], rate: float | None) -> nn.Modu
     import timm
 
     kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in arguments.items()}
+    if kwargs.get("feature_cls") == "fx" and rate:
+        return _traced_at(name, kwargs, rate)
     if rate is not None:
         kwargs[RATE_ARGUMENT] = rate
     return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _traced_at(name: str, kwargs: dict[str, Any], rate: float) -> nn.Module:
+    """A ``FeatureGraphNet`` with timm's drop paths at ``rate`` in its slots. Traced at a rate, timm's
+    DropPath is traced through (its code inlined in the graph, no module left at the slot), so the
+    rates are read from the model timm builds untraced at ``rate`` and put into the slots the
+    extractor traced at rate 0 keeps (``graph_module.stages.0.blocks.1.drop_path``)."""
+    import timm
+
+    traced = timm.create_model(name, pretrained=False, **kwargs)
+    untraced_kwargs: dict[str, Any] = {k: v for k, v in kwargs.items()
+                                       if k not in ("features_only", "feature_cls", "out_indices")}
+    untraced_kwargs[RATE_ARGUMENT] = rate
+    untraced = timm.create_model(name, pretrained=False, **untraced_kwargs)
+    graph = getattr(traced, "graph_module", None)
+    if graph is None:
+        return traced
+    for slot, module in untraced.named_modules():
+        parent_name, _, attr = slot.rpartition(".")
+        if not slot_lib.is_drop_path_module(module):
+            continue
+        try:
+            parent = graph.get_submodule(parent_name)
+        except AttributeError:
+            continue  # cut off by the extractor's last output
+        if isinstance(parent._modules.get(attr), nn.Identity):
+            parent._modules[attr] = module
+    return traced
 
 
 def _accepts(cls: type[nn.Module], argument: str) -> bool:
