@@ -596,7 +596,9 @@ def _inside(path: str, branches: Sequence[Branch]) -> list[Branch]:
                                 unit=name(b.unit), entry=name(b.entry), part=path) for b in branches]
 
 
-def _preview_parts(model: nn.Module, rate: float | None, schedule: ScheduleName | Sequence[float], held: list[str]) -> Preview:
+def _preview_parts(
+    model: nn.Module, rate: float | None, schedule: ScheduleName | Sequence[float], held: list[str]
+) -> Preview:
     """:func:`preview` of a model :func:`add` surgers part by part (a detector): each part's preview,
     named from the model."""
     side = detection_image_size(model, padded=True)
