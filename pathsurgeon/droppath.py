@@ -220,11 +220,17 @@ class Gather:
         drop = self.drop
         batch = x.shape[drop.batch_axis]
         if drop.mode != "fixed_count":
-            return self.kept(draw_rows(x, drop.rate, training, drop.mode, drop.batch_axis, drop.draw), batch, x.device)
+            return self._drawn(x, training)
         if not training or (not torch.compiler.is_compiling() and drop.rate == 0.0):  # no guard on the rate
             return None
         rows, scale = fixed_count_rows(drop._rate_tensor, batch, x.device)  # no graph break: see fixed_count_rows
         return KeptRows(rows, scale, batch)
+
+    @torch.compiler.disable  # a data-dependent decision on the host: one graph break, no guard on the rate
+    def _drawn(self, x: torch.Tensor, training: bool) -> KeptRows | None:
+        drop = self.drop
+        keep = draw_rows(x, drop.rate, training, drop.mode, drop.batch_axis, drop.draw)
+        return self.kept(keep, x.shape[drop.batch_axis], x.device)
 
     def kept(self, keep: torch.Tensor | None, batch: int, device: torch.device) -> KeptRows | None:
         """The rows of a 0/1 ``keep``: one per sample, or 0-d for the whole batch (None: every row computed)."""
