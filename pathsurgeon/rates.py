@@ -291,10 +291,11 @@ def library_rates(model: nn.Module, rate: float, slot_names: list[str],
                   blocks: list[str] | None = None) -> RateSource:
     """Ask ``model``'s library for the rates of ``slot_names`` at ``rate``.
 
-    ``blocks``: the blocks of hooked branches (no drop-path slot on the branch in ``model``: a traced
-    model keeps none where the library left ``None`` at rate 0). Each is asked for the one drop-path
-    slot the rebuilt model has under that block (``RateSource.block_slots``); where a block has none or
-    several, the library is not asked at all (``rates`` None).
+    ``blocks``: the blocks of hooked branches. Where the model holds no drop-path slot under a block (a
+    traced model keeps none where the library left ``None`` at rate 0), the block is asked for the one
+    drop-path slot the rebuilt model has under it (``RateSource.block_slots``); where any block holds a
+    slot of its own (placed off the branch, as timm's ResNeSt's), or the rebuilt model has none or
+    several under it, the library is not asked at all (``rates`` None).
 
     Returns a :class:`RateSource` whose ``rates`` is None (with the reason in ``note``) when the
     library cannot be asked: no adapter knows the model, the rebuilt tree differs (other constructor
@@ -309,7 +310,7 @@ def library_rates(model: nn.Module, rate: float, slot_names: list[str],
     if constructor.rate_argument is None:
         why = f": {constructor.why_no_rate}" if constructor.why_no_rate else ""
         return RateSource(None, f"{constructor.rates_from} {constructor.name} takes no drop-path rate{why}")
-    block_slots = _one_slot_each(rebuilt, blocks or [])
+    block_slots = _lost_slots(model, rebuilt, blocks or [])
     if not (slot_names or block_slots) or (blocks and not block_slots):
         return RateSource(None, f"{constructor.rates_from} {constructor.name} takes a drop-path rate, but the "
                                 "residual branches found pass through none of its drop-path slots")
@@ -321,16 +322,18 @@ def library_rates(model: nn.Module, rate: float, slot_names: list[str],
     return RateSource(LibraryRates(constructor, slot_names, {rate: rates}), block_slots=block_slots)
 
 
-def _one_slot_each(rebuilt: nn.Module, blocks: list[str]) -> dict[str, str]:
+def _lost_slots(model: nn.Module, rebuilt: nn.Module, blocks: list[str]) -> dict[str, str]:
     """``{block: the rebuilt model's one drop-path slot under it}`` for every block of ``blocks``; empty
-    where any has none or several (which of them the branch passes through is then unknown)."""
+    where any has a slot in ``model`` (the branch was hooked because the slot lies off it, not because
+    it was lost) or has none or several in ``rebuilt`` (which one the branch passes through is unknown)."""
     found: dict[str, str] = {}
     if not blocks:
         return found
-    slots = [slot.name for slot in slot_lib.find_slots(rebuilt)]
+    own = [slot.name for slot in slot_lib.find_slots(model)]
+    theirs = [slot.name for slot in slot_lib.find_slots(rebuilt)]
     for block in dict.fromkeys(blocks):
-        inside = [name for name in slots if name.startswith(f"{block}.")]
-        if len(inside) != 1:
+        inside = [name for name in theirs if name.startswith(f"{block}.")]
+        if len(inside) != 1 or any(name.startswith(f"{block}.") for name in own):
             return {}
         found[block] = inside[0]
     return found

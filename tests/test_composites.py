@@ -747,6 +747,20 @@ def test_timm_fx_resnet_hooked_branches_get_timms_rates_from_add_and_set_rate():
     assert all(torch.equal(a, b) for a, b in zip(eval_outputs(features, (x,)), before, strict=True))
 
 
+def test_hooked_branches_whose_block_holds_its_own_slot_keep_the_fallback():
+    """timm's ResNeSt has a drop-path slot in every block, but off the residual branch (it drops the block
+    input on its way into the shortcut): its hooked branches do not take that slot's rate; they keep the
+    linear fallback, and the note says why."""
+    import timm
+
+    model = timm.create_model("resnest14d").eval()
+    preview = pathsurgeon.preview(model, RATE, example_inputs=torch.randn(1, 3, 64, 64))
+    assert {b.mechanism for b in preview} == {"hook"}
+    assert preview.rates_from == "linear over found units"
+    assert "pass through none of its drop-path slots" in preview.rates_note
+    assert [b.rate for b in preview] == torch.linspace(0, RATE, len(preview)).tolist()
+
+
 class _FlatResiduals(torch.nn.Module):
     """Residual adds written in the model's own forward: traced, every branch lies in the model itself."""
 
