@@ -82,7 +82,7 @@ STATUS_NOTES = (
     "- **cannot build**: the composite's own library fails to build it (smp: mostly \"Unsupported model "
     "downsampling pattern\", a `tu-` encoder with no feature pyramid it can use; Hugging Face: a default "
     "config that does not build); pathsurgeon never sees a model.",
-    "- **differs**: some part's rates or sites are not its library's. None does since 538d668: the fx row "
+    "- **differs**: some part's rates or sites are not its library's. None does since 0babf21: the fx row "
     "`timm:resnet18` (`FeatureGraphNet`) differed before it (timm leaves a ResNet block's `drop_path` `None` at "
     "rate 0, so the traced graph keeps no slot there and pathsurgeon hooked those blocks at float32 "
     "`torch.linspace` rates, 0.02857142873 against timm's 0.02857142857); a hooked branch now takes the rate of "
