@@ -82,10 +82,11 @@ STATUS_NOTES = (
     "- **cannot build**: the composite's own library fails to build it (smp: mostly \"Unsupported model "
     "downsampling pattern\", a `tu-` encoder with no feature pyramid it can use; Hugging Face: a default "
     "config that does not build); pathsurgeon never sees a model.",
-    "- **differs**: some part's rates or sites are not its library's. The fx row `timm:resnet18` "
-    "(`FeatureGraphNet`): timm leaves a ResNet block's `drop_path` `None` at rate 0, so the traced graph keeps "
-    "no slot there; pathsurgeon hooks those blocks at linear rates over them (float32 `torch.linspace`), which "
-    "differ from timm's Python floats in the ninth digit (0.02857142873 against 0.02857142857); the sites agree.",
+    "- **differs**: some part's rates or sites are not its library's. None does since 0babf21: the fx row "
+    "`timm:resnet18` (`FeatureGraphNet`) differed before it (timm leaves a ResNet block's `drop_path` `None` at "
+    "rate 0, so the traced graph keeps no slot there and pathsurgeon hooked those blocks at float32 "
+    "`torch.linspace` rates, 0.02857142873 against timm's 0.02857142857); a hooked branch now takes the rate of "
+    "the one drop-path slot its library builds under its block.",
     "- **left alone** (a part): a text decoder or language model (vision-language rows), a part no library "
     "gives drop path by default; a vision-language row whose language model is not left alone differs.",
     "- A row whose note says *built on the cpu* ran on real tensors: on the meta device the model calls "

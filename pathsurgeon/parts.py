@@ -33,7 +33,7 @@ Placement by default (the principle: drop path where the part's library puts it)
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import overload
 
 from torch import fx, nn
@@ -524,6 +524,8 @@ def plan_part(
         rates = rates_for(module, calls, mine, plan, rate, schedule, recipe)
         if part.path:
             rates.off_branch = {f"{part.path}.{slot}": value for slot, value in rates.off_branch.items()}
+            rates.block_slots = {f"{part.path}.{block}": f"{part.path}.{slot}"
+                                 for block, slot in rates.block_slots.items()}
     return PartPlan(part, prefixed(plan, part.path), rates, recipe, list(chosen))
 
 
@@ -547,11 +549,13 @@ class PartState:
     units: int  # how many rates of an explicit schedule list the part takes
     library: LibraryRates | None = None
     library_asked: bool = False
+    # hooked branches' blocks -> the library slot whose rate each takes (the model's names; see rates_for)
+    block_slots: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, planned: PartPlan) -> PartState:
         return cls(planned.part, planned.blocks, planned.recipe, len(planned.plan.units),
-                   planned.rates.library, planned.rates.library_asked)
+                   planned.rates.library, planned.rates.library_asked, dict(planned.rates.block_slots))
 
     def plan(self, model: nn.Module, rate: float | None, schedule: str | list[float]) -> Plan:
         """The part's plan at ``rate`` under ``schedule``, in the model's names."""

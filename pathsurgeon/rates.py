@@ -32,6 +32,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from . import slots as slot_lib
 from .finder import ResidualAdd
 from .libraries import Constructor, RebuildError, identify_and_replay, replay, slot_rates
 from .plan import Plan, Recipe
@@ -257,6 +258,8 @@ class RateSource:
 
     rates: LibraryRates | None
     note: str = ""
+    # hooked branches' blocks -> the library's one drop-path slot under each (see library_rates' blocks)
+    block_slots: dict[str, str] = field(default_factory=dict)
 
 
 def _without_adapters(model: nn.Module) -> nn.Module:
@@ -284,8 +287,15 @@ def _without_adapters(model: nn.Module) -> nn.Module:
     return view
 
 
-def library_rates(model: nn.Module, rate: float, slot_names: list[str]) -> RateSource:
+def library_rates(model: nn.Module, rate: float, slot_names: list[str],
+                  blocks: list[str] | None = None) -> RateSource:
     """Ask ``model``'s library for the rates of ``slot_names`` at ``rate``.
+
+    ``blocks``: the blocks of hooked branches. Where the model holds no drop-path slot under a block (a
+    traced model keeps none where the library left ``None`` at rate 0), the block is asked for the one
+    drop-path slot the rebuilt model has under it (``RateSource.block_slots``); where any block holds a
+    slot of its own (placed off the branch, as timm's ResNeSt's), or the rebuilt model has none or
+    several under it, the library is not asked at all (``rates`` None).
 
     Returns a :class:`RateSource` whose ``rates`` is None (with the reason in ``note``) when the
     library cannot be asked: no adapter knows the model, the rebuilt tree differs (other constructor
@@ -300,14 +310,33 @@ def library_rates(model: nn.Module, rate: float, slot_names: list[str]) -> RateS
     if constructor.rate_argument is None:
         why = f": {constructor.why_no_rate}" if constructor.why_no_rate else ""
         return RateSource(None, f"{constructor.rates_from} {constructor.name} takes no drop-path rate{why}")
-    if not slot_names:
+    block_slots = _lost_slots(model, rebuilt, blocks or [])
+    if not (slot_names or block_slots) or (blocks and not block_slots):
         return RateSource(None, f"{constructor.rates_from} {constructor.name} takes a drop-path rate, but the "
                                 "residual branches found pass through none of its drop-path slots")
+    slot_names = list(dict.fromkeys([*slot_names, *block_slots.values()]))
     try:
         rates = slot_rates(rebuilt, slot_names)
     except RebuildError as error:
         return RateSource(None, f"{constructor.rates_from} {constructor.name}: {error}")
-    return RateSource(LibraryRates(constructor, slot_names, {rate: rates}))
+    return RateSource(LibraryRates(constructor, slot_names, {rate: rates}), block_slots=block_slots)
+
+
+def _lost_slots(model: nn.Module, rebuilt: nn.Module, blocks: list[str]) -> dict[str, str]:
+    """``{block: the rebuilt model's one drop-path slot under it}`` for every block of ``blocks``; empty
+    where any has a slot in ``model`` (the branch was hooked because the slot lies off it, not because
+    it was lost) or has none or several in ``rebuilt`` (which one the branch passes through is unknown)."""
+    found: dict[str, str] = {}
+    if not blocks:
+        return found
+    own = [slot.name for slot in slot_lib.find_slots(model)]
+    theirs = [slot.name for slot in slot_lib.find_slots(rebuilt)]
+    for block in dict.fromkeys(blocks):
+        inside = [name for name in theirs if name.startswith(f"{block}.")]
+        if len(inside) != 1 or any(name.startswith(f"{block}.") for name in own):
+            return {}
+        found[block] = inside[0]
+    return found
 
 
 @dataclass
@@ -321,6 +350,8 @@ class BranchRates:
     library_asked: bool = False
     # the library's drop-path slots on no chosen branch, with their rates (add lists each as left alone)
     off_branch: dict[str, float] = field(default_factory=dict)
+    # hooked branches' blocks -> the library slot whose rate they take (set_rate asks the library for it)
+    block_slots: dict[str, str] = field(default_factory=dict)
 
 
 def rates_for(
@@ -341,8 +372,15 @@ def rates_for(
         return BranchRates(planned, "explicit list" if isinstance(schedule, list) else f"{schedule} schedule")
     assert rate is not None  # validate_schedule refuses schedule 'auto' without a rate
     fallback = "recipe" if recipe.entry else "linear over found units"
-    if any(a.slot is None for a in chosen):  # hooked branches: the library has no slot to read
-        return BranchRates(planned, fallback, library_rates(model, rate, []).note, library_asked=True)
+    if any(a.slot is None for a in chosen):  # hooked branches: the slot under each block, if one, is read
+        hooked = library_rates(model, rate, [a.slot for a in chosen if a.slot is not None],
+                               blocks=[a.block for a in chosen if a.slot is None])
+        if hooked.rates is None:
+            return BranchRates(planned, fallback, hooked.note, library_asked=True)
+        by_slot = hooked.rates(rate)
+        values = [by_slot[a.slot if a.slot is not None else hooked.block_slots[a.block]] for a in chosen]
+        return BranchRates(values, hooked.rates.rates_from, library=hooked.rates, library_asked=True,
+                           block_slots=hooked.block_slots)
     called = list(dict.fromkeys(slot_calls))
     source = library_rates(model, rate, called)
     if source.rates is None:

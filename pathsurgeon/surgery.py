@@ -330,12 +330,15 @@ def set_rate(
         plan = state.plan(model, rate, part_schedule)
         mine = [c for c in record.changes if part_of(c.block, parts) is state.part]
         by_slot = None
-        if schedule == "auto" and all(c.hooked is None for c in mine):
+        # the slot each change takes its library rate from: its own, or for a hook its block's (add found it)
+        slot_of = {c.target: c.target if c.hooked is None else state.block_slots.get(c.block) for c in mine}
+        if schedule == "auto" and None not in slot_of.values():
             # the library's own numbers, from fitted rate laws: no rebuild per call
             assert rate is not None  # state.plan refuses schedule 'auto' without a rate
-            by_slot = state.library_rates(model, rate, [c.target for c in mine])
+            by_slot = state.library_rates(model, rate, cast(list[str], list(slot_of.values())))
         for change in mine:
-            rate_of[change.target] = by_slot[change.target] if by_slot is not None else plan.rate_of(change.block)
+            rate_of[change.target] = (by_slot[cast(str, slot_of[change.target])] if by_slot is not None
+                                      else plan.rate_of(change.block))
     new_rates = [0.0 if change.silenced else rate_of[change.target] for change in record.changes]
     branches = [dataclasses.replace(b, rate=rate_of[b.target]) for b in record.branches]
     with Transaction() as transaction:

@@ -16,6 +16,7 @@ from conftest import called_drop_paths, pathsurgeon_leftovers, supported_from
 
 import pathsurgeon
 from pathsurgeon import slots as slot_lib
+from pathsurgeon.changes import record_of
 from pathsurgeon.report import Branch, LeftAlone, partly_wrapped
 
 RATE = 0.3
@@ -707,6 +708,57 @@ def test_timm_fx_feature_net_and_traced_vit_get_timms_rates():
         assert [b.target for b in report.branches] == [f"blocks.{i}.drop_path{j}" for i in range(3) for j in (1, 2)]
     finally:
         pathsurgeon.strip(traced)
+
+
+def test_timm_fx_resnet_hooked_branches_get_timms_rates_from_add_and_set_rate():
+    """timm's ResNet keeps ``drop_path = None`` at rate 0, so its FeatureGraphNet traces no drop-path slot
+    and every residual branch is hooked: each takes the rate of the one slot timm builds under its block,
+    bitwise (was: a float32 line over the found units, 0.02857142873 where timm has 0.02857142857)."""
+    import timm
+
+    def by_block(rates: dict[str, float]) -> dict[str, float]:
+        return {name.rpartition(".")[0]: value for name, value in rates.items()}
+
+    def hooked_rates(branches) -> dict[str, float]:
+        assert {b.mechanism for b in branches} == {"hook"}
+        return {b.block: b.rate for b in branches if b.rate > 0}
+
+    torch.manual_seed(0)
+    features = timm.create_model("resnet18", features_only=True, feature_cls="fx", out_indices=(1, 2, 3, 4)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    rate, other = 0.2, 0.37
+    before = eval_outputs(features, (x,))
+    expected = by_block(timm_called_rates("resnet18", rate, "graph_module", 64))
+    assert len(expected) == 7  # every block but the first: timm's rate there is 0
+    preview = pathsurgeon.preview(features, rate, example_inputs=x)
+    assert hooked_rates(preview) == expected and preview.rates_from == "timm constructor"
+    report = pathsurgeon.add(features, rate, example_inputs=x)
+    try:
+        assert hooked_rates(report.branches) == expected
+        assert report.rates_from == "timm constructor", report.rates_note
+        assert record_of(features).parts[0].block_slots["graph_module.layer1.1"] == "graph_module.layer1.1.drop_path"
+        assert hooked_rates(pathsurgeon.set_rate(features, other)) == by_block(
+            timm_called_rates("resnet18", other, "graph_module", 64))
+        assert {b.block: b.rate for b in pathsurgeon.set_rate(features, rate)} == {
+            b.block: b.rate for b in report.branches}
+    finally:
+        pathsurgeon.strip(features)
+    assert pathsurgeon_leftovers(features) == []
+    assert all(torch.equal(a, b) for a, b in zip(eval_outputs(features, (x,)), before, strict=True))
+
+
+def test_hooked_branches_whose_block_holds_its_own_slot_keep_the_fallback():
+    """timm's ResNeSt has a drop-path slot in every block, but off the residual branch (it drops the block
+    input on its way into the shortcut): its hooked branches do not take that slot's rate; they keep the
+    linear fallback, and the note says why."""
+    import timm
+
+    model = timm.create_model("resnest14d").eval()
+    preview = pathsurgeon.preview(model, RATE, example_inputs=torch.randn(1, 3, 64, 64))
+    assert {b.mechanism for b in preview} == {"hook"}
+    assert preview.rates_from == "linear over found units"
+    assert "pass through none of its drop-path slots" in preview.rates_note
+    assert [b.rate for b in preview] == torch.linspace(0, RATE, len(preview)).tolist()
 
 
 class _FlatResiduals(torch.nn.Module):

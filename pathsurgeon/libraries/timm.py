@@ -116,7 +116,7 @@ def _create(name: str, arguments: dict[str, Any], rate: float | None) -> nn.Modu
     import timm
 
     kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in arguments.items()}
-    if kwargs.get("feature_cls") == "fx" and rate:
+    if kwargs.get("feature_cls") == "fx" and rate is not None:
         return _traced_at(name, kwargs, rate)
     if rate is not None:
         kwargs[RATE_ARGUMENT] = rate
@@ -127,7 +127,9 @@ def _traced_at(name: str, kwargs: dict[str, Any], rate: float) -> nn.Module:
     """A ``FeatureGraphNet`` with timm's drop paths at ``rate`` in its slots. Traced at a rate, timm's
     DropPath is traced through (its code inlined in the graph, no module left at the slot), so the
     rates are read from the model timm builds untraced at ``rate`` and put into the slots the
-    extractor traced at rate 0 keeps (``graph_module.stages.0.blocks.1.drop_path``)."""
+    extractor traced at rate 0 keeps (``graph_module.stages.0.blocks.1.drop_path``). A slot the trace
+    left out (timm's ResNet keeps ``drop_path = None`` at rate 0, and its ``if self.drop_path is not
+    None`` is decided while tracing) is put back in the block it belongs to, as the untraced model holds it."""
     import timm
 
     traced = timm.create_model(name, pretrained=False, **kwargs)
@@ -138,16 +140,17 @@ def _traced_at(name: str, kwargs: dict[str, Any], rate: float) -> nn.Module:
     graph = getattr(traced, "graph_module", None)
     if graph is None:
         return traced
-    for slot, module in untraced.named_modules():
-        parent_name, _, attr = slot.rpartition(".")
-        if not slot_lib.is_drop_path_module(module):
-            continue
+    for slot in slot_lib.find_slots(untraced):
         try:
-            parent = graph.get_submodule(parent_name)
+            parent = graph.get_submodule(slot.parent)
         except AttributeError:
             continue  # cut off by the extractor's last output
-        if isinstance(parent._modules.get(attr), nn.Identity):
-            parent._modules[attr] = module
+        held = slot_lib.read_slot(untraced.get_submodule(slot.parent), slot.attr)
+        if isinstance(parent._modules.get(slot.attr), nn.Identity):
+            if slot_lib.is_drop_path_module(held.value):
+                parent._modules[slot.attr] = held.value
+        elif slot.attr not in parent._modules and slot.attr not in vars(parent):
+            slot_lib.restore_slot(parent, slot.attr, held)
     return traced
 
 
