@@ -552,6 +552,10 @@ class PartState:
     # hooked branches' blocks -> the library slot whose rate each takes (the model's names; see rates_for)
     block_slots: dict[str, str] = field(default_factory=dict)
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("block_slots", {})  # pickled by pathsurgeon <= 0.3.0
+
     @classmethod
     def of(cls, planned: PartPlan) -> PartState:
         return cls(planned.part, planned.blocks, planned.recipe, len(planned.plan.units),

@@ -36,6 +36,12 @@ def _inputs() -> torch.Tensor:
     return torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
+def _rates(model: torch.nn.Module) -> list[float]:
+    """Every inserted DropPath's rate, slots and hooks, in module order."""
+    return [m.rate for m in model.modules() if isinstance(m, pathsurgeon.DropPath)] + [
+        h.drop.rate for m in model.modules() for h in m._forward_hooks.values() if hasattr(h, "drop")]
+
+
 def _load(name: str) -> torch.nn.Module:
     # weights_only=False: a whole pickled model, the user's own file (never do this with a file from elsewhere)
     return torch.load(DATA / f"{name}.pt", weights_only=False)
@@ -80,6 +86,9 @@ def test_a_model_saved_by_0_3_0_loads_trains_and_strips(name):
     fresh = _surgered_now(name, model.state_dict())
     for seed in range(3):  # the masks the current code draws for this model, mode and seed
         assert torch.equal(_train_output(model, seed), _train_output(fresh, seed))
+    for surgered in (model, fresh):  # the record 0.3.0 pickled re-rates as today's does
+        pathsurgeon.set_rate(surgered, 0.2)
+    assert _rates(model) == _rates(fresh) and max(_rates(model)) > 0
 
     model.eval()
     with torch.no_grad():
