@@ -75,7 +75,7 @@ STATUS_NOTES = (
     "are not residual branches (a strided block's whole output, concatenated features), which "
     "pathsurgeon leaves alone, as in the main sweep.",
     "- **placement differs by design**: timm ResNeSt drops the block input on its way into the "
-    "downsampling shortcut; pathsurgeon hooks the residual branches instead (README, Known limits).",
+    "downsampling shortcut; pathsurgeon hooks the residual branches instead (docs/guide/reliability.md, Known limits).",
     "- **needs example_inputs**: the model does not run on the inputs pathsurgeon makes up from its config "
     "(text or task inputs it cannot guess, a size its heads reject); `add` says so with an "
     "`ExampleInputsError` and leaves the model as it was.",
@@ -692,7 +692,7 @@ def write_doc(command: str) -> None:
         "calls, judged as the main sweep judges them (`docs/coverage.md`); Hugging Face parts with their class",
         "built from their own sub-config with `drop_path_rate=R`; parts whose library has no drop path must be",
         "linear over their own depth. Blocks outside every library part are left alone by default (see the",
-        "README, *Models inside models*).",
+        "docs/guide/composites.md, *Models inside models*).",
         "",
         "Three sources are small fixed lists built on the CPU (the docstring has the details):",
         "*torchvision-detection* (every builder of `torchvision.models.detection`, `weights=None,",

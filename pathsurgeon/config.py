@@ -172,8 +172,8 @@ class DropPathConfig:
 
     ``rate``: the drop-path rate (the deepest unit's under a linear schedule); None with a list
     ``schedule``. ``schedule``: 'auto' (the model's library's own numbers), 'linear', 'uniform', or one
-    rate per depth unit. ``mode``: 'sample', 'skip', 'batch' or 'fixed_count' (see the README's training
-    modes). ``batch_norm``: what a branch holding a BatchNorm does in modes 'skip' and 'fixed_count':
+    rate per depth unit. ``mode``: 'sample', 'skip', 'batch' or 'fixed_count' (see docs/guide/modes.md).
+    ``batch_norm``: what a branch holding a BatchNorm does in modes 'skip' and 'fixed_count':
     'fallback' (default: every sample computed) or 'kept_rows' (the kept samples only; the BatchNorm's
     statistics then come from those samples, see :data:`BATCH_NORM_CHOICES`).
     ``verify``: True (eval outputs bitwise equal), a tolerance, or False (no check).

@@ -64,7 +64,8 @@ def pathsurgeon_leftovers(model: nn.Module) -> list[str]:
 
 def supported_from(distribution: str, release: str, failure: str) -> pytest.MarkDecorator:
     """Skip below ``release``: what the test checks is tested from that release on, and fails below it
-    (``failure``: what was seen at the floors of .ci/floors.txt). README "Supported versions" lists them."""
+    (``failure``: what was seen at the floors of .ci/floors.txt). docs/index.md lists them (what needs more
+    than the floors)."""
     from pathsurgeon.versions import installed
 
     wanted = tuple(int(n) for n in release.split("."))
