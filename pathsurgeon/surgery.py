@@ -141,9 +141,7 @@ def add(
         try:
             captured, inputs = _capture(model, inputs, example_inputs)
         except CaptureError as error:
-            held = capturable_parts(model)
-            if not held:
-                raise
+            held = _parts_instead(model, error)
             return _add_to_parts(model, config, inputs, held, error, clock)
     with clock("find"):
         selection = select_by_part(captured.view, find_residual_adds(captured.view), library_parts(model),
@@ -229,10 +227,8 @@ def find(model: nn.Module, example_inputs: Any = None) -> list[Branch]:
         return list(record.branches)
     try:
         captured, selection, inputs = _discover(model, example_inputs)
-    except CaptureError:
-        held = capturable_parts(model)
-        if not held:
-            raise
+    except CaptureError as error:
+        held = _parts_instead(model, error)
         # a detector: its parts, as add treats them (surgered: their records)
         side = detection_image_size(model, padded=True)
         return [b for path in held for b in _inside(path, find(model.get_submodule(path),
@@ -267,11 +263,8 @@ def preview(
     schedule = validate_schedule(schedule, rate)
     try:
         captured, selection, inputs = _discover(model, example_inputs)
-    except CaptureError:
-        held = capturable_parts(model)
-        if not held:
-            raise
-        return _preview_parts(model, rate, schedule, held)
+    except CaptureError as error:
+        return _preview_parts(model, rate, schedule, _parts_instead(model, error))
     if not selection.chosen:
         raise _no_branches(model, selection.left_alone)
     part_plans = plan_parts(model, selection, list(captured.view.slot_calls.values()), rate, schedule)
@@ -578,6 +571,15 @@ def _add_to_parts(
     report = _parts_report(model, config, reports, held, error, difference, clock)
     _log_added(model, report)
     return report
+
+
+def _parts_instead(model: nn.Module, error: CaptureError) -> list[str]:
+    """The parts that are surgered one by one in a model that cannot be captured whole (a detector's
+    backbone body); ``error`` raised again where it holds none."""
+    held = capturable_parts(model)
+    if not held:
+        raise error
+    return held
 
 
 def _part_inputs(part: nn.Module, side: int | None) -> torch.Tensor | None:
